@@ -1,0 +1,24 @@
+"""primal-dual-attention: attention as the dual form of a support vector regression.
+
+See ``SPEC.md``-style docs in ``docs/`` for the formulas; :mod:`.functional` holds the math and
+:class:`MultiHeadAttention` the drop-in layer.
+"""
+
+from primal_dual_attention import functional
+from primal_dual_attention.attention import (
+    VARIANTS,
+    AttentionVariant,
+    MultiHeadAttention,
+    get_variant,
+)
+from primal_dual_attention.functional import attention
+
+__all__ = [
+    "VARIANTS",
+    "AttentionVariant",
+    "MultiHeadAttention",
+    "attention",
+    "functional",
+    "get_variant",
+]
+__version__ = "0.1.0"

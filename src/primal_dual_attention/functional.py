@@ -1,0 +1,644 @@
+"""Pure tensor functions for the primal-dual attention family (SPEC.md §2).
+
+Every function here is stateless: modules in :mod:`primal_dual_attention.attention` own the
+parameters and call into this file. Shapes follow SPEC.md §2: ``q, k, v`` are ``(B, H, N, D)``
+and ``key_padding_mask`` is a ``(B, N)`` bool tensor where **True marks padding**.
+
+Two execution paths share one entry point, :func:`attention`:
+
+* the **fused** path (default) calls :func:`torch.nn.functional.scaled_dot_product_attention`
+  for the softmax kernel (BN only transforms its inputs; SH makes one call per distinct scale)
+  and the O(N) **primal** form for the linear kernel;
+* the **math** path (``fused=False`` or ``need_weights=True``) forms the attention matrix
+  explicitly. It is the reference the tests compare against and the source of attention maps.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KERNELS = ("softmax", "linear")
+
+
+# --------------------------------------------------------------------------------------------
+# argument checks (shared by the functional API and the modules)
+# --------------------------------------------------------------------------------------------
+
+
+def check_positive_int(name: str, value: object, *, allow_zero: bool = False) -> int:
+    """Return ``value`` as an int, or raise naming ``name`` if it is not a (non-negative) int."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an integer, got bool {value!r}")
+    try:
+        as_int = operator.index(value)  # accepts int and numpy/torch integer scalars, not floats
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an integer, got {type(value).__name__} {value!r}"
+        ) from None
+    lowest = 0 if allow_zero else 1
+    if as_int < lowest:
+        allowed = "a non-negative integer" if allow_zero else "a positive integer"
+        raise ValueError(f"{name} must be {allowed}, got {as_int}")
+    return as_int
+
+
+def check_head_scales(head_scales: Sequence[int], num_heads: int) -> tuple[int, ...]:
+    """Validate Attention-SH scales: one positive integer per head (SPEC.md §2)."""
+    if isinstance(head_scales, (str, bytes)) or not isinstance(head_scales, Sequence):
+        raise TypeError(
+            f"head_scales must be a sequence of {num_heads} positive integers, "
+            f"got {type(head_scales).__name__} {head_scales!r}"
+        )
+    if len(head_scales) != num_heads:
+        raise ValueError(
+            f"head_scales must have one entry per head ({num_heads}), "
+            f"got {len(head_scales)}: {tuple(head_scales)!r}"
+        )
+    return tuple(check_positive_int(f"head_scales[{i}]", s) for i, s in enumerate(head_scales))
+
+
+def check_grid(
+    grid_size: Sequence[int] | None, num_tokens: int, num_prefix_tokens: int
+) -> tuple[int, int] | None:
+    """Validate a 2-D token grid: ``Hg * Wg`` must equal the number of non-prefix tokens."""
+    if grid_size is None:
+        return None
+    if isinstance(grid_size, (str, bytes)) or not isinstance(grid_size, Sequence):
+        raise TypeError(f"grid_size must be a pair (Hg, Wg) or None, got {grid_size!r}")
+    if len(grid_size) != 2:
+        raise ValueError(f"grid_size must be a pair (Hg, Wg), got {tuple(grid_size)!r}")
+    grid = (check_positive_int("grid_size[0]", grid_size[0]),
+            check_positive_int("grid_size[1]", grid_size[1]))
+    if grid[0] * grid[1] != num_tokens - num_prefix_tokens:
+        raise ValueError(
+            f"grid_size {grid} holds {grid[0] * grid[1]} tokens, but the sequence has "
+            f"{num_tokens} tokens minus num_prefix_tokens={num_prefix_tokens} = "
+            f"{num_tokens - num_prefix_tokens}"
+        )
+    return grid
+
+
+def check_key_padding_mask(mask: Tensor | None, batch: int, num_tokens: int) -> Tensor | None:
+    """Validate a ``(B, N)`` bool padding mask (True = padding, SPEC.md §2)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a bool tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(
+            f"key_padding_mask must have dtype torch.bool (True = padding), got {mask.dtype}"
+        )
+    if tuple(mask.shape) != (batch, num_tokens):
+        raise ValueError(
+            f"key_padding_mask must have shape (B, N) = ({batch}, {num_tokens}), "
+            f"got {tuple(mask.shape)}"
+        )
+    return mask
+
+
+def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a tensor of shape (B, H, N, D), got {type(t).__name__}")
+        if t.ndim != 4:
+            raise ValueError(f"{name} must have shape (B, H, N, D), got {t.ndim}-d {tuple(t.shape)}")
+    if q.shape[:2] != k.shape[:2] or k.shape[:2] != v.shape[:2]:
+        raise ValueError(
+            f"q, k, v must share batch and head sizes, got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must share the head dimension D, got {q.shape[-1]} and {k.shape[-1]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"k and v must have the same number of tokens, got {k.shape[2]} and {v.shape[2]}")
+
+
+def _check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel
+
+
+# --------------------------------------------------------------------------------------------
+# masked statistics and pooling (SPEC.md §2, Attention-BN and Attention-SH)
+# --------------------------------------------------------------------------------------------
+
+
+def _token_weights(mask: Tensor, like: Tensor) -> Tensor:
+    """``(B, N)`` padding mask -> weights 1 (valid) / 0 (padding) broadcastable to ``like``.
+
+    ``like`` is ``(B, ..., N, D)``; the weights get shape ``(B, 1, ..., 1, N, 1)``.
+    """
+    shape = (mask.shape[0],) + (1,) * (like.ndim - 3) + (mask.shape[1], 1)
+    return (~mask).to(like.dtype).view(shape)
+
+
+def masked_mean_var(
+    x: Tensor, key_padding_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over the valid tokens of ``x`` (SPEC.md §2, Attention-BN).
+
+    ``x`` is ``(B, ..., N, D)``; returns ``(mean, var)`` of shape ``(B, ..., 1, D)``. A sequence
+    with no valid token gets mean 0 and variance 0 (never NaN). Statistics are computed in at
+    least float32 so that half-precision inputs keep accurate moments.
+    """
+    stat_dtype = torch.promote_types(x.dtype, torch.float32)
+    xs = x.to(stat_dtype)
+    if key_padding_mask is None:
+        # two passes: torch.var_mean over a non-last dim is ~30x slower on CPU
+        mean = xs.mean(dim=-2, keepdim=True)
+        return mean, (xs - mean).square().mean(dim=-2, keepdim=True)
+    weights = _token_weights(key_padding_mask, xs)
+    count = weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
+    mean = (xs * weights).sum(dim=-2, keepdim=True) / count
+    var = ((xs - mean).square() * weights).sum(dim=-2, keepdim=True) / count
+    return mean, var
+
+
+class _BNNormalize(torch.autograd.Function):
+    """Fused Attention-BN transform with a hand-derived backward (about half the passes of autograd).
+
+    With ``x^ = (x - mu) r``, ``r = (var + eps)^-1/2`` and key statistics over the ``n`` valid keys:
+    ``dq = r gq^`` and ``dk_j = r (gk^_j - w_j (S_g + k^_j S_gx) / n)``, where
+    ``S_g = sum_valid gk^ + sum_i gq^`` and ``S_gx = sum_valid gk^ k^ + sum_i gq^ q^``.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, eps: float):
+        mean, var = masked_mean_var(k, key_padding_mask)
+        inv_std = torch.rsqrt(var + eps)
+        shift = -mean * inv_std
+        q_hat = torch.addcmul(shift, q, inv_std).to(q.dtype)
+        k_hat = torch.addcmul(shift, k, inv_std).to(k.dtype)
+        ctx.save_for_backward(q_hat, k_hat, inv_std, key_padding_mask)
+        return q_hat, k_hat
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q_hat: Tensor, grad_k_hat: Tensor):
+        q_hat, k_hat, inv_std, key_padding_mask = ctx.saved_tensors
+        stat = inv_std.dtype
+        grad_q_hat, grad_k_hat = grad_q_hat.to(stat), grad_k_hat.to(stat)
+        if key_padding_mask is None:
+            weights, count = None, float(k_hat.shape[-2])
+            valid_grad = grad_k_hat
+        else:
+            weights = _token_weights(key_padding_mask, grad_k_hat)
+            count = weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
+            valid_grad = grad_k_hat * weights
+        sum_grad = valid_grad.sum(dim=-2, keepdim=True) + grad_q_hat.sum(dim=-2, keepdim=True)
+        sum_grad_x = (valid_grad * k_hat).sum(dim=-2, keepdim=True) + (
+            grad_q_hat * q_hat).sum(dim=-2, keepdim=True)
+        # grad_k = r gk^ - w (r S_g / n + k^ r S_gx / n), as two fused multiply-adds
+        scaled_grad, scaled_grad_x = -inv_std * sum_grad / count, -inv_std * sum_grad_x / count
+        if weights is None:
+            grad_k = torch.addcmul(torch.addcmul(scaled_grad, grad_k_hat, inv_std), k_hat, scaled_grad_x)
+        else:
+            stats_term = torch.addcmul(scaled_grad, k_hat, scaled_grad_x) * weights
+            grad_k = torch.addcmul(stats_term, grad_k_hat, inv_std)
+        grad_q = grad_q_hat * inv_std
+        return grad_q.to(q_hat.dtype), grad_k.to(k_hat.dtype), None, None
+
+
+def bn_normalize(
+    q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None, eps: float = 1e-5
+) -> tuple[Tensor, Tensor]:
+    """Attention-BN input transform (SPEC.md §2): ``(x - mu) / s`` with the keys' statistics.
+
+    ``mu`` and ``s^2 = var + eps`` are the masked per-sample, per-head, per-feature moments of
+    the keys (the SVR's training inputs); both queries and keys are normalised with them, as a
+    BN layer normalises test inputs with training statistics. Both are normalised (rather than
+    folding the key-centring away, which SPEC.md §2 allows for softmax) because it is as fast
+    (``pda bench attention``, row ``bn_query_fold``) and keeps the logits well conditioned.
+    """
+    return _BNNormalize.apply(q, k, key_padding_mask, eps)
+
+
+def pooled_length(num_tokens: int, scale: int, grid_size: tuple[int, int] | None,
+                  num_prefix_tokens: int = 0) -> int:
+    """Number of tokens after SH pooling with window = stride = ``scale`` in ceil mode."""
+    if grid_size is None:
+        return num_prefix_tokens + math.ceil((num_tokens - num_prefix_tokens) / scale)
+    return num_prefix_tokens + math.ceil(grid_size[0] / scale) * math.ceil(grid_size[1] / scale)
+
+
+def pool_tokens(
+    x: Tensor,
+    scale: int,
+    key_padding_mask: Tensor | None = None,
+    *,
+    grid_size: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 0,
+) -> tuple[Tensor, Tensor | None]:
+    """Masked average pooling along the token axis (SPEC.md §2, Attention-SH).
+
+    ``x`` is ``(B, ..., N, D)``. Window = stride = ``scale``; the last window may be partial
+    (ceil mode) and averages the tokens it holds. With ``grid_size=(Hg, Wg)`` the non-prefix
+    tokens form a row-major grid and the pooling is 2-D. The first ``num_prefix_tokens``
+    tokens are never pooled. With a padding mask a window averages its valid tokens only, and a
+    window without any valid token is marked as padding in the returned mask.
+
+    Returns ``(pooled, pooled_mask)``; ``pooled_mask`` is None when ``key_padding_mask`` is.
+    """
+    scale = check_positive_int("scale", scale)
+    num_tokens = x.shape[-2]
+    grid = check_grid(grid_size, num_tokens, num_prefix_tokens)
+    if scale == 1:
+        return x, key_padding_mask
+    prefix, body = x[..., :num_prefix_tokens, :], x[..., num_prefix_tokens:, :]
+    body_mask = None if key_padding_mask is None else key_padding_mask[:, num_prefix_tokens:]
+
+    if grid is None:
+        pooled, counts = _pool_1d(body, scale, body_mask)
+    else:
+        pooled, counts = _pool_2d(body, scale, grid, body_mask)
+
+    pooled_mask = None
+    if key_padding_mask is not None:
+        # counts: (B, 1.., M, 1) -> (B, M); a window with no valid token is padding
+        empty = counts.reshape(counts.shape[0], -1) == 0
+        pooled_mask = torch.cat([key_padding_mask[:, :num_prefix_tokens], empty], dim=1)
+    if num_prefix_tokens:
+        pooled = torch.cat([prefix, pooled], dim=-2)
+    return pooled, pooled_mask
+
+
+def _pool_1d(body: Tensor, scale: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    length = body.shape[-2]
+    windows = math.ceil(length / scale)
+    pad = windows * scale - length
+    if mask is None and pad == 0:
+        pooled = body.unflatten(-2, (windows, scale)).mean(dim=-2)
+        counts = body.new_full((1, windows, 1), float(scale))
+        return pooled, counts
+    if mask is None:
+        weights = body.new_ones((1,) * (body.ndim - 2) + (length, 1))
+    else:
+        weights = _token_weights(mask, body)
+    weighted = F.pad(body * weights, (0, 0, 0, pad))
+    weights = F.pad(weights, (0, 0, 0, pad))
+    sums = weighted.unflatten(-2, (windows, scale)).sum(dim=-2)
+    counts = weights.unflatten(-2, (windows, scale)).sum(dim=-2)
+    return sums / counts.clamp_min(1.0), counts
+
+
+def _pool_2d(
+    body: Tensor, scale: int, grid: tuple[int, int], mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    rows, cols = grid
+    out_rows, out_cols = math.ceil(rows / scale), math.ceil(cols / scale)
+    pad_rows, pad_cols = out_rows * scale - rows, out_cols * scale - cols
+    if mask is None:
+        weights = body.new_ones((1,) * (body.ndim - 2) + (rows * cols, 1))
+    else:
+        weights = _token_weights(mask, body)
+
+    def window_sums(t: Tensor) -> Tensor:
+        t = t.unflatten(-2, (rows, cols))  # (..., rows, cols, D)
+        t = F.pad(t, (0, 0, 0, pad_cols, 0, pad_rows))
+        t = t.unflatten(-3, (out_rows, scale)).unflatten(-2, (out_cols, scale))
+        return t.sum(dim=(-4, -2)).flatten(-3, -2)  # (..., out_rows * out_cols, D)
+
+    sums = window_sums(body * weights)
+    counts = window_sums(weights)
+    return sums / counts.clamp_min(1.0), counts
+
+
+def pooling_matrix(
+    num_tokens: int,
+    scale: int,
+    key_padding_mask: Tensor | None = None,
+    *,
+    grid_size: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | None = None,
+) -> Tensor:
+    """The linear map of :func:`pool_tokens` as a ``(B or 1, M, N)`` matrix (SPEC.md §3).
+
+    Row ``m`` holds the averaging weights of pooled token ``m``. Multiplying a pooled head's
+    attention map ``(.., N_q, M)`` by it spreads each pooled key's weight equally over the
+    valid tokens of its window, so rows still sum to 1.
+    """
+    batch = 1 if key_padding_mask is None else key_padding_mask.shape[0]
+    eye = torch.eye(num_tokens, dtype=dtype, device=device).expand(batch, num_tokens, num_tokens)
+    pooled, _ = pool_tokens(eye, scale, key_padding_mask, grid_size=grid_size,
+                            num_prefix_tokens=num_prefix_tokens)
+    return pooled
+
+
+# --------------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------------
+
+
+def elu_feature_map(x: Tensor) -> Tensor:
+    """Finite feature map of the linear kernel, ``Phi(x) = elu(x) + 1`` (SPEC.md §1)."""
+    return F.elu(x) + 1.0
+
+
+def visibility_mask(
+    num_queries: int,
+    key_padding_mask: Tensor | None,
+    num_keys: int,
+    window: int | None = None,
+    device: torch.device | None = None,
+) -> Tensor | None:
+    """Bool mask, True = query i may use key j, broadcastable to ``(B, H, N_q, N_k)``.
+
+    Combines padding (``(B, 1, 1, N_k)``) and the sparse local window ``|i - j| <= w``
+    (``(N_q, N_k)``). Returns None when every key is visible.
+    """
+    visible = None
+    if key_padding_mask is not None:
+        visible = (~key_padding_mask)[:, None, None, :]
+    if window is not None:
+        i = torch.arange(num_queries, device=device)[:, None]
+        j = torch.arange(num_keys, device=device)[None, :]
+        band = (i - j).abs() <= window
+        visible = band if visible is None else visible & band
+    return visible
+
+
+def _sdpa_safe_mask(visible: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """Make every row of a visibility mask non-empty for SDPA; return the rows to zero after.
+
+    A query that sees no key (an all-padding sequence, or a padded query outside every valid
+    window) must give 0, not NaN: such rows are opened for the kernel and zeroed afterwards.
+    """
+    if visible is None:
+        return None, None
+    has_key = visible.any(dim=-1, keepdim=True)
+    return visible | ~has_key, has_key
+
+
+def _attend_math(
+    q: Tensor, k: Tensor, v: Tensor, *, kernel: str, visible: Tensor | None,
+    dropout_p: float, training_dropout: bool,
+) -> tuple[Tensor, Tensor]:
+    """Reference dual form: explicit attention matrix (rows sum to 1, or 0 with no keys)."""
+    if kernel == "softmax":
+        logits = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        if visible is not None:
+            logits = logits.masked_fill(~visible, float("-inf"))
+            # rows without any visible key: avoid exp(-inf - (-inf)) = NaN
+            logits = logits.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+        weights = torch.softmax(logits, dim=-1)
+        if visible is not None:
+            weights = weights * visible.any(dim=-1, keepdim=True)
+    else:
+        similarity = elu_feature_map(q) @ elu_feature_map(k).transpose(-2, -1)
+        if visible is not None:
+            similarity = similarity * visible
+        normaliser = similarity.sum(dim=-1, keepdim=True)
+        weights = similarity / normaliser.clamp_min(torch.finfo(similarity.dtype).tiny)
+    attn = F.dropout(weights, dropout_p) if training_dropout else weights
+    return attn @ v, weights
+
+
+def _attend_linear_primal(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+) -> Tensor:
+    """Primal O(N) form of linear attention: ``W = sum_j v_j Phi(k_j)^T`` first (SPEC.md §1)."""
+    phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
+    if key_padding_mask is not None:
+        phi_k = phi_k * _token_weights(key_padding_mask, phi_k)
+    kv = phi_k.transpose(-2, -1) @ v  # (B, H, D, Dv): the primal weights W^T
+    z = phi_k.sum(dim=-2, keepdim=True)  # (B, H, 1, D)
+    normaliser = (phi_q * z).sum(dim=-1, keepdim=True)
+    return (phi_q @ kv) / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny)
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    kernel: str = "softmax",
+    bn: bool = False,
+    window: int | None = None,
+    key_padding_mask: Tensor | None = None,
+    eps: float = 1e-5,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    fused: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """One SVR per head on a shared training set: the kernel step of :func:`attention`.
+
+    ``k, v`` may be shorter than ``q`` (pooled keys of an SH head group); ``key_padding_mask``
+    is then the ``(B, M)`` mask of the keys. Inputs are assumed validated. Returns
+    ``(out, weights)``; ``weights`` is ``(B, H, N, M)`` when ``need_weights`` else None.
+    """
+    if bn:
+        q, k = bn_normalize(q, k, key_padding_mask, eps)
+    use_math = need_weights or not fused
+    if kernel == "linear" and window is None and dropout_p == 0.0 and not use_math:
+        return _attend_linear_primal(q, k, v, key_padding_mask), None
+    visible = visibility_mask(q.shape[-2], key_padding_mask, k.shape[-2], window, q.device)
+    if kernel == "softmax" and not use_math:
+        sdpa_mask, has_key = _sdpa_safe_mask(visible)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p)
+        return (out if has_key is None else out * has_key), None
+    out, weights = _attend_math(q, k, v, kernel=kernel, visible=visible, dropout_p=dropout_p,
+                                training_dropout=dropout_p > 0.0)
+    return out, (weights if need_weights else None)
+
+
+# --------------------------------------------------------------------------------------------
+# multi-scale heads (Attention-SH)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """Heads that share one SH scale and so one pooled training set (one fused call)."""
+
+    scale: int
+    heads: slice | Tensor  # a slice when the heads are contiguous, else an index tensor
+
+    def select(self, x: Tensor, dim: int = 1) -> Tensor:
+        """The group's heads of ``x`` along ``dim``."""
+        if isinstance(self.heads, slice):
+            return x[(slice(None),) * dim + (self.heads,)]
+        return x.index_select(dim, self.heads.to(x.device))
+
+
+def head_groups(head_scales: Sequence[int] | None, num_heads: int) -> list[HeadGroup]:
+    """Group heads by SH scale, in order of first appearance (SPEC.md §2)."""
+    if head_scales is None:
+        return [HeadGroup(1, slice(0, num_heads))]
+    order: dict[int, list[int]] = {}
+    for head, scale in enumerate(head_scales):
+        order.setdefault(scale, []).append(head)
+    groups = []
+    for scale, heads in order.items():
+        contiguous = heads == list(range(heads[0], heads[-1] + 1))
+        index = slice(heads[0], heads[-1] + 1) if contiguous else torch.tensor(heads)
+        groups.append(HeadGroup(scale, index))
+    return groups
+
+
+def default_head_scales(num_heads: int) -> tuple[int, ...]:
+    """Default SH scales: up to four near-equal head groups with scales 1, 2, 4, 8.
+
+    8 heads -> (1, 1, 2, 2, 4, 4, 8, 8); 3 heads -> (1, 2, 4); 6 heads -> (1, 1, 2, 2, 4, 8).
+    """
+    num_heads = check_positive_int("num_heads", num_heads)
+    num_groups = min(4, num_heads)
+    base, extra = divmod(num_heads, num_groups)
+    scales: list[int] = []
+    for group in range(num_groups):
+        scales += [2**group] * (base + (1 if group < extra else 0))
+    return tuple(scales)
+
+
+KeyValueFn = Callable[[HeadGroup], tuple[Tensor, Tensor, Tensor | None]]
+
+
+def grouped_attention(
+    q: Tensor,
+    groups: Sequence[HeadGroup],
+    keys_values: KeyValueFn,
+    *,
+    kernel: str = "softmax",
+    bn: bool = False,
+    window: int | None = None,
+    key_padding_mask: Tensor | None = None,
+    grid_size: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 0,
+    num_keys: int | None = None,
+    eps: float = 1e-5,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    fused: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """Run :func:`attend` once per head group and put the heads back in order.
+
+    ``keys_values(group)`` returns that group's (pooled) ``k, v`` and their padding mask; this
+    lets :func:`attention` pool projected keys while the module pools its input before the
+    key/value projection (exact, as pooling commutes with a linear map; SPEC.md §2).
+    With ``need_weights`` pooled maps are spread back to ``num_keys`` keys (SPEC.md §3).
+    """
+    num_heads = q.shape[1]
+    num_keys = q.shape[2] if num_keys is None else num_keys
+    outputs, maps = [], []
+    for group in groups:
+        k_g, v_g, mask_g = keys_values(group)
+        out, weights = attend(
+            group.select(q), k_g, v_g, kernel=kernel, bn=bn, window=window,
+            key_padding_mask=mask_g, eps=eps, dropout_p=dropout_p,
+            need_weights=need_weights, fused=fused,
+        )
+        outputs.append(out)
+        if need_weights and group.scale > 1:
+            spread = pooling_matrix(num_keys, group.scale, key_padding_mask, grid_size=grid_size,
+                                    num_prefix_tokens=num_prefix_tokens, dtype=weights.dtype,
+                                    device=weights.device)
+            weights = weights @ spread[:, None]
+        maps.append(weights)
+    out = _merge_heads(outputs, groups, num_heads)
+    return out, (_merge_heads(maps, groups, num_heads) if need_weights else None)
+
+
+def _merge_heads(parts: list[Tensor], groups: Sequence[HeadGroup], num_heads: int) -> Tensor:
+    if len(parts) == 1:
+        return parts[0]
+    if all(isinstance(g.heads, slice) for g in groups) and all(
+        a.heads.stop == b.heads.start for a, b in zip(groups, groups[1:], strict=False)
+    ):
+        return torch.cat(parts, dim=1)
+    first = parts[0]
+    merged = first.new_empty((first.shape[0], num_heads) + tuple(first.shape[2:]))
+    for group, part in zip(groups, parts, strict=True):
+        index = group.heads
+        if isinstance(index, slice):
+            index = torch.arange(index.start, index.stop)
+        merged = merged.index_copy(1, index.to(merged.device), part)
+    return merged
+
+
+# --------------------------------------------------------------------------------------------
+# the public entry point
+# --------------------------------------------------------------------------------------------
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    kernel: str = "softmax",
+    bn: bool = False,
+    head_scales: Sequence[int] | None = None,
+    window: int | None = None,
+    key_padding_mask: Tensor | None = None,
+    grid_size: tuple[int, int] | None = None,
+    num_prefix_tokens: int = 0,
+    eps: float = 1e-5,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+    fused: bool = True,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Primal-dual attention (SPEC.md §2): softmax/linear kernel x BN x SH x sparse window.
+
+    Args:
+        q, k, v: ``(B, H, N, D)`` projected queries, keys and values (``v`` may differ in D).
+        kernel: ``"softmax"`` (``exp(q.k / sqrt(D))``) or ``"linear"`` (``elu + 1`` features).
+        bn: Attention-BN, normalise q and k with the masked statistics of the keys.
+        head_scales: Attention-SH, one positive pooling factor per head.
+        window: sparse local attention, query i sees keys with ``|i - j| <= window``.
+        key_padding_mask: ``(B, N)`` bool, True marks padding.
+        grid_size: ``(Hg, Wg)`` to pool SH keys on a 2-D token grid.
+        num_prefix_tokens: leading tokens (class/distillation) that are never pooled.
+        eps: variance floor of Attention-BN.
+        dropout_p: dropout on the attention weights (pass 0.0 in eval mode).
+        need_weights: also return the ``(B, H, N, N)`` attention maps (pooled heads spread back).
+        fused: use SDPA / the primal linear form; ``False`` forces the explicit math path.
+
+    Returns:
+        ``(B, H, N, Dv)``, or ``(out, weights)`` when ``need_weights``.
+    """
+    _check_qkv(q, k, v)
+    _check_kernel(kernel)
+    batch, num_heads, num_keys = k.shape[0], k.shape[1], k.shape[2]
+    key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_keys)
+    num_prefix_tokens = check_positive_int("num_prefix_tokens", num_prefix_tokens, allow_zero=True)
+    if num_prefix_tokens > num_keys:
+        raise ValueError(f"num_prefix_tokens={num_prefix_tokens} exceeds the {num_keys} keys")
+    grid = check_grid(grid_size, num_keys, num_prefix_tokens)
+    if window is not None:
+        window = check_positive_int("window", window, allow_zero=True)
+    scales = None if head_scales is None else check_head_scales(head_scales, num_heads)
+    if scales is not None and window is not None and any(s > 1 for s in scales):
+        raise ValueError(
+            "window (sparse attention) cannot be combined with head_scales > 1: pooled keys "
+            f"have no token positions; got window={window}, head_scales={scales}"
+        )
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if eps < 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+
+    def pooled_keys_values(group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
+        k_g, v_g = group.select(k), group.select(v)
+        if group.scale == 1:
+            return k_g, v_g, key_padding_mask
+        pool = dict(grid_size=grid, num_prefix_tokens=num_prefix_tokens)
+        k_p, mask_p = pool_tokens(k_g, group.scale, key_padding_mask, **pool)
+        v_p, _ = pool_tokens(v_g, group.scale, key_padding_mask, **pool)
+        return k_p, v_p, mask_p
+
+    out, weights = grouped_attention(
+        q, head_groups(scales, num_heads), pooled_keys_values, kernel=kernel, bn=bn,
+        window=window, key_padding_mask=key_padding_mask, grid_size=grid,
+        num_prefix_tokens=num_prefix_tokens, num_keys=num_keys, eps=eps, dropout_p=dropout_p,
+        need_weights=need_weights, fused=fused,
+    )
+    return (out, weights) if need_weights else out

@@ -1,0 +1,218 @@
+"""The functional API against the loop reference of SPEC.md §2 (tests/reference.py)."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import reference_attention
+
+from primal_dual_attention import functional as PF
+from primal_dual_attention.functional import attention
+
+KERNEL_BN = list(itertools.product(["softmax", "linear"], [False, True]))
+
+
+def qkv(batch=2, heads=4, n=11, d=8, dtype=torch.float64):
+    return [torch.randn(batch, heads, n, d, dtype=dtype) for _ in range(3)]
+
+
+def ragged_mask(batch: int, n: int, lengths: list[int]) -> torch.Tensor:
+    return torch.arange(n)[None, :] >= torch.tensor(lengths)[:, None]
+
+
+@pytest.mark.parametrize("kernel,bn", KERNEL_BN)
+@pytest.mark.parametrize("scales", [None, (1, 2, 3, 4), (2, 1, 2, 5)])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+def test_matches_reference_float64(kernel, bn, scales, masked, fused):
+    q, k, v = qkv()
+    mask = ragged_mask(2, 11, [11, 6]) if masked else None
+    out = attention(q, k, v, kernel=kernel, bn=bn, head_scales=scales, key_padding_mask=mask,
+                    fused=fused)
+    ref = reference_attention(q, k, v, kernel=kernel, bn=bn, head_scales=scales,
+                              key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,bn", KERNEL_BN)
+@pytest.mark.parametrize("scales", [None, (1, 1, 2, 4)])
+def test_fused_matches_math_float32(kernel, bn, scales):
+    q, k, v = qkv(n=37, d=16, dtype=torch.float32)
+    mask = ragged_mask(2, 37, [30, 37])
+    fused = attention(q, k, v, kernel=kernel, bn=bn, head_scales=scales, key_padding_mask=mask)
+    math_out, _ = attention(q, k, v, kernel=kernel, bn=bn, head_scales=scales,
+                            key_padding_mask=mask, need_weights=True)
+    torch.testing.assert_close(fused, math_out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,bn", KERNEL_BN)
+@pytest.mark.parametrize("window", [0, 1, 3])
+def test_sparse_window_matches_reference(kernel, bn, window):
+    q, k, v = qkv(n=9)
+    mask = ragged_mask(2, 9, [9, 4])
+    for fused in (True, False):
+        out = attention(q, k, v, kernel=kernel, bn=bn, window=window, key_padding_mask=mask,
+                        fused=fused)
+        ref = reference_attention(q, k, v, kernel=kernel, bn=bn, window=window,
+                                  key_padding_mask=mask)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 2])
+@pytest.mark.parametrize("grid", [(4, 4), (5, 3)])
+@pytest.mark.parametrize("bn", [False, True])
+def test_2d_grid_pooling_with_prefix_tokens(prefix, grid, bn):
+    n = prefix + grid[0] * grid[1]
+    q, k, v = qkv(n=n)
+    scales = (1, 2, 3, 4)
+    mask = ragged_mask(2, n, [n, n - 4])
+    for fused in (True, False):
+        out = attention(q, k, v, bn=bn, head_scales=scales, grid_size=grid,
+                        num_prefix_tokens=prefix, key_padding_mask=mask, fused=fused)
+        ref = reference_attention(q, k, v, bn=bn, head_scales=scales, grid_size=grid,
+                                  num_prefix_tokens=prefix, key_padding_mask=mask)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "linear"])
+def test_sh_with_unit_scales_equals_base(kernel):
+    q, k, v = qkv()
+    for bn in (False, True):
+        base = attention(q, k, v, kernel=kernel, bn=bn)
+        torch.testing.assert_close(attention(q, k, v, kernel=kernel, bn=bn, head_scales=(1,) * 4), base)
+
+
+def test_key_centring_alone_changes_nothing_for_softmax():
+    q, k, v = qkv()
+    shift = torch.randn(2, 4, 1, 8, dtype=torch.float64) * 5
+    torch.testing.assert_close(attention(q, k - shift, v), attention(q, k, v))
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "linear"])
+def test_bn_invariant_to_per_feature_affine_map(kernel):
+    q, k, v = qkv()
+    scale = torch.randn(8, dtype=torch.float64).sign() * (torch.rand(8, dtype=torch.float64) + 0.5)
+    shift = torch.randn(8, dtype=torch.float64) * 3
+    base = attention(q, k, v, kernel=kernel, bn=True, eps=0.0)
+    mapped = attention(q * scale + shift, k * scale + shift, v, kernel=kernel, bn=True, eps=0.0)
+    if kernel == "softmax":  # per-feature sign flips act on both q^ and k^: the dot product holds
+        torch.testing.assert_close(mapped, base, rtol=1e-9, atol=1e-10)
+    else:  # elu + 1 is not odd, so only positive scales keep the linear kernel invariant
+        mapped = attention(q * scale.abs() + shift, k * scale.abs() + shift, v, kernel=kernel,
+                           bn=True, eps=0.0)
+        torch.testing.assert_close(mapped, base, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("kernel,bn", KERNEL_BN)
+@pytest.mark.parametrize("scales", [None, (1, 2, 3, 4)])
+def test_padding_never_leaks(kernel, bn, scales):
+    q, k, v = qkv(batch=1, n=13)
+    length = 8
+    mask = ragged_mask(1, 13, [length])
+    out = attention(q, k, v, kernel=kernel, bn=bn, head_scales=scales, key_padding_mask=mask)
+    k2, v2 = k.clone(), v.clone()
+    k2[..., length:, :] = torch.randn_like(k2[..., length:, :]) * 100
+    v2[..., length:, :] = float("1e6")
+    out2 = attention(q, k2, v2, kernel=kernel, bn=bn, head_scales=scales, key_padding_mask=mask)
+    torch.testing.assert_close(out[..., :length, :], out2[..., :length, :], rtol=1e-12, atol=1e-12)
+    alone = attention(q[..., :length, :], k[..., :length, :], v[..., :length, :], kernel=kernel,
+                      bn=bn, head_scales=scales)
+    torch.testing.assert_close(out[..., :length, :], alone, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel,bn", KERNEL_BN)
+@pytest.mark.parametrize("scales", [None, (1, 2, 3, 4)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_fully_padded_sequence_is_zero_not_nan(kernel, bn, scales, fused):
+    q, k, v = qkv(dtype=torch.float32)
+    mask = ragged_mask(2, 11, [0, 5])
+    out = attention(q, k, v, kernel=kernel, bn=bn, head_scales=scales, key_padding_mask=mask,
+                    fused=fused)
+    assert torch.isfinite(out).all()
+    assert (out[0] == 0).all()
+
+
+def test_linear_primal_equals_dual():
+    q, k, v = qkv(n=50)
+    mask = ragged_mask(2, 50, [50, 31])
+    primal = attention(q, k, v, kernel="linear", key_padding_mask=mask)
+    dual = attention(q, k, v, kernel="linear", key_padding_mask=mask, fused=False)
+    torch.testing.assert_close(primal, dual, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("scales", [(1, 2, 3, 4), (4, 2, 4, 1)])
+@pytest.mark.parametrize("grid,prefix", [(None, 0), ((3, 4), 1)])
+def test_spread_maps_rows_sum_to_one(scales, grid, prefix):
+    n = 13
+    q, k, v = qkv(n=n)
+    mask = ragged_mask(2, n, [n, 9])
+    out, weights = attention(q, k, v, head_scales=scales, key_padding_mask=mask, grid_size=grid,
+                             num_prefix_tokens=prefix, need_weights=True)
+    assert weights.shape == (2, 4, n, n)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, n, dtype=torch.float64))
+    assert (weights[1, :, :, 9:] == 0).all()  # padded keys get no weight
+    # spreading preserves the output: the spread map applied to the raw values
+    # equals the pooled map applied to pooled values
+    torch.testing.assert_close(weights @ v, out)
+
+
+def test_pool_tokens_ceil_mode_and_masks():
+    x = torch.arange(7, dtype=torch.float64).view(1, 7, 1)
+    pooled, _ = PF.pool_tokens(x, 3)
+    assert pooled.flatten().tolist() == [1.0, 4.0, 6.0]
+    mask = torch.tensor([[False, False, False, False, True, True, True]])
+    pooled, pooled_mask = PF.pool_tokens(x, 3, mask)
+    assert pooled[0, :2].flatten().tolist() == [1.0, 3.0]
+    assert pooled_mask.tolist() == [[False, False, True]]
+
+
+def test_masked_mean_var_matches_unpadded():
+    x = torch.randn(2, 3, 10, 4, dtype=torch.float64)
+    mask = ragged_mask(2, 10, [10, 6])
+    mean, var = PF.masked_mean_var(x, mask)
+    torch.testing.assert_close(mean[1], x[1, :, :6].mean(-2, keepdim=True))
+    torch.testing.assert_close(var[1], x[1, :, :6].var(-2, unbiased=False, keepdim=True))
+
+
+def test_default_head_scales():
+    assert PF.default_head_scales(8) == (1, 1, 2, 2, 4, 4, 8, 8)
+    assert PF.default_head_scales(3) == (1, 2, 4)
+    assert PF.default_head_scales(1) == (1,)
+    assert PF.default_head_scales(6) == (1, 1, 2, 2, 4, 8)
+
+
+@pytest.mark.parametrize("kernel,bn", KERNEL_BN)
+@pytest.mark.parametrize("scales", [None, (1, 2)])
+def test_gradcheck(kernel, bn, scales):
+    q, k, v = (t.requires_grad_() for t in qkv(batch=1, heads=2, n=5, d=3))
+    mask = ragged_mask(1, 5, [4])
+
+    def fn(q, k, v):
+        return attention(q, k, v, kernel=kernel, bn=bn, head_scales=scales, key_padding_mask=mask)
+
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    batch=st.integers(1, 3), heads=st.integers(1, 4), n=st.integers(1, 17), d=st.integers(1, 6),
+    kernel=st.sampled_from(["softmax", "linear"]), bn=st.booleans(), data=st.data(),
+)
+def test_property_against_reference(batch, heads, n, d, kernel, bn, data):
+    scales = data.draw(st.one_of(st.none(), st.lists(st.integers(1, 6), min_size=heads,
+                                                      max_size=heads)))
+    lengths = data.draw(st.lists(st.integers(0, n), min_size=batch, max_size=batch))
+    mask = ragged_mask(batch, n, lengths)
+    q, k, v = qkv(batch, heads, n, d)
+    for fused in (True, False):
+        out = attention(q, k, v, kernel=kernel, bn=bn, head_scales=scales, key_padding_mask=mask,
+                        fused=fused)
+        ref = reference_attention(q, k, v, kernel=kernel, bn=bn, head_scales=scales,
+                                  key_padding_mask=mask)
+        valid = ~mask[:, None, :, None].expand_as(out)
+        torch.testing.assert_close(out[valid], ref[valid], rtol=1e-9, atol=1e-10)
+        assert torch.isfinite(out).all()
