@@ -11,14 +11,22 @@ from pathlib import Path
 from primal_dual_attention.attention import VARIANTS
 
 
-def _sizes(text: str) -> tuple[int, ...]:
+def _int_tuple(text: str, lowest: int) -> tuple[int, ...]:
     try:
-        sizes = tuple(int(s) for s in text.split(","))
+        values = tuple(int(s) for s in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return sizes
+    if min(values) < lowest:
+        raise argparse.ArgumentTypeError(f"values must be >= {lowest}, got {text!r}")
+    return values
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    return _int_tuple(text, 1)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    return _int_tuple(text, 0)
 
 
 def _variants(text: str) -> tuple[str, ...]:
@@ -41,6 +49,156 @@ def _bench_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _int_list(text: str) -> list[int] | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`TrainConfig` field; unset options keep the config's value."""
+    import typing
+
+    from primal_dual_attention.training.config import TrainConfig, config_fields
+
+    hints = typing.get_type_hints(TrainConfig)
+    parser.add_argument("--config", help="YAML file with any of the options below")
+    for f in config_fields():
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        default = f.default
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                                help=f"(default {default})")
+            continue
+        parse = {int: int, float: float, str: str, int | None: _optional(int),
+                 float | None: _optional(float), str | None: _optional(str),
+                 list[int] | None: _int_list}[kind]
+        parser.add_argument(flag, type=parse, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                            help=f"(default {default})")
+
+
+def resolve_config(args: argparse.Namespace):
+    """defaults < configs/<task>/<dataset>.yaml < --config file < command-line options."""
+    from primal_dual_attention.training.config import (
+        TrainConfig,
+        config_from_mapping,
+        dataset_config_path,
+        load_yaml_config,
+    )
+
+    cli = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__}
+    from_file = load_yaml_config(args.config) if args.config else TrainConfig()
+    task = cli.get("task", from_file.task)
+    dataset = cli.get("dataset", from_file.dataset)
+    cfg = TrainConfig()
+    bundled = dataset_config_path(task, dataset)
+    if bundled.is_file():
+        cfg = load_yaml_config(bundled, cfg)
+    if args.config:
+        cfg = load_yaml_config(args.config, cfg)
+    return config_from_mapping(cli, "command line", cfg).validate()
+
+
+def _train(args: argparse.Namespace) -> int:
+    from primal_dual_attention.training.engine import fit, seed_everything
+    from primal_dual_attention.training.tasks import build_task
+
+    cfg = resolve_config(args)
+    seed_everything(cfg.seed)
+    task = build_task(cfg)
+    print(task.description)
+    print(f"variant={cfg.variant} protocol={cfg.protocol} seed={cfg.seed} -> {cfg.run_dir()}")
+    result = fit(cfg, task)
+    print(f"test accuracy {result.test_accuracy:.4f} (protocol {result.protocol}, best epoch "
+          f"{result.best_epoch}/{result.epochs}); {result.params:,} parameters; "
+          f"{result.epoch_seconds:.2f} s/epoch; {result.train_samples_per_second:.0f} samples/s")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from primal_dual_attention.training.config import config_from_mapping
+    from primal_dual_attention.training.engine import evaluate, load_checkpoint, seed_everything
+    from primal_dual_attention.training.tasks import build_task
+
+    state = load_checkpoint(args.checkpoint)
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    cfg = config_from_mapping(state["config"] | overrides, f"{args.checkpoint} config").validate()
+    seed_everything(cfg.seed)
+    task = build_task(cfg)
+    task.model.load_state_dict(state["model"])
+    print(task.description)
+    print(f"checkpoint {args.checkpoint}: epoch {state['epoch'] + 1}, variant {cfg.variant}")
+    for name, split in (("val", task.val), ("test", task.test)):
+        if split is not None and len(split):
+            stats = evaluate(task.model, split, cfg.eval_batch_size)
+            print(f"{name}: accuracy {stats.accuracy:.4f}, loss {stats.loss:.4f} ({stats.samples} samples)")
+    return 0
+
+
+DEMO_VARIANTS = ("softmax", "bn", "sh", "bn_sh")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Softmax, BN, SH and BN+SH on JapaneseVowels, clean protocol, one short budget each."""
+    from primal_dual_attention.training.config import TrainConfig, dataset_config_path, load_yaml_config
+    from primal_dual_attention.training.engine import fit, seed_everything
+    from primal_dual_attention.training.tasks import build_task
+
+    base = load_yaml_config(dataset_config_path("uea", "JapaneseVowels"), TrainConfig())
+    rows = []
+    for variant in DEMO_VARIANTS:
+        cfg = TrainConfig(**{**base.to_dict(), "variant": variant, "epochs": args.epochs,
+                             "protocol": "clean", "seed": args.seed, "out_dir": args.out,
+                             "data_dir": args.data_dir, "progress": not args.quiet}).validate()
+        seed_everything(cfg.seed)
+        task = build_task(cfg)
+        if not rows:
+            print(task.description)
+            print(f"{args.epochs} epochs per variant, clean protocol (20% of train held out for "
+                  f"model selection), seed {args.seed}\n")
+        result = fit(cfg, task)
+        rows.append((variant, result))
+        print(f"  {variant:8} test accuracy {result.test_accuracy:.4f}  "
+              f"({result.epoch_seconds:.2f} s/epoch)")
+    print()
+    print(f"| variant | test acc | best val epoch | s/epoch | train samples/s | parameters |")
+    print("|---|---|---|---|---|---|")
+    for variant, r in rows:
+        print(f"| {variant} | {r.test_accuracy:.4f} | {r.best_epoch} | {r.epoch_seconds:.3f} | "
+              f"{r.train_samples_per_second:.0f} | {r.params:,} |")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from primal_dual_attention.analysis.uea_report import write_uea_report
+    from primal_dual_attention.training.sweep import plan_sweep, run_sweep
+
+    results = Path(args.results)
+    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    if not args.report_only:
+        tables = ("main", "extended") if args.table == "all" else (args.table,)
+        runs = []
+        for table in tables:
+            runs += plan_sweep(table, args.data_dir, datasets=args.datasets, seeds=args.seeds,
+                               variants=args.variants, epochs=args.epochs, out_dir=args.out)
+        run_sweep(runs, results, workers=args.workers, threads_per_worker=args.threads)
+    if (results / "runs.csv").is_file():
+        print(f"wrote {write_uea_report(results, command)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pda", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,12 +214,49 @@ def build_parser() -> argparse.ArgumentParser:
     attn.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     attn.add_argument("--out", default="results/bench", help="output folder")
     attn.set_defaults(func=_bench_attention)
+
+    train = commands.add_parser("train", help="train one model (options also from --config YAML)")
+    _add_config_options(train)
+    train.set_defaults(func=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its validation/test split")
+    evaluate.add_argument("checkpoint", help="a last.pt or best.pt written by pda train")
+    evaluate.add_argument("--data-dir", help="where the data is now, if it moved")
+    evaluate.set_defaults(func=_eval)
+
+    demo = commands.add_parser("demo", help="softmax vs BN vs SH vs BN+SH on JapaneseVowels")
+    demo.add_argument("--epochs", type=int, default=30, help="epochs per variant (default 30)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--data-dir", default=None, help="UEA folder (default: ../shared/data/uea or aeon)")
+    demo.add_argument("--out", default="runs/demo", help="run folder")
+    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.set_defaults(func=_demo)
+
+    sweep = commands.add_parser("sweep", help="the resumable UEA sweep and its report")
+    sweep.add_argument("--table", choices=("main", "extended", "all"), default="main")
+    sweep.add_argument("--data-dir", default=None, help="UEA folder (default ../shared/data/uea)")
+    sweep.add_argument("--datasets", type=lambda t: t.split(","), default=None,
+                       help="comma-separated subset (default: every dataset found)")
+    sweep.add_argument("--variants", type=_variants, default=None, help="override the table's variants")
+    sweep.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="default 0,1,2")
+    sweep.add_argument("--epochs", type=int, default=None, help="override every config's epochs")
+    sweep.add_argument("--workers", type=int, default=1, help="parallel training processes")
+    sweep.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    sweep.add_argument("--out", default="runs/sweep", help="run folders (checkpoints)")
+    sweep.add_argument("--results", default="results/uea", help="runs.csv, logs and README.md")
+    sweep.add_argument("--report-only", action="store_true", help="only rebuild README.md")
+    sweep.set_defaults(func=_sweep)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; a bad option or input prints ``pda: error: ...`` and exits with 2."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"pda: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

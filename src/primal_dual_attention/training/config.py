@@ -1,0 +1,153 @@
+"""Run configuration: one dataclass, settable from YAML files and from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_ROOT = Path(__file__).resolve().parents[3] / "configs"
+PROTOCOLS = ("paper", "clean")
+OPTIMIZERS = ("adamw", "radam")
+SCHEDULES = ("cosine", "step", "none")
+
+
+@dataclass
+class TrainConfig:
+    """Every option of ``pda train``; a YAML config may set any of them (SPEC.md §4)."""
+
+    # what to run
+    task: str = "uea"
+    dataset: str = "JapaneseVowels"
+    data_dir: str | None = None
+    variant: str = "softmax"
+    head_scales: list[int] | None = None
+    window: int | None = None
+    seed: int = 0
+    protocol: str = "paper"
+    val_fraction: float = 0.2
+    # model
+    dim: int = 128
+    depth: int = 3
+    heads: int = 8
+    mlp_dim: int = 256
+    dropout: float = 0.1
+    norm: str = "post"
+    pooling: str = "flatten"
+    # optimisation
+    epochs: int = 100
+    batch_size: int = 16
+    eval_batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "radam"
+    schedule: str = "cosine"
+    warmup_epochs: int = 0
+    step_size: int = 30
+    gamma: float = 0.1
+    grad_clip: float | None = 4.0
+    label_smoothing: float = 0.0
+    # running
+    out_dir: str = "runs"
+    resume: bool = False
+    threads: int | None = None
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        """Check values with a clear error naming the option, the value and what is allowed."""
+        from primal_dual_attention.attention import VARIANTS
+
+        choices = {"protocol": PROTOCOLS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+                   "variant": tuple(VARIANTS), "norm": ("pre", "post"),
+                   "pooling": ("flatten", "mean")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("epochs", "batch_size", "eval_batch_size", "dim", "depth", "heads", "mlp_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        return self
+
+    def run_dir(self) -> Path:
+        """``out_dir/<task>/<dataset>/<protocol>/<variant>/seed<k>``."""
+        return (Path(self.out_dir) / self.task / self.dataset / self.protocol / self.variant
+                / f"seed{self.seed}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(TrainConfig)
+
+
+def _accepts(annotation: Any, value: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(a, value) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is Any:
+        return True
+    if origin in (list, dict):
+        if not isinstance(value, origin):
+            return False
+        if origin is list:
+            (item,) = typing.get_args(annotation)
+            return all(_accepts(item, v) for v in value)
+        return True
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)
+
+
+def config_from_mapping(values: dict[str, Any], where: str, base: TrainConfig | None = None) -> TrainConfig:
+    """Overlay ``values`` on ``base``; reject unknown keys and wrong types, naming them."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping of option: value, got {type(values).__name__}")
+    types_ = _field_types()
+    unknown = sorted(set(values) - set(types_))
+    if unknown:
+        raise ValueError(f"{where}: unknown option(s) {unknown}; valid options: {sorted(types_)}")
+    for key, value in values.items():
+        if not _accepts(types_[key], value):
+            raise ValueError(
+                f"{where}: option {key!r} must be of type {types_[key]}, got {type(value).__name__} "
+                f"{value!r}")
+    current = dataclasses.asdict(base) if base is not None else {}
+    return TrainConfig(**{**current, **values})
+
+
+def load_yaml_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML config file over ``base`` (defaults when None)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    with open(path) as handle:
+        try:
+            values = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path}: not valid YAML ({error})") from None
+    return config_from_mapping(values, str(path), base)
+
+
+def dataset_config_path(task: str, dataset: str) -> Path:
+    """The bundled per-dataset config, ``configs/<task>/<dataset>.yaml``."""
+    return CONFIG_ROOT / task / f"{dataset}.yaml"
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(fields(TrainConfig))

@@ -1,0 +1,323 @@
+"""The training engine shared by every task: epochs, protocols, logs and exact resume.
+
+Protocols (SPEC.md §4): ``paper`` evaluates the test split after every epoch and reports the
+best test accuracy (what the published UEA tables do; optimistic). ``clean`` holds out a
+stratified ``val_fraction`` of the training split, keeps the epoch with the best validation
+accuracy (ties: lower validation loss) in ``best.pt``, and reports that checkpoint's test
+accuracy; the test split is read once, at the end.
+
+Checkpoints hold only tensors and plain Python values, so they load with
+``torch.load(weights_only=True)``; they are written to a temporary file and renamed, so a
+crash never leaves a half-written ``last.pt``. Data order comes from a generator seeded by
+``(seed, epoch)`` and the global RNG states are saved, so a resumed run repeats the
+uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from primal_dual_attention.training.config import TrainConfig
+
+Batch = tuple[Tensor, Tensor | None, Tensor]
+
+
+class Split(Protocol):
+    """A split the engine can iterate: ``len`` samples, batches of (inputs, mask, labels)."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]: ...
+
+
+@dataclass
+class Task:
+    """What a task hands the engine: a model and its splits (``val`` None under ``paper``)."""
+
+    model: nn.Module
+    train: Split
+    test: Split
+    val: Split | None
+    description: str
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    accuracy: float
+    samples: int
+    seconds: float
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also written to ``summary.json``)."""
+
+    test_accuracy: float
+    best_epoch: int
+    epochs: int
+    params: int
+    epoch_seconds: float
+    train_samples_per_second: float
+    wall_seconds: float
+    protocol: str
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+
+    On any failure (disk full, read-only folder) the previous file is left intact and the
+    error names the path.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            torch.save(obj, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(tmp, path)
+    except BaseException as error:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"could not write checkpoint {path}: {error.strerror}") from error
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint safely (``weights_only=True``); a clear error if it is not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, foreign pickle with arbitrary objects, ...
+        raise ValueError(f"{path} is not a readable primal-dual-attention checkpoint: {error}") from None
+    if not isinstance(state, dict) or not {"model", "config", "epoch"} <= set(state):
+        raise ValueError(f"{path} is not a primal-dual-attention checkpoint "
+                         "(expected keys 'model', 'config', 'epoch')")
+    return state
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "pos_embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1 or "pos_embed" in n]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.RAdam(groups, lr=cfg.lr, decoupled_weight_decay=True)
+
+
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    total = cfg.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if cfg.schedule == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.schedule == "step":
+            return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
+        return 1.0
+
+    return factor
+
+
+def _check_finite(tensor: Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise FloatingPointError(
+            f"non-finite values (NaN/inf) in {what}; check the input data or lower the learning rate")
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int) -> EpochStats:
+    """Mean cross-entropy and accuracy over a split, in inference mode."""
+    model.eval()
+    start = time.perf_counter()
+    total_loss, correct, count = 0.0, 0, 0
+    with torch.inference_mode():
+        for x, mask, y in split.batches(batch_size):
+            logits = model(x, mask)
+            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(-1) == y).sum().item()
+            count += len(y)
+    if count == 0:
+        raise ValueError("cannot evaluate on an empty split")
+    return EpochStats(total_loss / count, correct / count, count, time.perf_counter() - start)
+
+
+def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, epoch: int) -> EpochStats:
+    model.train()
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    total_loss, correct, count = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(split.batches(cfg.batch_size, generator), total=math.ceil(len(split) / cfg.batch_size),
+               desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
+    for step, (x, mask, y) in enumerate(bar):
+        _check_finite(x, f"the inputs of epoch {epoch + 1}, batch {step}")
+        logits = model(x, mask)
+        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        _check_finite(loss, f"the loss of epoch {epoch + 1}, batch {step}")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(-1) == y).sum().item()
+        count += len(y)
+        bar.set_postfix(loss=f"{total_loss / count:.3f}", acc=f"{correct / count:.3f}")
+    return EpochStats(total_loss / max(count, 1), correct / max(count, 1), count,
+                      time.perf_counter() - start)
+
+
+def _is_better(candidate: tuple[float, float], best: tuple[float, float] | None) -> bool:
+    """Higher accuracy wins; on a tie, lower loss."""
+    return best is None or candidate[0] > best[0] or (candidate[0] == best[0] and candidate[1] < best[1])
+
+
+def fit(cfg: TrainConfig, task: Task) -> RunResult:
+    """Train ``task.model`` under ``cfg`` in ``cfg.run_dir()``; resume from ``last.pt`` if asked."""
+    if len(task.train) == 0:
+        raise ValueError("the training split is empty")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = cfg.run_dir()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = task.model
+    optimizer = _optimizer(cfg, model)
+    steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+    history: list[dict[str, Any]] = []
+    best: tuple[float, float] | None = None
+    start_epoch = 0
+    wall_before = 0.0
+    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
+    if cfg.resume and last_path.is_file():
+        state = load_checkpoint(last_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        history, start_epoch = list(state["history"]), state["epoch"] + 1
+        best = None if state["best"] is None else tuple(state["best"])
+        wall_before = state["wall_seconds"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    params = sum(p.numel() for p in model.parameters())
+    wall_start = time.perf_counter()
+    writer = _tensorboard(run_dir)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        train_stats = _train_epoch(model, task.train, cfg, optimizer, scheduler, epoch)
+        row: dict[str, Any] = {
+            "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
+            "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
+            "epoch_seconds": train_stats.seconds,
+            "train_samples_per_s": train_stats.samples / max(train_stats.seconds, 1e-9),
+        }
+        monitored = task.val if cfg.protocol == "clean" else task.test
+        prefix = "val" if cfg.protocol == "clean" else "test"
+        if monitored is not None and len(monitored):
+            stats = evaluate(model, monitored, cfg.eval_batch_size)
+            row[f"{prefix}_loss"], row[f"{prefix}_acc"] = stats.loss, stats.accuracy
+            score = (stats.accuracy, stats.loss)
+        else:  # clean protocol without validation data: keep the last epoch
+            score = (float(epoch), 0.0)
+        improved = _is_better(score, best)
+        if improved:
+            best = score
+            row["best"] = True
+        history.append(row)
+        if writer is not None:
+            for key, value in row.items():
+                if isinstance(value, float):
+                    writer.add_scalar(key, value, epoch + 1)
+        state = {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+            "history": history, "rng": _rng_state(), "config": cfg.to_dict(),
+            "wall_seconds": wall_before + time.perf_counter() - wall_start,
+        }
+        if improved:
+            atomic_save(state, best_path)
+        atomic_save(state, last_path)
+        _write_csv(run_dir / "log.csv", history)  # rewritten whole: always matches last.pt
+
+    best_epoch = max(r["epoch"] for r in history if r.get("best"))
+    if cfg.protocol == "paper":
+        test_accuracy = max(r["test_acc"] for r in history)
+    else:
+        best_state = load_checkpoint(best_path)
+        model.load_state_dict(best_state["model"])
+        test_accuracy = evaluate(model, task.test, cfg.eval_batch_size).accuracy
+    epoch_seconds = float(np.median([r["epoch_seconds"] for r in history]))
+    result = RunResult(
+        test_accuracy=test_accuracy, best_epoch=best_epoch, epochs=len(history), params=params,
+        epoch_seconds=epoch_seconds,
+        train_samples_per_second=float(np.median([r["train_samples_per_s"] for r in history])),
+        wall_seconds=wall_before + time.perf_counter() - wall_start, protocol=cfg.protocol,
+        history=history,
+    )
+    summary = {k: v for k, v in result.__dict__.items() if k != "history"}
+    (run_dir / "summary.json").write_text(json.dumps(summary | {"config": cfg.to_dict()}, indent=2))
+    if writer is not None:
+        writer.close()
+    return result
+
+
+def _write_csv(path: Path, history: list[dict[str, Any]]) -> None:
+    columns = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
+               "test_acc", "epoch_seconds", "train_samples_per_s", "best"]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: row.get(k, "") for k in columns} for row in history)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard"))

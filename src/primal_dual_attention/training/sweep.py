@@ -1,0 +1,158 @@
+"""Resumable UEA sweeps: the paper's main table and the extended table (SPEC.md §4).
+
+A sweep is a list of runs (dataset x protocol x variant x seed). Finished runs are rows of
+``results/uea/runs.csv`` and are skipped; an interrupted run continues from its ``last.pt``.
+Rows are appended under a file lock, so several worker processes (``--workers``) can share one
+sweep, and a sweep can be stopped and continued in a later session.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import multiprocessing
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from primal_dual_attention.data.uea import PAPER_DATASETS, available_datasets
+from primal_dual_attention.training.config import TrainConfig, dataset_config_path, load_yaml_config
+
+MAIN_VARIANTS = ("softmax", "linear", "bn", "sh", "bn_sh", "linear_bn")
+EXTENDED_VARIANTS = ("softmax", "bn", "sh", "bn_sh")
+SEEDS = (0, 1, 2)
+RUN_COLUMNS = ["table", "dataset", "protocol", "variant", "seed", "epochs", "test_acc", "best_epoch",
+               "params", "epoch_seconds", "train_samples_per_s", "wall_seconds", "threads",
+               "finished_at"]
+
+
+def run_key(cfg: TrainConfig) -> tuple[str, str, str, str, str]:
+    return (cfg.dataset, cfg.protocol, cfg.variant, str(cfg.seed), str(cfg.epochs))
+
+
+def plan_sweep(
+    table: str,
+    data_dir: str | Path | None = None,
+    *,
+    datasets: Sequence[str] | None = None,
+    protocols: Sequence[str] = ("paper", "clean"),
+    seeds: Sequence[int] = SEEDS,
+    variants: Sequence[str] | None = None,
+    epochs: int | None = None,
+    out_dir: str = "runs/sweep",
+) -> list[tuple[str, TrainConfig]]:
+    """The runs of ``table`` ("main" or "extended") for the datasets found in ``data_dir``.
+
+    Main: the paper's datasets present here, ``MAIN_VARIANTS``, both protocols. Extended: every
+    other dataset, ``EXTENDED_VARIANTS``, clean protocol only. Each dataset's bundled config
+    (``configs/uea/<Name>.yaml``) sets its hyper-parameters; ``epochs`` overrides them all.
+    """
+    if table not in ("main", "extended"):
+        raise ValueError(f"table must be 'main' or 'extended', got {table!r}")
+    found = available_datasets(data_dir)
+    if datasets is None:
+        paper = [d for d in found if d in PAPER_DATASETS]
+        datasets = paper if table == "main" else [d for d in found if d not in PAPER_DATASETS]
+    if table == "extended":
+        protocols = [p for p in protocols if p == "clean"]
+    variants = variants or (MAIN_VARIANTS if table == "main" else EXTENDED_VARIANTS)
+    runs = []
+    for dataset in datasets:
+        base = TrainConfig(task="uea", dataset=dataset, out_dir=out_dir, progress=False,
+                           data_dir=None if data_dir is None else str(data_dir))
+        bundled = dataset_config_path("uea", dataset)
+        if bundled.is_file():
+            base = load_yaml_config(bundled, base)
+        if epochs is not None:
+            base = replace(base, epochs=epochs)
+        for protocol in protocols:
+            for seed in seeds:
+                for variant in variants:
+                    runs.append((table, replace(base, protocol=protocol, seed=seed, variant=variant,
+                                                resume=True).validate()))
+    return runs
+
+
+def finished_runs(results_csv: Path) -> set[tuple[str, ...]]:
+    if not results_csv.is_file():
+        return set()
+    with open(results_csv, newline="") as handle:
+        return {(r["dataset"], r["protocol"], r["variant"], r["seed"], r["epochs"])
+                for r in csv.DictReader(handle)}
+
+
+def _append_row(results_csv: Path, row: dict) -> None:
+    results_csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(results_csv, "a", newline="") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            writer = csv.DictWriter(handle, fieldnames=RUN_COLUMNS)
+            if handle.tell() == 0:
+                writer.writeheader()
+            writer.writerow(row)
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_one(table: str, cfg: TrainConfig, results_dir: Path) -> dict:
+    import torch
+
+    from primal_dual_attention.training.engine import fit, seed_everything
+    from primal_dual_attention.training.tasks import build_task
+
+    seed_everything(cfg.seed)
+    result = fit(cfg, build_task(cfg))
+    log_copy = (results_dir / "logs" / cfg.dataset / cfg.protocol / cfg.variant
+                / f"seed{cfg.seed}.csv")
+    log_copy.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cfg.run_dir() / "log.csv", log_copy)
+    return {
+        "table": table, "dataset": cfg.dataset, "protocol": cfg.protocol, "variant": cfg.variant,
+        "seed": cfg.seed, "epochs": cfg.epochs, "test_acc": f"{result.test_accuracy:.6f}",
+        "best_epoch": result.best_epoch, "params": result.params,
+        "epoch_seconds": f"{result.epoch_seconds:.4f}",
+        "train_samples_per_s": f"{result.train_samples_per_second:.1f}",
+        "wall_seconds": f"{result.wall_seconds:.1f}", "threads": torch.get_num_threads(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _worker(runs: list[tuple[str, TrainConfig]], results_dir: Path, threads: int, log) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    results_csv = results_dir / "runs.csv"
+    for table, cfg in runs:
+        if run_key(cfg) in finished_runs(results_csv):
+            continue
+        start = time.perf_counter()
+        row = _run_one(table, cfg, results_dir)
+        _append_row(results_csv, row)
+        log(f"{cfg.dataset:>26} {cfg.protocol:5} {cfg.variant:12} seed {cfg.seed}: "
+            f"acc {float(row['test_acc']):.4f} ({time.perf_counter() - start:.0f} s)")
+
+
+def run_sweep(runs: list[tuple[str, TrainConfig]], results_dir: str | Path, workers: int = 1,
+              threads_per_worker: int = 1, log=print) -> None:
+    """Run every unfinished run; ``workers`` processes share the list round-robin."""
+    results_dir = Path(results_dir)
+    todo = [(t, c) for t, c in runs if run_key(c) not in finished_runs(results_dir / "runs.csv")]
+    log(f"{len(runs)} runs planned, {len(runs) - len(todo)} already finished, {len(todo)} to run "
+        f"with {workers} worker(s)")
+    if workers <= 1:
+        _worker(todo, results_dir, threads_per_worker, log)
+        return
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_worker, args=(todo[i::workers], results_dir,
+                                                         threads_per_worker, print))
+                 for i in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join()
+    failed = [p.exitcode for p in processes if p.exitcode]
+    if failed:
+        raise RuntimeError(f"{len(failed)} sweep worker(s) failed (exit codes {failed}); "
+                           "rerun the same command to continue")

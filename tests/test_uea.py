@@ -1,0 +1,193 @@
+"""UEA loading, the time-series model, the engine (protocols, resume) and the CLI."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from primal_dual_attention.cli import main
+from primal_dual_attention.data.uea import TsFormatError, load_uea, read_ts, stratified_split
+from primal_dual_attention.models.timeseries import TimeSeriesTransformer
+from primal_dual_attention.training.config import TrainConfig, load_yaml_config
+from primal_dual_attention.training.engine import fit, load_checkpoint, seed_everything
+from primal_dual_attention.training.tasks import build_task
+
+HEADER = "@problemName Toy\n@timeStamps false\n@missing {missing}\n@univariate false\n" \
+         "@dimensions 2\n@equalLength {equal}\n{length}@classLabel true a b\n@data\n"
+
+
+def write_ts(path: Path, rows: list[str], *, equal: bool = True, missing: bool = False,
+             newline: str = "\n") -> Path:
+    length = "@seriesLength 3\n" if equal else ""
+    text = HEADER.format(missing=str(missing).lower(), equal=str(equal).lower(), length=length)
+    text += "\n".join(rows) + "\n"
+    path.write_bytes(text.replace("\n", newline).encode())
+    return path
+
+
+def toy_dataset(folder: Path, *, equal: bool = True, missing: bool = False, newline: str = "\n"):
+    folder.mkdir(parents=True, exist_ok=True)
+    if equal:
+        train = ["1,2,3:4,5,6:a", "2,3,4:5,6,7:b", "0,1,2:1,1,1:a", "5,5,5:0,0,0:b"]
+    else:
+        train = ["1,2,3,4:4,5,6,7:a", "2,3:5,6:b", "0,1,2:1,1,1:a", "5,5,5,5,5:0,0,0,0,0:b"]
+    if missing:
+        train[0] = "1,?,3:4,5,NaN:a"
+    test = ["1,2,3:4,5,6:b", "9,9,9,9,9,9:1,1,1,1,1,1:a"] if not equal else ["1,2,3:4,5,6:b"]
+    write_ts(folder / "Toy_TRAIN.ts", train, equal=equal, missing=missing, newline=newline)
+    write_ts(folder / "Toy_TEST.ts", test, equal=equal, missing=missing, newline=newline)
+    return folder
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"])
+def test_equal_length_loading_and_standardisation(tmp_path, newline):
+    data = load_uea("Toy", toy_dataset(tmp_path / "Toy", newline=newline).parent)
+    assert data.train.x.shape == (4, 3, 2) and data.test.x.shape == (1, 3, 2)
+    assert data.classes == ["a", "b"] and data.train.y.tolist() == [0, 1, 0, 1]
+    assert not data.train.mask.any()
+    flat = data.train.x.reshape(-1, 2)
+    torch.testing.assert_close(flat.mean(0), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(flat.std(0, unbiased=False), torch.ones(2), atol=1e-5, rtol=0)
+
+
+def test_unequal_length_padding_and_truncation(tmp_path):
+    data = load_uea("Toy", toy_dataset(tmp_path, equal=False))
+    assert data.max_len == 5
+    assert (~data.train.mask).sum(1).tolist() == [4, 2, 3, 5]
+    assert (data.train.x[1, 2:] == 0).all()
+    assert data.truncated_test == 1 and data.test.x.shape[1] == 5
+
+
+def test_missing_values_become_finite(tmp_path):
+    data = load_uea("Toy", toy_dataset(tmp_path, missing=True))
+    assert torch.isfinite(data.train.x).all()
+
+
+@pytest.mark.parametrize(
+    "rows,line,reason",
+    [
+        (["1,2,3:4,5,6:a", "1,2,3:4,5"], 10, "channels"),
+        (["1,2,3:4,5,6:a", "1,2,x:4,5,6:b"], 10, "cannot read 'x'"),
+        (["1,2,3:4,5,6:a", "1,2,3:4,5,6:zebra"], 10, "class label 'zebra'"),
+    ],
+)
+def test_corrupt_file_error_names_file_and_line(tmp_path, rows, line, reason):
+    path = write_ts(tmp_path / "Bad_TRAIN.ts", rows)
+    with pytest.raises(TsFormatError, match=rf"Bad_TRAIN\.ts:{line}: .*{reason}"):
+        read_ts(path)
+
+
+def test_explicit_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no Nope_TRAIN.ts"):
+        load_uea("Nope", tmp_path)
+
+
+def test_stratified_split_is_stratified_and_seeded():
+    labels = torch.tensor([0] * 10 + [1] * 5)
+    keep, hold = stratified_split(labels, 0.2, seed=3)
+    assert sorted(labels[hold].tolist()) == [0, 0, 1]
+    assert set(keep) | set(hold) == set(range(15)) and not set(keep) & set(hold)
+    assert (stratified_split(labels, 0.2, seed=3)[1] == hold).all()
+
+
+@pytest.mark.parametrize("variant", ["softmax", "bn", "sh", "bn_sh", "linear_bn"])
+@pytest.mark.parametrize("pooling", ["flatten", "mean"])
+def test_padding_never_changes_a_prediction(variant, pooling):
+    model = TimeSeriesTransformer(3, 4, 12, dim=16, depth=2, num_heads=4, mlp_dim=32,
+                                  variant=variant, pooling=pooling).eval()
+    series = torch.randn(1, 7, 3)
+    batch = torch.randn(2, 12, 3) * 50
+    batch[0, :7] = series[0]
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, 7:] = True
+    alone = model(series)
+    together = model(batch, mask)[0]
+    torch.testing.assert_close(together, alone[0], rtol=1e-5, atol=1e-5)
+
+
+def test_longer_sequence_than_positional_embedding_is_rejected():
+    model = TimeSeriesTransformer(3, 2, 5, dim=8, depth=1, num_heads=2, mlp_dim=8)
+    with pytest.raises(ValueError, match="exceeds the positional embedding's max_len 5"):
+        model(torch.randn(1, 6, 3))
+
+
+def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
+    values = dict(dataset="JapaneseVowels", dim=32, depth=1, heads=4, mlp_dim=64, epochs=2,
+                  batch_size=32, lr=3e-3, out_dir=str(tmp_path), progress=False, threads=1)
+    return replace(TrainConfig(), **(values | overrides)).validate()
+
+
+def run(cfg: TrainConfig):
+    seed_everything(cfg.seed)
+    return fit(cfg, build_task(cfg))
+
+
+def test_two_epochs_on_japanese_vowels_learn(tmp_path):
+    result = run(tiny_config(tmp_path, variant="bn_sh", protocol="clean"))
+    assert result.test_accuracy > 3 / 9  # chance is 1/9
+    assert (tiny_config(tmp_path).run_dir().parent.parent / "clean" / "bn_sh" / "seed0" / "best.pt").exists()
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+    import primal_dual_attention.training.engine as engine
+
+    full = run(tiny_config(tmp_path / "full", epochs=3))
+
+    original, calls = engine._train_epoch, []
+
+    def crash_on_third_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_train_epoch", crash_on_third_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_config(tmp_path / "split", epochs=3))
+    monkeypatch.setattr(engine, "_train_epoch", original)
+    resumed = run(tiny_config(tmp_path / "split", epochs=3, resume=True))
+
+    assert [r["test_acc"] for r in resumed.history] == [r["test_acc"] for r in full.history]
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
+    a = load_checkpoint(tiny_config(tmp_path / "full").run_dir() / "last.pt")["model"]
+    b = load_checkpoint(tiny_config(tmp_path / "split").run_dir() / "last.pt")["model"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    with open(tiny_config(tmp_path / "split").run_dir() / "log.csv") as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3]
+
+
+def test_yaml_config_rejects_unknown_keys_and_wrong_types(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: 3\nlearning_rate: 0.1\n")
+    with pytest.raises(ValueError, match="unknown option.*learning_rate"):
+        load_yaml_config(bad)
+    bad.write_text("epochs: three\n")
+    with pytest.raises(ValueError, match="option 'epochs' must be of type"):
+        load_yaml_config(bad)
+
+
+def test_cli_help_and_invalid_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    assert "--variant" in capsys.readouterr().out
+    assert main(["train", "--variant", "quantum", "--epochs", "1"]) == 2
+    assert "variant must be one of" in capsys.readouterr().err
+    result = subprocess.run([sys.executable, "-m", "primal_dual_attention.cli", "train", "--epochs", "x"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--epochs" in result.stderr
+
+
+def test_eval_command_reads_checkpoint(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, epochs=1, protocol="clean")
+    run(cfg)
+    assert main(["eval", str(cfg.run_dir() / "best.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "test: accuracy" in out and "val: accuracy" in out
