@@ -173,7 +173,7 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"  {variant:8} test accuracy {result.test_accuracy:.4f}  "
               f"({result.epoch_seconds:.2f} s/epoch)")
     print()
-    print(f"| variant | test acc | best val epoch | s/epoch | train samples/s | parameters |")
+    print("| variant | test acc | best val epoch | s/epoch | train samples/s | parameters |")
     print("|---|---|---|---|---|---|")
     for variant, r in rows:
         print(f"| {variant} | {r.test_accuracy:.4f} | {r.best_epoch} | {r.epoch_seconds:.3f} | "

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 
-
 def default_data_dir() -> Path | None:
     """``$PDA_UEA_DIR``, else ``../shared/data/uea`` from the working directory or from the
     repository root, whichever exists first; None when there is none (aeon is used then)."""
@@ -129,7 +128,7 @@ def available_datasets(data_dir: str | Path | None = None) -> list[str]:
 def _locate_ts_error(path: Path) -> tuple[int, str]:
     """Scan a ``.ts`` file for the first line that cannot be read; return (line, reason)."""
     class_values: list[str] | None = None
-    channels = None
+    channels: int | None = None
     in_data = False
     line_no = 0
     with open(path, encoding="utf-8", errors="replace") as handle:
@@ -138,28 +137,31 @@ def _locate_ts_error(path: Path) -> tuple[int, str]:
             if not line or line.startswith("#"):
                 continue
             if not in_data:
-                lower = line.lower()
-                if lower.startswith("@classlabel"):
-                    tokens = line.split()
-                    if len(tokens) > 2 and tokens[1].lower() == "true":
-                        class_values = tokens[2:]
-                elif lower == "@data":
+                tokens = line.split()
+                tag = tokens[0].lower()
+                if tag == "@classlabel" and len(tokens) > 2 and tokens[1].lower() == "true":
+                    class_values = tokens[2:]
+                elif tag == "@dimensions" and len(tokens) == 2 and tokens[1].isdigit():
+                    channels = int(tokens[1])
+                elif tag == "@data":
                     in_data = True
-                elif not lower.startswith("@"):
+                elif not tag.startswith("@"):
                     return line_no, "data before the @data tag"
                 continue
             parts = line.split(":")
-            if class_values is not None:
-                label, parts = parts[-1].strip(), parts[:-1]
+            labelled = class_values is not None
+            if channels is None:
+                channels = len(parts) - labelled
+            if len(parts) != channels + labelled:
+                return line_no, (f"{len(parts)} ':'-separated fields, expected {channels} channels"
+                                 + (" and a label" if labelled else "") + " (truncated line?)")
+            if labelled:
+                label = parts.pop().strip()
                 if label not in class_values:
                     return line_no, f"class label {label!r} is not among {class_values}"
-            if channels is None:
-                channels = len(parts)
-            elif len(parts) != channels:
-                return line_no, f"{len(parts)} channels, expected {channels} (truncated line?)"
             lengths = set()
             for part in parts:
-                values = [v for v in part.split(",")]
+                values = part.split(",")
                 lengths.add(len(values))
                 for value in values:
                     if value.strip() not in ("?", "NaN", "nan"):
@@ -171,9 +173,7 @@ def _locate_ts_error(path: Path) -> tuple[int, str]:
                 return line_no, f"channels of one case have different lengths {sorted(lengths)}"
     if not in_data:
         return line_no, "no @data section"
-    if channels is None:
-        return line_no, "no cases after @data"
-    return line_no, "unreadable file"
+    return line_no, "no cases after @data"
 
 
 def read_ts(path: str | Path) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
