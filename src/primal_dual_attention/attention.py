@@ -174,21 +174,20 @@ class MultiHeadAttention(nn.Module):
             qkv = self.qkv(x).view(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
 
-            def keys_values(group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
+            def keys_values(index: int, group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
                 return k, v, key_padding_mask
         else:
             weight, bias = self.qkv.weight, self.qkv.bias
             q = F.linear(x, weight[: self.dim], None if bias is None else bias[: self.dim])
             q = q.view(batch, num_tokens, heads, head_dim).transpose(1, 2)
-            rows = {g.scale: getattr(self, f"_kv_rows_{i}") for i, g in enumerate(self.groups)}
 
-            def keys_values(group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
+            def keys_values(index: int, group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
                 pooled, pooled_mask = pool_tokens(
                     x, group.scale, key_padding_mask, grid_size=grid,
                     num_prefix_tokens=self.num_prefix_tokens)
-                index = rows[group.scale]
-                kv = F.linear(pooled, weight.index_select(0, index),
-                              None if bias is None else bias.index_select(0, index))
+                rows = getattr(self, f"_kv_rows_{index}")
+                kv = F.linear(pooled, weight.index_select(0, rows),
+                              None if bias is None else bias.index_select(0, rows))
                 kv = kv.view(batch, pooled.shape[1], 2, -1, head_dim).permute(2, 0, 3, 1, 4)
                 return kv[0], kv[1], pooled_mask
 

@@ -416,6 +416,39 @@ def _attend_linear_primal(
     return (phi_q @ kv) / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny)
 
 
+def _attend_banded_softmax(
+    q: Tensor, k: Tensor, v: Tensor, window: int, key_padding_mask: Tensor | None, dropout_p: float
+) -> Tensor:
+    """Sparse local softmax attention in O(N * window): queries in blocks, each against the
+    ``block + 2 * window`` keys around it, with the blocks stacked on the batch axis so one
+    fused call (with a mask broadcast over heads) covers them all."""
+    batch, heads, length, dim = q.shape
+    block = min(length, max(32, window))
+    blocks = math.ceil(length / block)
+    tail = blocks * block - length
+    span = block + 2 * window
+
+    def query_blocks(x: Tensor) -> Tensor:  # (B * blocks, H, block, D)
+        x = F.pad(x, (0, 0, 0, tail)).unflatten(2, (blocks, block))
+        return x.transpose(1, 2).reshape(batch * blocks, heads, block, dim)
+
+    def key_blocks(x: Tensor) -> Tensor:  # (B * blocks, H, span, D), window padding on both sides
+        x = F.pad(x, (0, 0, window, window + tail)).unfold(2, span, block)  # (B, H, blocks, D, span)
+        return x.permute(0, 2, 1, 4, 3).reshape(batch * blocks, heads, span, x.shape[3])
+
+    valid = (torch.ones(batch, length, dtype=torch.bool, device=q.device) if key_padding_mask is None
+             else ~key_padding_mask)
+    valid = F.pad(valid, (window, window + tail)).unfold(1, span, block)  # (B, blocks, span)
+    offset = torch.arange(span, device=q.device)[None, :] - torch.arange(block, device=q.device)[:, None]
+    band = (offset >= 0) & (offset <= 2 * window)  # key c of a block is within the window of query a
+    visible = (band & valid[:, :, None, :]).reshape(batch * blocks, 1, block, span)
+    sdpa_mask, has_key = _sdpa_safe_mask(visible)
+    out = F.scaled_dot_product_attention(query_blocks(q), key_blocks(k), key_blocks(v),
+                                         attn_mask=sdpa_mask, dropout_p=dropout_p) * has_key
+    out = out.unflatten(0, (batch, blocks)).transpose(1, 2)  # (B, H, blocks, block, Dv)
+    return out.flatten(2, 3)[:, :, :length]
+
+
 def attend(
     q: Tensor,
     k: Tensor,
@@ -441,6 +474,9 @@ def attend(
     use_math = need_weights or not fused
     if kernel == "linear" and window is None and dropout_p == 0.0 and not use_math:
         return _attend_linear_primal(q, k, v, key_padding_mask), None
+    if (kernel == "softmax" and not use_math and window is not None
+            and q.shape[-2] == k.shape[-2] and 4 * window + 2 < q.shape[-2]):
+        return _attend_banded_softmax(q, k, v, window, key_padding_mask, dropout_p), None
     visible = visibility_mask(q.shape[-2], key_padding_mask, k.shape[-2], window, q.device)
     if kernel == "softmax" and not use_math:
         sdpa_mask, has_key = _sdpa_safe_mask(visible)
@@ -499,7 +535,24 @@ def default_head_scales(num_heads: int) -> tuple[int, ...]:
     return tuple(scales)
 
 
-KeyValueFn = Callable[[HeadGroup], tuple[Tensor, Tensor, Tensor | None]]
+KeyValueFn = Callable[[int, HeadGroup], tuple[Tensor, Tensor, Tensor | None]]
+
+
+def _tiles_in_order(groups: Sequence[HeadGroup]) -> bool:
+    """True when the groups are contiguous head ranges that follow each other."""
+    return all(isinstance(g.heads, slice) for g in groups) and all(
+        a.heads.stop == b.heads.start for a, b in zip(groups, groups[1:], strict=False))
+
+
+def split_heads(x: Tensor, groups: Sequence[HeadGroup]) -> list[Tensor]:
+    """``x`` (B, H, ...) cut into the heads of each group.
+
+    Uses ``torch.split`` when the groups tile the heads in order: its backward concatenates
+    the gradients once, where per-group slicing would fill a full-size zero tensor per group.
+    """
+    if _tiles_in_order(groups):
+        return list(x.split([g.heads.stop - g.heads.start for g in groups], dim=1))
+    return [g.select(x) for g in groups]
 
 
 def grouped_attention(
@@ -521,7 +574,7 @@ def grouped_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """Run :func:`attend` once per head group and put the heads back in order.
 
-    ``keys_values(group)`` returns that group's (pooled) ``k, v`` and their padding mask; this
+    ``keys_values(i, group)`` returns group i's (pooled) ``k, v`` and their padding mask; this
     lets :func:`attention` pool projected keys while the module pools its input before the
     key/value projection (exact, as pooling commutes with a linear map; SPEC.md §2).
     With ``need_weights`` pooled maps are spread back to ``num_keys`` keys (SPEC.md §3).
@@ -529,10 +582,10 @@ def grouped_attention(
     num_heads = q.shape[1]
     num_keys = q.shape[2] if num_keys is None else num_keys
     outputs, maps = [], []
-    for group in groups:
-        k_g, v_g, mask_g = keys_values(group)
+    for index, (group, q_g) in enumerate(zip(groups, split_heads(q, groups), strict=True)):
+        k_g, v_g, mask_g = keys_values(index, group)
         out, weights = attend(
-            group.select(q), k_g, v_g, kernel=kernel, bn=bn, window=window,
+            q_g, k_g, v_g, kernel=kernel, bn=bn, window=window,
             key_padding_mask=mask_g, eps=eps, dropout_p=dropout_p,
             need_weights=need_weights, fused=fused,
         )
@@ -550,9 +603,7 @@ def grouped_attention(
 def _merge_heads(parts: list[Tensor], groups: Sequence[HeadGroup], num_heads: int) -> Tensor:
     if len(parts) == 1:
         return parts[0]
-    if all(isinstance(g.heads, slice) for g in groups) and all(
-        a.heads.stop == b.heads.start for a, b in zip(groups, groups[1:], strict=False)
-    ):
+    if _tiles_in_order(groups):
         return torch.cat(parts, dim=1)
     first = parts[0]
     merged = first.new_empty((first.shape[0], num_heads) + tuple(first.shape[2:]))
@@ -626,8 +677,11 @@ def attention(
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
 
-    def pooled_keys_values(group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
-        k_g, v_g = group.select(k), group.select(v)
+    groups = head_groups(scales, num_heads)
+    k_parts, v_parts = split_heads(k, groups), split_heads(v, groups)
+
+    def pooled_keys_values(index: int, group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
+        k_g, v_g = k_parts[index], v_parts[index]
         if group.scale == 1:
             return k_g, v_g, key_padding_mask
         pool = dict(grid_size=grid, num_prefix_tokens=num_prefix_tokens)
@@ -636,7 +690,7 @@ def attention(
         return k_p, v_p, mask_p
 
     out, weights = grouped_attention(
-        q, head_groups(scales, num_heads), pooled_keys_values, kernel=kernel, bn=bn,
+        q, groups, pooled_keys_values, kernel=kernel, bn=bn,
         window=window, key_padding_mask=key_padding_mask, grid_size=grid,
         num_prefix_tokens=num_prefix_tokens, num_keys=num_keys, eps=eps, dropout_p=dropout_p,
         need_weights=need_weights, fused=fused,
