@@ -11,6 +11,13 @@ from pathlib import Path
 from primal_dual_attention.attention import VARIANTS
 
 
+def _dataset_epochs(text: str) -> tuple[str, int]:
+    name, _, value = text.partition("=")
+    if not name or not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected NAME=EPOCHS with EPOCHS >= 1, got {text!r}")
+    return name, int(value)
+
+
 def _int_tuple(text: str, lowest: int) -> tuple[int, ...]:
     try:
         values = tuple(int(s) for s in text.split(","))
@@ -192,11 +199,18 @@ def _sweep(args: argparse.Namespace) -> int:
         runs = []
         for table in tables:
             runs += plan_sweep(table, args.data_dir, datasets=args.datasets, seeds=args.seeds,
-                               variants=args.variants, epochs=args.epochs, out_dir=args.out)
+                               variants=args.variants, epochs=args.epochs,
+                               epochs_per_dataset=dict(args.dataset_epochs), out_dir=args.out)
         run_sweep(runs, results, workers=args.workers, threads_per_worker=args.threads)
     if (results / "runs.csv").is_file():
         print(f"wrote {write_uea_report(results, command)}")
     return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from primal_dual_attention.analysis.verify import run_verify
+
+    return 0 if run_verify(args.checkpoint, args.data_dir, args.out) else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,12 +254,20 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--variants", type=_variants, default=None, help="override the table's variants")
     sweep.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="default 0,1,2")
     sweep.add_argument("--epochs", type=int, default=None, help="override every config's epochs")
+    sweep.add_argument("--dataset-epochs", type=_dataset_epochs, action="append", default=[],
+                       metavar="NAME=EPOCHS", help="epochs for one dataset (repeatable)")
     sweep.add_argument("--workers", type=int, default=1, help="parallel training processes")
     sweep.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     sweep.add_argument("--out", default="runs/sweep", help="run folders (checkpoints)")
     sweep.add_argument("--results", default="results/uea", help="runs.csv, logs and README.md")
     sweep.add_argument("--report-only", action="store_true", help="only rebuild README.md")
     sweep.set_defaults(func=_sweep)
+
+    verify = commands.add_parser("verify", help="check attention == SVR expansion, primal == dual")
+    verify.add_argument("--checkpoint", default=None, help="take keys/values from this model")
+    verify.add_argument("--data-dir", default=None, help="UEA folder for the real-data rows")
+    verify.add_argument("--out", default="results/verify", help="output folder")
+    verify.set_defaults(func=_verify)
     return parser
 
 

@@ -41,13 +41,15 @@ def plan_sweep(
     seeds: Sequence[int] = SEEDS,
     variants: Sequence[str] | None = None,
     epochs: int | None = None,
+    epochs_per_dataset: dict[str, int] | None = None,
     out_dir: str = "runs/sweep",
 ) -> list[tuple[str, TrainConfig]]:
     """The runs of ``table`` ("main" or "extended") for the datasets found in ``data_dir``.
 
     Main: the paper's datasets present here, ``MAIN_VARIANTS``, both protocols. Extended: every
     other dataset, ``EXTENDED_VARIANTS``, clean protocol only. Each dataset's bundled config
-    (``configs/uea/<Name>.yaml``) sets its hyper-parameters; ``epochs`` overrides them all.
+    (``configs/uea/<Name>.yaml``) sets its hyper-parameters; ``epochs`` overrides them all and
+    ``epochs_per_dataset`` overrides that for single datasets (uniform across variants and seeds).
     """
     if table not in ("main", "extended"):
         raise ValueError(f"table must be 'main' or 'extended', got {table!r}")
@@ -65,8 +67,9 @@ def plan_sweep(
         bundled = dataset_config_path("uea", dataset)
         if bundled.is_file():
             base = load_yaml_config(bundled, base)
-        if epochs is not None:
-            base = replace(base, epochs=epochs)
+        budget = (epochs_per_dataset or {}).get(dataset, epochs)
+        if budget is not None:
+            base = replace(base, epochs=budget)
         for protocol in protocols:
             for seed in seeds:
                 for variant in variants:

@@ -1,0 +1,116 @@
+"""The primal side: feature maps, primal layers, SVR expansions and fits (SPEC.md §1)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from primal_dual_attention.analysis.verify import exact_statements, random_qkv
+from primal_dual_attention.functional import attention
+from primal_dual_attention.primal import (
+    EluFeatureMap,
+    PositiveRandomFeatures,
+    TaylorFeatures,
+    dual_to_primal,
+    fit_svr,
+    kernel_matrix,
+    smallest_feasible_c,
+    svr_expansion,
+)
+
+STATEMENTS = exact_statements()
+
+
+@pytest.mark.parametrize("statement", STATEMENTS, ids=[s.name[:60] for s in STATEMENTS])
+def test_every_exact_statement_of_verify_holds(statement):
+    assert statement.error <= statement.tolerance, statement
+
+
+def test_random_features_error_shrinks_like_inverse_sqrt_m():
+    x = torch.randn(6, 4, dtype=torch.float64) * 0.5
+    y = torch.randn(6, 4, dtype=torch.float64) * 0.5
+    exact = kernel_matrix(x, y, "softmax")
+
+    def mse(m: int) -> float:
+        errors = []
+        for seed in range(30):
+            phi = PositiveRandomFeatures(4, m, seed=seed)
+            errors.append(((phi(x) @ phi(y).T - exact) ** 2).mean().item())
+        return float(np.mean(errors))
+
+    small, large = mse(32), mse(2048)
+    # variance ~ 1/m: 64x more features, about 64x smaller mean squared error
+    assert large < small / 16
+    assert large < 3 * small / 64
+
+
+def test_taylor_features_converge_with_order():
+    x, y = torch.randn(5, 3, dtype=torch.float64) * 0.5, torch.randn(5, 3, dtype=torch.float64) * 0.5
+    exact = kernel_matrix(x, y, "softmax")
+    errors = [(TaylorFeatures(3, p)(x) @ TaylorFeatures(3, p)(y).T - exact).abs().max().item()
+              for p in (1, 3, 6)]
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4
+
+
+def test_primal_layer_is_a_module_with_weights_and_bias():
+    q, k, v, mask = random_qkv()
+    layer = dual_to_primal(k, v, EluFeatureMap(), key_padding_mask=mask, kernel="linear")
+    assert layer.weight.shape == (2, 4, 8, 8) and layer.bias.shape == (2, 4, 8)
+    out = layer(q)
+    out.sum().backward()
+    assert layer.weight.grad is not None
+    torch.testing.assert_close(out.detach(), attention(q, k, v, kernel="linear", key_padding_mask=mask))
+
+
+def test_expansion_with_no_training_pair_is_zero_not_nan():
+    q, k, v, _ = random_qkv(n=5)
+    visible = torch.zeros(5, 5, dtype=torch.bool)
+    visible[1:, :] = True
+    out = svr_expansion(q[0, 0], k[0, 0], v[0, 0], "softmax", visible)
+    assert torch.isfinite(out).all() and (out[0] == 0).all()
+
+
+def test_svr_with_zero_epsilon_and_large_c_interpolates_its_training_pairs():
+    torch.manual_seed(0)
+    keys, values = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    fit = fit_svr(keys, values, "softmax", C=1e6, epsilon=0.0)
+    torch.testing.assert_close(fit.predict(keys), values, atol=5e-3, rtol=0)
+
+
+def test_svr_with_a_wide_tube_has_no_support_vectors():
+    keys = torch.randn(6, 2, dtype=torch.float64)
+    values = torch.tensor([[0.0], [1.0], [0.5], [0.2], [0.8], [0.4]], dtype=torch.float64)
+    fit = fit_svr(keys, values, "linear", C=1.0, epsilon=1.0)  # every target fits in the tube
+    assert fit.num_support_vectors == 0
+    prediction = fit.predict(keys)
+    assert ((prediction >= 0) & (prediction <= 1)).all()
+
+
+def test_svr_dual_coefficients_respect_the_box():
+    keys, values = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+    fit = fit_svr(keys, values, "softmax", C=0.05, epsilon=0.0)
+    assert np.abs(fit.dual_coef[0]).max() <= 0.05 + 1e-12
+
+
+def test_smallest_feasible_c_is_the_largest_attention_coefficient():
+    keys, values = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    h = kernel_matrix(keys, keys, "softmax").sum(-1, keepdim=True)
+    assert smallest_feasible_c(keys, values, "softmax") == pytest.approx((h * values).abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda k, v: fit_svr(k, v, C=0.0), "C must be > 0"),
+        (lambda k, v: fit_svr(k, v, epsilon=-1.0), "epsilon must be >= 0"),
+        (lambda k, v: fit_svr(k, v[:3]), "pair up"),
+        (lambda k, v: fit_svr(k * float("nan"), v), "NaN or inf"),
+        (lambda k, v: dual_to_primal(k, v, EluFeatureMap(), kernel="softmax"), "computes the 'linear'"),
+        (lambda k, v: dual_to_primal(k, v, PositiveRandomFeatures(5, 8)), "built for D=5"),
+    ],
+)
+def test_bad_input(call, match):
+    keys, values = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match=match):
+        call(keys, values)
