@@ -213,6 +213,15 @@ def _verify(args: argparse.Namespace) -> int:
     return 0 if run_verify(args.checkpoint, args.data_dir, args.out) else 1
 
 
+def _heads(args: argparse.Namespace) -> int:
+    from primal_dual_attention.analysis.redundancy import heads_report
+
+    heads_report(args.checkpoints, args.out, samples=args.samples, layer=args.layer,
+                 data_dir=args.data_dir)
+    print(f"wrote {args.out}/redundancy.csv, redundancy.png and maps.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pda", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -239,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval)
 
     demo = commands.add_parser("demo", help="softmax vs BN vs SH vs BN+SH on JapaneseVowels")
-    demo.add_argument("--epochs", type=int, default=30, help="epochs per variant (default 30)")
+    demo.add_argument("--epochs", type=int, default=60, help="epochs per variant (default 60)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--data-dir", default=None, help="UEA folder (default: ../shared/data/uea or aeon)")
     demo.add_argument("--out", default="runs/demo", help="run folder")
@@ -268,6 +277,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--data-dir", default=None, help="UEA folder for the real-data rows")
     verify.add_argument("--out", default="results/verify", help="output folder")
     verify.set_defaults(func=_verify)
+
+    heads = commands.add_parser("heads", help="head redundancy (js, cos_maps, cos_out) per layer")
+    heads.add_argument("checkpoints", nargs="+", help="checkpoints to compare side by side")
+    heads.add_argument("--samples", type=int, default=256, help="test series evaluated (default 256)")
+    heads.add_argument("--layer", type=int, default=1, help="layer whose maps are drawn")
+    heads.add_argument("--data-dir", default=None)
+    heads.add_argument("--out", default="results/heads", help="output folder")
+    heads.set_defaults(func=_heads)
     return parser
 
 

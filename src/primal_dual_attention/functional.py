@@ -282,8 +282,9 @@ def _pool_1d(body: Tensor, scale: int, mask: Tensor | None) -> tuple[Tensor, Ten
         weights = body.new_ones((1,) * (body.ndim - 2) + (length, 1))
     else:
         weights = _token_weights(mask, body)
-    weighted = F.pad(body * weights, (0, 0, 0, pad))
-    weights = F.pad(weights, (0, 0, 0, pad))
+    weighted = body * weights
+    if pad:
+        weighted, weights = F.pad(weighted, (0, 0, 0, pad)), F.pad(weights, (0, 0, 0, pad))
     sums = weighted.unflatten(-2, (windows, scale)).sum(dim=-2)
     counts = weights.unflatten(-2, (windows, scale)).sum(dim=-2)
     return sums / counts.clamp_min(1.0), counts

@@ -1,0 +1,195 @@
+"""Head redundancy (SPEC.md §3): how different are the heads of a layer?
+
+For each layer the per-head attention maps ``A^h`` (pooled SH heads spread back to N keys, rows
+summing to 1) and head outputs ``A^h v^h`` are taken over a fixed evaluation set, and averaged
+over head pairs, valid queries and samples:
+
+* ``js``: mean pairwise Jensen-Shannon divergence of the heads' rows, natural log (0 for
+  identical rows, ln 2 = 0.693 for disjoint ones; higher = less redundant);
+* ``cos_maps``: mean pairwise cosine similarity of the flattened maps (lower = less redundant);
+* ``cos_out``: mean pairwise cosine similarity of the flattened head outputs (lower = less
+  redundant).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from primal_dual_attention.attention import MultiHeadAttention
+
+METRICS = ("js", "cos_maps", "cos_out")
+
+
+def js_divergence(p: Tensor, q: Tensor, dim: int = -1) -> Tensor:
+    """Jensen-Shannon divergence (natural log) between distributions along ``dim``."""
+    m = (p + q) / 2
+
+    def kl(a: Tensor) -> Tensor:
+        return torch.where(a > 0, a * (torch.log(a.clamp_min(1e-30)) - torch.log(m.clamp_min(1e-30))),
+                           torch.zeros_like(a)).sum(dim)
+
+    return (kl(p) + kl(q)) / 2
+
+
+def redundancy(maps: Tensor, outputs: Tensor, key_padding_mask: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-sample redundancy metrics of one layer.
+
+    ``maps`` ``(B, H, N, N)``, ``outputs`` ``(B, H, N, Dv)``; padded queries are left out.
+    Returns each metric as a ``(B,)`` tensor averaged over head pairs (and queries for ``js``).
+    """
+    batch, heads, n, _ = maps.shape
+    if heads < 2:
+        raise ValueError(f"redundancy needs at least two heads, got {heads}")
+    valid = (torch.ones(batch, n, dtype=torch.bool, device=maps.device) if key_padding_mask is None
+             else ~key_padding_mask)
+    query_weight = valid.to(maps.dtype)
+    maps = maps * query_weight[:, None, :, None]
+    outputs = outputs * query_weight[:, None, :, None]
+    pairs = list(itertools.combinations(range(heads), 2))
+    first, second = zip(*pairs, strict=True)
+    a, b = maps[:, list(first)], maps[:, list(second)]  # (B, P, N, N)
+    js = (js_divergence(a, b) * query_weight[:, None]).sum(-1) / query_weight.sum(-1, keepdim=True).clamp_min(1)
+    cos_maps = F.cosine_similarity(a.flatten(2), b.flatten(2), dim=-1)
+    cos_out = F.cosine_similarity(outputs[:, list(first)].flatten(2), outputs[:, list(second)].flatten(2),
+                                  dim=-1)
+    return {"js": js.mean(1), "cos_maps": cos_maps.mean(1), "cos_out": cos_out.mean(1)}
+
+
+@dataclass
+class LayerCapture:
+    maps: Tensor
+    outputs: Tensor
+    key_padding_mask: Tensor | None
+
+
+def capture_heads(model: nn.Module, *inputs, **kwargs) -> list[LayerCapture]:
+    """Run ``model`` once and return every attention layer's head maps and head outputs.
+
+    The maps come from the layer's math path (``need_weights``); head outputs are ``A^h v^h``
+    with the layer's own value projection (for SH heads the spread map applied to the
+    unpooled values equals the pooled computation, SPEC.md §3).
+    """
+    captured: list[LayerCapture] = []
+
+    def hook(module: MultiHeadAttention, args, kwargs_):
+        x = args[0]
+        mask = kwargs_.get("key_padding_mask", args[1] if len(args) > 1 else None)
+        _, maps = module.forward(x, key_padding_mask=mask, need_weights=True)  # no hook recursion
+        b, n, _ = x.shape
+        v = module.qkv(x).view(b, n, 3, module.num_heads, module.head_dim)[:, :, 2].transpose(1, 2)
+        captured.append(LayerCapture(maps, maps @ v, mask))
+
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    try:
+        with torch.inference_mode():
+            model(*inputs, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def model_redundancy(model: nn.Module, batches) -> list[dict[str, float]]:
+    """Per-layer metrics averaged over every sample of ``batches`` (x, mask, y)."""
+    model.eval()
+    totals: list[dict[str, float]] = []
+    count = 0
+    for x, mask, _ in batches:
+        for index, layer in enumerate(capture_heads(model, x, mask)):
+            metrics = redundancy(layer.maps, layer.outputs, layer.key_padding_mask)
+            if index == len(totals):
+                totals.append(dict.fromkeys(METRICS, 0.0))
+            for name in METRICS:
+                totals[index][name] += float(metrics[name].sum())
+        count += len(x)
+    return [{name: value / count for name, value in layer.items()} for layer in totals]
+
+
+def _checkpoint_model(path: str, data_dir: str | None):
+    from primal_dual_attention.training.config import config_from_mapping
+    from primal_dual_attention.training.engine import load_checkpoint, seed_everything
+    from primal_dual_attention.training.tasks import build_task
+
+    state = load_checkpoint(path)
+    cfg = config_from_mapping(state["config"] | ({"data_dir": data_dir} if data_dir else {}), path)
+    seed_everything(cfg.seed)
+    task = build_task(cfg)
+    task.model.load_state_dict(state["model"])
+    return cfg, task
+
+
+def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: int = 1,
+                 data_dir: str | None = None, log=print):
+    """``pda heads``: per-layer redundancy of each checkpoint (CSV + plot) and the attention maps
+    of every head of ``layer`` for the first evaluation series, one row per checkpoint."""
+    import csv
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows, drawn = [], []
+    for path in checkpoints:
+        cfg, task = _checkpoint_model(path, data_dir)
+        evaluation = task.test.subset(torch.arange(min(samples, len(task.test))))
+        label = f"{cfg.variant} (seed {cfg.seed})"
+        for number, metrics in enumerate(model_redundancy(task.model, evaluation.batches(64)), start=1):
+            rows.append({"checkpoint": path, "label": label, "dataset": cfg.dataset, "layer": number}
+                        | {k: round(v, 6) for k, v in metrics.items()})
+            log(f"{label:24} layer {number}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        x, mask, _ = next(evaluation.batches(1))
+        drawn.append((label, capture_heads(task.model, x, mask)[layer - 1].maps[0], cfg.dataset))
+    _draw_maps(drawn, layer, out_dir / "maps.png")
+    with open(out_dir / "redundancy.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
+    for axis, metric in zip(axes, METRICS, strict=True):
+        for label in dict.fromkeys(r["label"] for r in rows):
+            mine = [r for r in rows if r["label"] == label]
+            axis.plot([r["layer"] for r in mine], [r[metric] for r in mine], "o-", label=label)
+        axis.set_xlabel("layer")
+        axis.set_title(metric + (" (higher = less redundant)" if metric == "js"
+                                 else " (lower = less redundant)"), fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "redundancy.png", dpi=110)
+    plt.close(fig)
+    return rows
+
+
+def _draw_maps(drawn: list[tuple[str, Tensor, str]], layer: int, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    heads = max(m.shape[0] for _, m, _ in drawn)
+    fig, axes = plt.subplots(len(drawn), heads, figsize=(1.6 * heads, 1.7 * len(drawn) + 0.4),
+                             squeeze=False)
+    for row, (label, maps, _) in enumerate(drawn):
+        for head in range(heads):
+            axis = axes[row][head]
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if head < maps.shape[0]:
+                axis.imshow(maps[head].numpy(), cmap="viridis")
+            if row == 0:
+                axis.set_title(f"head {head + 1}", fontsize=8)
+        axes[row][0].set_ylabel(label, fontsize=7)
+    fig.suptitle(f"{drawn[0][2]}, layer {layer}, first test series: attention maps (query x key)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

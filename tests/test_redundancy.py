@@ -1,0 +1,58 @@
+"""Head-redundancy metrics on hand-made maps with known answers (SPEC.md §3)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from primal_dual_attention import MultiHeadAttention
+from primal_dual_attention.analysis.redundancy import capture_heads, js_divergence, redundancy
+
+
+def test_identical_heads_have_zero_js_and_unit_cosine():
+    maps = torch.softmax(torch.randn(2, 1, 5, 5), -1).expand(2, 3, 5, 5)
+    outputs = torch.randn(2, 1, 5, 4).expand(2, 3, 5, 4)
+    metrics = redundancy(maps, outputs)
+    torch.testing.assert_close(metrics["js"], torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(metrics["cos_maps"], torch.ones(2))
+    torch.testing.assert_close(metrics["cos_out"], torch.ones(2))
+
+
+def test_disjoint_one_hot_heads_have_js_ln2_and_zero_cosine():
+    eye = torch.eye(4)
+    maps = torch.stack([eye, eye.roll(1, dims=1)])[None]  # two heads, each row one-hot, disjoint
+    outputs = torch.stack([torch.tensor([[1.0, 0.0]] * 4), torch.tensor([[0.0, 1.0]] * 4)])[None]
+    metrics = redundancy(maps, outputs)
+    torch.testing.assert_close(metrics["js"], torch.tensor([math.log(2)]))
+    torch.testing.assert_close(metrics["cos_maps"], torch.zeros(1))
+    torch.testing.assert_close(metrics["cos_out"], torch.zeros(1))
+
+
+def test_js_is_symmetric_and_bounded():
+    p, q = torch.softmax(torch.randn(10, 7), -1), torch.softmax(torch.randn(10, 7), -1)
+    torch.testing.assert_close(js_divergence(p, q), js_divergence(q, p))
+    assert ((js_divergence(p, q) >= 0) & (js_divergence(p, q) <= math.log(2) + 1e-6)).all()
+
+
+def test_padded_queries_do_not_count():
+    maps = torch.softmax(torch.randn(1, 2, 6, 6), -1)
+    outputs = torch.randn(1, 2, 6, 3)
+    mask = torch.tensor([[False] * 4 + [True] * 2])
+    base = redundancy(maps, outputs, mask)
+    maps2, outputs2 = maps.clone(), outputs.clone()
+    maps2[:, :, 4:] = torch.softmax(torch.randn(1, 2, 2, 6), -1)
+    outputs2[:, :, 4:] = 99.0
+    changed = redundancy(maps2, outputs2, mask)
+    for name in base:
+        torch.testing.assert_close(base[name], changed[name])
+
+
+def test_capture_heads_spreads_pooled_maps_and_rows_sum_to_one():
+    layer = MultiHeadAttention(16, 4, variant="bn_sh").eval()
+    x = torch.randn(2, 11, 16)
+    mask = torch.arange(11)[None] >= torch.tensor([11, 7])[:, None]
+    (capture,) = capture_heads(layer, x, key_padding_mask=mask)
+    assert capture.maps.shape == (2, 4, 11, 11)
+    torch.testing.assert_close(capture.maps.sum(-1), torch.ones(2, 4, 11))
+    assert (capture.maps[1, :, :, 7:] == 0).all()
