@@ -53,7 +53,8 @@ def redundancy(maps: Tensor, outputs: Tensor, key_padding_mask: Tensor | None = 
     pairs = list(itertools.combinations(range(heads), 2))
     first, second = zip(*pairs, strict=True)
     a, b = maps[:, list(first)], maps[:, list(second)]  # (B, P, N, N)
-    js = (js_divergence(a, b) * query_weight[:, None]).sum(-1) / query_weight.sum(-1, keepdim=True).clamp_min(1)
+    queries = query_weight.sum(-1, keepdim=True).clamp_min(1)
+    js = (js_divergence(a, b) * query_weight[:, None]).sum(-1) / queries
     cos_maps = F.cosine_similarity(a.flatten(2), b.flatten(2), dim=-1)
     cos_out = F.cosine_similarity(outputs[:, list(first)].flatten(2), outputs[:, list(second)].flatten(2),
                                   dim=-1)
