@@ -222,6 +222,24 @@ def _heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_scaling(args: argparse.Namespace) -> int:
+    from primal_dual_attention.analysis.scaling import run_scaling, write_scaling
+
+    points = run_scaling(args.sizes, args.variants, batch=args.batch, repeats=args.repeats,
+                         time_limit_s=args.time_limit, memory=not args.no_memory)
+    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    path = write_scaling(points, Path(args.out), command, args.batch, 8, 32)
+    print(path.read_text())
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from primal_dual_attention.analysis.report import write_report
+
+    print(f"wrote {write_report(args.results)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pda", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     attn.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     attn.add_argument("--out", default="results/bench", help="output folder")
     attn.set_defaults(func=_bench_attention)
+
+    from primal_dual_attention.analysis.scaling import SCALING_VARIANTS
+
+    scaling = bench_kinds.add_parser("scaling", help="one attention layer per variant as N grows")
+    scaling.add_argument("--sizes", type=_sizes, default=(256, 512, 1024, 2048, 4096, 8192))
+    scaling.add_argument("--variants", type=_variants, default=SCALING_VARIANTS)
+    scaling.add_argument("--batch", type=int, default=2)
+    scaling.add_argument("--repeats", type=int, default=3)
+    scaling.add_argument("--time-limit", type=float, default=4.0,
+                         help="stop a variant once one forward+backward call takes longer (s)")
+    scaling.add_argument("--no-memory", action="store_true")
+    scaling.add_argument("--out", default="results/bench", help="output folder")
+    scaling.set_defaults(func=_bench_scaling)
 
     train = commands.add_parser("train", help="train one model (options also from --config YAML)")
     _add_config_options(train)
@@ -285,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--data-dir", default=None)
     heads.add_argument("--out", default="results/heads", help="output folder")
     heads.set_defaults(func=_heads)
+
+    report = commands.add_parser("report", help="gather results/ into results/README.md")
+    report.add_argument("--results", default="results", help="results folder")
+    report.set_defaults(func=_report)
     return parser
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from primal_dual_attention.attention import VARIANTS, get_variant
+from primal_dual_attention.attention import VARIANTS, MultiHeadAttention, get_variant
 from primal_dual_attention.functional import attention, default_head_scales, masked_mean_var
 
 SPARSE_WINDOW = 64
@@ -43,6 +43,7 @@ class Case:
     heads: int = 8
     head_dim: int = 32
     padded: bool = False
+    layer: bool = False  # a whole MultiHeadAttention layer (projections included), dim = H * D
 
     @property
     def label(self) -> str:
@@ -105,36 +106,63 @@ def _attention_fn(case: Case, fused: bool) -> Callable:
     return lambda q, k, v, m: attention(q, k, v, key_padding_mask=m, **options)
 
 
-def _inputs(case: Case, requires_grad: bool = True):
-    shape = (case.batch, case.heads, case.num_tokens, case.head_dim)
+Workload = tuple[Callable[[], torch.Tensor], Callable[[], None]]
+
+
+def _workload(case: Case, fused: bool) -> Workload:
+    """``(forward, clear_grads)`` for a case: a function call on (B, H, N, D) tensors, or a
+    whole attention layer on (B, N, H * D) inputs."""
     generator = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(shape, generator=generator).requires_grad_(requires_grad)
-               for _ in range(3)]
-    return (*tensors, padding_mask(case))
+    mask = padding_mask(case)
+    if case.layer:
+        dim = case.heads * case.head_dim
+        spec = get_variant(case.name)
+        module = MultiHeadAttention(dim, case.heads, variant=case.name, fused_attn=fused,
+                                    window=SPARSE_WINDOW if spec.sparse else None)
+        x = torch.randn(case.batch, case.num_tokens, dim, generator=generator, requires_grad=True)
+
+        def clear_layer() -> None:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+
+        return (lambda: module(x, key_padding_mask=mask)), clear_layer
+    shape = (case.batch, case.heads, case.num_tokens, case.head_dim)
+    q, k, v = (torch.randn(shape, generator=generator, requires_grad=True) for _ in range(3))
+    fn = _attention_fn(case, fused)
+
+    def clear() -> None:
+        for t in (q, k, v):
+            t.grad = None
+
+    return (lambda: fn(q, k, v, mask)), clear
 
 
-def _forward_backward(fn: Callable, q, k, v, mask) -> None:
-    out = fn(q, k, v, mask)
-    out.backward(torch.ones_like(out))
-    for t in (q, k, v):
-        t.grad = None
+def _run(workload: Workload, backward: bool = True) -> None:
+    forward, clear = workload
+    if backward:
+        out = forward()
+        out.backward(torch.ones_like(out))
+        clear()
+    else:
+        with torch.no_grad():
+            forward()
 
 
-def time_cases(cases: list[Case], repeats: int) -> dict[Case, float]:
-    """Median forward+backward wall time (ms) per case.
+def time_cases(cases: list[Case], repeats: int, backward: bool = True) -> dict[Case, float]:
+    """Median wall time (ms) per case, forward+backward (or forward only).
 
     After one warm-up call each, the cases are timed round-robin (one call of every case per
     round), so slow drifts of the machine's speed affect every case alike and the ratios to
     SDPA stay fair.
     """
-    prepared = [(case, _attention_fn(case, fused=True), _inputs(case)) for case in cases]
+    prepared = [(case, _workload(case, fused=True)) for case in cases]
     times: dict[Case, list[float]] = {case: [] for case in cases}
-    for _, fn, inputs in prepared:
-        _forward_backward(fn, *inputs)
+    for _, workload in prepared:
+        _run(workload, backward)
     for _ in range(repeats):
-        for case, fn, inputs in prepared:
+        for case, workload in prepared:
             start = time.perf_counter()
-            _forward_backward(fn, *inputs)
+            _run(workload, backward)
             times[case].append(time.perf_counter() - start)
     return {case: 1e3 * statistics.median(values) for case, values in times.items()}
 
@@ -148,10 +176,9 @@ def count_gflops(case: Case) -> float:
     """
     name = "softmax" if case.name in ("sdpa", "bn_query_fold") else case.name
     fused = name in VARIANTS and get_variant(name).kernel == "linear"
-    fn = _attention_fn(replace(case, name=name), fused=fused)
-    inputs = _inputs(case)
+    workload = _workload(replace(case, name=name), fused=fused)
     with FlopCounterMode(display=False) as counter:
-        _forward_backward(fn, *inputs)
+        _run(workload)
     return counter.get_total_flops() / 1e9
 
 
@@ -166,13 +193,12 @@ def _status_kib(field_name: str) -> int:
 def _peak_memory_worker(case: Case) -> float:
     """Runs in a fresh process: peak RSS increase (MiB) of one forward+backward call."""
     torch.set_num_threads(int(os.environ.get("PDA_BENCH_THREADS", torch.get_num_threads())))
-    fn = _attention_fn(case, fused=True)
-    inputs = _inputs(case)
-    _forward_backward(fn, *inputs)
+    workload = _workload(case, fused=True)
+    _run(workload)
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM to the current RSS
     before = _status_kib("VmRSS")
-    _forward_backward(fn, *inputs)
+    _run(workload)
     return (_status_kib("VmHWM") - before) / 1024
 
 
