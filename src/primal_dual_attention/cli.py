@@ -119,16 +119,18 @@ def resolve_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from primal_dual_attention.training.distributed import is_main_process
     from primal_dual_attention.training.engine import fit, seed_everything
     from primal_dual_attention.training.tasks import build_task
 
     cfg = resolve_config(args)
     seed_everything(cfg.seed)
     task = build_task(cfg)
-    print(task.description)
-    print(f"variant={cfg.variant} protocol={cfg.protocol} seed={cfg.seed} -> {cfg.run_dir()}")
+    say = print if is_main_process() else (lambda *_: None)
+    say(task.description)
+    say(f"variant={cfg.variant} protocol={cfg.protocol} seed={cfg.seed} -> {cfg.run_dir()}")
     result = fit(cfg, task)
-    print(f"test accuracy {result.test_accuracy:.4f} (protocol {result.protocol}, best epoch "
+    say(f"test accuracy {result.test_accuracy:.4f} (protocol {result.protocol}, best epoch "
           f"{result.best_epoch}/{result.epochs}); {result.params:,} parameters; "
           f"{result.epoch_seconds:.2f} s/epoch; {result.train_samples_per_second:.0f} samples/s")
     return 0
@@ -222,6 +224,14 @@ def _heads(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_precision(args: argparse.Namespace) -> int:
+    from primal_dual_attention.analysis.precision import precision_check
+
+    rows = precision_check(args.device, tuple(args.precisions.split(",")), num_tokens=args.tokens,
+                           compile_model=args.compile)
+    return 0 if all(r["finite"] for r in rows) else 1
+
+
 def _bench_scaling(args: argparse.Namespace) -> int:
     from primal_dual_attention.analysis.scaling import run_scaling, write_scaling
 
@@ -268,6 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--no-memory", action="store_true")
     scaling.add_argument("--out", default="results/bench", help="output folder")
     scaling.set_defaults(func=_bench_scaling)
+
+    precision = bench_kinds.add_parser("precision", help="bf16/fp16 autocast vs fp32 per variant")
+    precision.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    precision.add_argument("--precisions", default="fp32,bf16", help="comma separated: fp32,bf16,fp16")
+    precision.add_argument("--tokens", type=int, default=1024, help="sequence length")
+    precision.add_argument("--compile", action="store_true", help="run the layer through torch.compile")
+    precision.set_defaults(func=_bench_precision)
 
     train = commands.add_parser("train", help="train one model (options also from --config YAML)")
     _add_config_options(train)

@@ -13,6 +13,7 @@ import yaml
 
 CONFIG_ROOT = Path(__file__).resolve().parents[3] / "configs"
 PROTOCOLS = ("paper", "clean")
+PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "radam")
 SCHEDULES = ("cosine", "step", "none")
 
@@ -52,7 +53,10 @@ class TrainConfig:
     gamma: float = 0.1
     grad_clip: float | None = 4.0
     label_smoothing: float = 0.0
+    precision: str = "fp32"
+    compile: bool = False
     # running
+    device: str = "auto"
     out_dir: str = "runs"
     resume: bool = False
     threads: int | None = None
@@ -63,6 +67,7 @@ class TrainConfig:
         from primal_dual_attention.attention import VARIANTS
 
         choices = {"protocol": PROTOCOLS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+                   "precision": PRECISIONS,
                    "variant": tuple(VARIANTS), "norm": ("pre", "post"),
                    "pooling": ("flatten", "mean")}
         for name, allowed in choices.items():

@@ -15,6 +15,7 @@ uninterrupted one exactly.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -32,9 +33,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from primal_dual_attention.training import distributed
 from primal_dual_attention.training.config import TrainConfig
+from primal_dual_attention.training.distributed import Context
+
+SINGLE = Context()
 
 Batch = tuple[Tensor, Tensor | None, Tensor]
 
@@ -170,45 +176,67 @@ def _check_finite(tensor: Tensor, what: str) -> None:
             f"non-finite values (NaN/inf) in {what}; check the input data or lower the learning rate")
 
 
-def evaluate(model: nn.Module, split: Split, batch_size: int) -> EpochStats:
-    """Mean cross-entropy and accuracy over a split, in inference mode."""
+def autocast(device: torch.device, precision: str):
+    """Autocast to bf16/fp16 (fp32: no-op). Attention-BN statistics and the explicit softmax
+    stay in fp32 inside the attention functions."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int, ctx: Context = SINGLE,
+             precision: str = "fp32") -> EpochStats:
+    """Mean cross-entropy and accuracy over a split, in inference mode (summed over ranks)."""
     model.eval()
     start = time.perf_counter()
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, correct, count = 0.0, 0.0, 0.0
     with torch.inference_mode():
-        for x, mask, y in split.batches(batch_size):
-            logits = model(x, mask)
-            total_loss += F.cross_entropy(logits, y, reduction="sum").item()
+        for batch in split.batches(batch_size):
+            x, mask, y = ctx.shard(*batch)
+            with autocast(ctx.device, precision):
+                logits = model(x, mask)
+            total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
             correct += (logits.argmax(-1) == y).sum().item()
             count += len(y)
+    total_loss, correct, count = ctx.sum(total_loss, correct, count)
     if count == 0:
         raise ValueError("cannot evaluate on an empty split")
-    return EpochStats(total_loss / count, correct / count, count, time.perf_counter() - start)
+    return EpochStats(total_loss / count, correct / count, int(count), time.perf_counter() - start)
 
 
-def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, epoch: int) -> EpochStats:
+def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, scaler, epoch: int,
+                 ctx: Context) -> EpochStats:
+    """One epoch. Every rank walks the same global batches (same seeded order) and trains on its
+    slice; the loss is scaled so that DDP's gradient average equals the global batch mean."""
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    total_loss, correct, count = 0.0, 0, 0
+    total_loss, correct, count = 0.0, 0.0, 0.0
     start = time.perf_counter()
     bar = tqdm(split.batches(cfg.batch_size, generator), total=math.ceil(len(split) / cfg.batch_size),
-               desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
-    for step, (x, mask, y) in enumerate(bar):
-        _check_finite(x, f"the inputs of epoch {epoch + 1}, batch {step}")
-        logits = model(x, mask)
-        loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        _check_finite(loss, f"the loss of epoch {epoch + 1}, batch {step}")
+               desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               disable=not (cfg.progress and ctx.is_main))
+    for step, batch in enumerate(bar):
+        _check_finite(batch[0], f"the inputs of epoch {epoch + 1}, batch {step}")
+        global_count = len(batch[2])
+        x, mask, y = ctx.shard(*batch)
+        with autocast(ctx.device, cfg.precision):
+            logits = model(x, mask)
+        loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
+        _check_finite(loss_sum, f"the loss of epoch {epoch + 1}, batch {step}")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss_sum * (ctx.world_size / global_count)).backward()
         if cfg.grad_clip:
+            scaler.unscale_(optimizer)
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
-        total_loss += loss.item() * len(y)
+        total_loss += loss_sum.item()
         correct += (logits.argmax(-1) == y).sum().item()
         count += len(y)
-        bar.set_postfix(loss=f"{total_loss / count:.3f}", acc=f"{correct / count:.3f}")
-    return EpochStats(total_loss / max(count, 1), correct / max(count, 1), count,
+        bar.set_postfix(loss=f"{total_loss / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}")
+    total_loss, correct, count = ctx.sum(total_loss, correct, count)
+    return EpochStats(total_loss / max(count, 1), correct / max(count, 1), int(count),
                       time.perf_counter() - start)
 
 
@@ -223,12 +251,21 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
         raise ValueError("the training split is empty")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    ctx = distributed.init(cfg.device)
     run_dir = cfg.run_dir()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    model = task.model
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    model = task.model.to(ctx.device)
+    train_model: nn.Module = model
+    if ctx.distributed:
+        train_model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda"
+                                              else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
     optimizer = _optimizer(cfg, model)
     steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
     history: list[dict[str, Any]] = []
     best: tuple[float, float] | None = None
     start_epoch = 0
@@ -239,17 +276,20 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # absent in checkpoints written before mixed precision
+            scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
         history, start_epoch = list(state["history"]), state["epoch"] + 1
         best = None if state["best"] is None else tuple(state["best"])
         wall_before = state["wall_seconds"]
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if ctx.is_main:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     params = sum(p.numel() for p in model.parameters())
     wall_start = time.perf_counter()
-    writer = _tensorboard(run_dir)
+    writer = _tensorboard(run_dir) if ctx.is_main else None
 
     for epoch in range(start_epoch, cfg.epochs):
-        train_stats = _train_epoch(model, task.train, cfg, optimizer, scheduler, epoch)
+        train_stats = _train_epoch(train_model, task.train, cfg, optimizer, scheduler, scaler, epoch, ctx)
         row: dict[str, Any] = {
             "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
             "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
@@ -259,7 +299,7 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
         monitored = task.val if cfg.protocol == "clean" else task.test
         prefix = "val" if cfg.protocol == "clean" else "test"
         if monitored is not None and len(monitored):
-            stats = evaluate(model, monitored, cfg.eval_batch_size)
+            stats = evaluate(model, monitored, cfg.eval_batch_size, ctx, cfg.precision)
             row[f"{prefix}_loss"], row[f"{prefix}_acc"] = stats.loss, stats.accuracy
             score = (stats.accuracy, stats.loss)
         else:  # clean protocol without validation data: keep the last epoch
@@ -275,14 +315,17 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
                     writer.add_scalar(key, value, epoch + 1)
         state = {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "best": best,
             "history": history, "rng": _rng_state(), "config": cfg.to_dict(),
             "wall_seconds": wall_before + time.perf_counter() - wall_start,
         }
-        if improved:
-            atomic_save(state, best_path)
-        atomic_save(state, last_path)
-        _write_csv(run_dir / "log.csv", history)  # rewritten whole: always matches last.pt
+        if ctx.is_main:
+            if improved:
+                atomic_save(state, best_path)
+            atomic_save(state, last_path)
+            _write_csv(run_dir / "log.csv", history)  # rewritten whole: always matches last.pt
+        ctx.barrier()
 
     best_epoch = max(r["epoch"] for r in history if r.get("best"))
     if cfg.protocol == "paper":
@@ -290,7 +333,7 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
     else:
         best_state = load_checkpoint(best_path)
         model.load_state_dict(best_state["model"])
-        test_accuracy = evaluate(model, task.test, cfg.eval_batch_size).accuracy
+        test_accuracy = evaluate(model, task.test, cfg.eval_batch_size, ctx, cfg.precision).accuracy
     epoch_seconds = float(np.median([r["epoch_seconds"] for r in history]))
     result = RunResult(
         test_accuracy=test_accuracy, best_epoch=best_epoch, epochs=len(history), params=params,
@@ -300,7 +343,8 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
         history=history,
     )
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    (run_dir / "summary.json").write_text(json.dumps(summary | {"config": cfg.to_dict()}, indent=2))
+    if ctx.is_main:
+        (run_dir / "summary.json").write_text(json.dumps(summary | {"config": cfg.to_dict()}, indent=2))
     if writer is not None:
         writer.close()
     return result

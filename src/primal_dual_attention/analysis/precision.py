@@ -1,0 +1,62 @@
+"""``pda bench precision``: each variant under bf16/fp16 autocast against fp32 (SPEC.md §2).
+
+For one attention layer per variant: forward+backward throughput (sequences/s) per precision
+and the largest deviation of the low-precision output from fp32, relative to the output's
+largest magnitude; optionally through ``torch.compile``. ``scripts/gpu_check.sh`` runs it on
+a GPU; on the CPU it checks bf16.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from primal_dual_attention.attention import VARIANTS, MultiHeadAttention
+from primal_dual_attention.training.distributed import resolve_device
+from primal_dual_attention.training.engine import autocast
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def precision_check(device: str = "auto", precisions=("fp32", "bf16"), *, batch: int = 8,
+                    num_tokens: int = 1024, dim: int = 256, heads: int = 8, repeats: int = 5,
+                    compile_model: bool = False, log: Callable[[str], None] = print) -> list[dict]:
+    target = resolve_device(device)
+    rows = []
+    for variant in VARIANTS:
+        torch.manual_seed(0)
+        layer = MultiHeadAttention(dim, heads, variant=variant, window=64 if variant == "sparse" else None)
+        layer = layer.to(target)
+        run = torch.compile(layer) if compile_model else layer
+        x = torch.randn(batch, num_tokens, dim, device=target, requires_grad=True)
+        mask = torch.arange(num_tokens, device=target)[None] >= torch.tensor(
+            [num_tokens - 37 * i for i in range(batch)], device=target)[:, None]
+        with torch.no_grad():
+            reference = run(x, key_padding_mask=mask)
+        for precision in precisions:
+            with torch.no_grad(), autocast(target, precision):
+                out = run(x, key_padding_mask=mask)
+            valid = ~mask
+            deviation = float((out.float() - reference)[valid].abs().max() / reference[valid].abs().max())
+            for _ in range(2):  # warm-up (and compilation)
+                with autocast(target, precision):
+                    run(x, key_padding_mask=mask).float().sum().backward()
+            _synchronise(target)
+            start = time.perf_counter()
+            for _ in range(repeats):
+                with autocast(target, precision):
+                    run(x, key_padding_mask=mask).float().sum().backward()
+            _synchronise(target)
+            throughput = batch * repeats / (time.perf_counter() - start)
+            row = {"variant": variant, "precision": precision, "device": str(target),
+                   "sequences_per_s": throughput, "max_rel_deviation": deviation,
+                   "finite": bool(torch.isfinite(out).all())}
+            rows.append(row)
+            log(f"{variant:13} {precision:5} {throughput:9.1f} seq/s  max rel. deviation {deviation:.2e}"
+                f"{'' if row['finite'] else '  NON-FINITE'}")
+    return rows

@@ -1,0 +1,84 @@
+"""Process-group set-up for ``torchrun`` and the small collectives the engine needs.
+
+``torchrun --nproc_per_node=N -m primal_dual_attention.cli train ...`` sets ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK``; the engine then wraps the model in
+:class:`torch.nn.parallel.DistributedDataParallel`, gives each rank an equal slice of every
+global batch, sums metrics across ranks and lets rank 0 alone write logs and checkpoints.
+Attention-BN uses per-sequence statistics, so unlike a BatchNorm layer it needs no cross-rank
+synchronisation: a sample's output never depends on the other samples of the batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def shard(self, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+        """This rank's slice (every ``world_size``-th sample) of a global batch, on its device."""
+        out = []
+        for t in tensors:
+            if t is not None and self.distributed:
+                t = t[self.rank :: self.world_size]
+            out.append(None if t is None else t.to(self.device, non_blocking=True))
+        return tuple(out)
+
+    def sum(self, *values: float) -> list[float]:
+        """Sum scalars over ranks (identity in a single process)."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def is_main_process() -> bool:
+    """True outside ``torchrun`` and on its rank 0 (decides who prints)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``auto`` -> the local CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} asked for, but no CUDA device is available")
+    return device
+
+
+def init(device: str = "auto") -> Context:
+    """Join the process group that ``torchrun`` describes, or run as a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    resolved = resolve_device(device, local_rank)
+    if world_size <= 1:
+        return Context(device=resolved)
+    if not dist.is_initialized():
+        backend = "nccl" if resolved.type == "cuda" else "gloo"
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        dist.init_process_group(backend=backend)
+    return Context(dist.get_rank(), dist.get_world_size(), resolved)
