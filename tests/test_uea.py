@@ -193,3 +193,32 @@ def test_eval_command_reads_checkpoint(tmp_path, capsys):
     assert main(["eval", str(cfg.run_dir() / "best.pt")]) == 0
     out = capsys.readouterr().out
     assert "test: accuracy" in out and "val: accuracy" in out
+
+
+def test_single_class_training_split_is_refused(tmp_path):
+    folder = tmp_path / "One"
+    folder.mkdir()
+    write_ts(folder / "One_TRAIN.ts", ["1,2,3:4,5,6:a", "2,3,4:5,6,7:a"])
+    write_ts(folder / "One_TEST.ts", ["1,2,3:4,5,6:a"])
+    with pytest.raises(ValueError, match="single class"):
+        load_uea("One", tmp_path)
+
+
+def test_test_labels_unseen_in_training_are_refused(tmp_path):
+    folder = tmp_path / "Odd"
+    folder.mkdir()
+    write_ts(folder / "Odd_TRAIN.ts", ["1,2,3:4,5,6:a", "2,3,4:5,6,7:b"])
+    (folder / "Odd_TEST.ts").write_text(
+        HEADER.format(missing="false", equal="true", length="@seriesLength 3\n").replace(
+            "@classLabel true a b", "@classLabel true a b c") + "1,2,3:4,5,6:c\n")
+    with pytest.raises(ValueError, match=r"labels \['c'\] are not among the training classes"):
+        load_uea("Odd", tmp_path)
+
+
+def test_empty_training_split_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path, epochs=1)
+    seed_everything(0)
+    task = build_task(cfg)
+    task.train = task.train.subset(torch.arange(0))
+    with pytest.raises(ValueError, match="training split is empty"):
+        fit(cfg, task)
