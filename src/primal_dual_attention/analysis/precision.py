@@ -32,6 +32,8 @@ def precision_check(device: str = "auto", precisions=("fp32", "bf16"), *, batch:
         torch.manual_seed(0)
         layer = MultiHeadAttention(dim, heads, variant=variant, window=64 if variant == "sparse" else None)
         layer = layer.to(target)
+        if compile_model:
+            torch._dynamo.reset()  # one compiled layer per variant: do not count as recompiles
         run = torch.compile(layer) if compile_model else layer
         x = torch.randn(batch, num_tokens, dim, device=target, requires_grad=True)
         mask = torch.arange(num_tokens, device=target)[None] >= torch.tensor(

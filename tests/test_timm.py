@@ -1,0 +1,64 @@
+"""timm integration: registered models, parity with timm's own ViT, prefix tokens kept."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+timm = pytest.importorskip("timm")
+from primal_dual_attention.timm import REGISTERED, attention_class, attention_maps  # noqa: E402
+
+
+@pytest.mark.parametrize("name", REGISTERED)
+def test_every_registered_model_trains(name):
+    small = {"img_size": 32} if name.startswith("deit") else {}
+    model = timm.create_model(name, pretrained=False, num_classes=5, depth=2, **small)
+    images = torch.randn(2, 3, 32, 32)
+    model(images).sum().backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing
+    config = model.pretrained_cfg["pda_attention"]
+    assert name.endswith(config["variant"])
+    side = 32 // model.patch_embed.patch_size[0]
+    assert config["num_prefix_tokens"] == 1 and config["grid_size"] == (side, side)
+
+
+def test_softmax_variant_matches_timm_vit_with_the_same_weights():
+    torch.manual_seed(0)
+    ours = timm.create_model("vit_cifar_softmax", depth=2).eval()
+    reference = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=4, embed_dim=128, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10,
+        qkv_bias=True).eval()
+    ours.load_state_dict(reference.state_dict())  # same parameter names
+    images = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(ours(images), reference(images), rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_round_trip_keeps_the_attention_config():
+    model = timm.create_model("deit_tiny_patch16_224_bn_sh", img_size=64, depth=1).eval()
+    clone = timm.create_model(model.pretrained_cfg["architecture"], img_size=64, depth=1).eval()
+    clone.load_state_dict(model.state_dict())
+    assert clone.pretrained_cfg["pda_attention"] == model.pretrained_cfg["pda_attention"]
+    images = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(clone(images), model(images))
+
+
+def test_sh_pools_the_patch_grid_and_keeps_the_class_token():
+    model = timm.create_model("vit_cifar_sh", depth=1).eval()
+    attn = model.blocks[0].attn
+    assert attn.grid_size == (8, 8) and attn.num_prefix_tokens == 1 and attn.head_scales == (1, 2, 4, 8)
+    maps = attention_maps(model, torch.randn(2, 3, 32, 32), layer=0)
+    assert maps.shape == (2, 4, 65, 65)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, 65))
+    # head with scale 8 pools the 8x8 grid to one key: all patches share one weight, the class
+    # token keeps its own
+    patches = maps[:, 3, :, 1:]
+    torch.testing.assert_close(patches, patches[..., :1].expand_as(patches))
+    assert (maps[:, 3, :, 0] != patches[..., 0]).any()
+
+
+def test_unsupported_options_are_refused():
+    with pytest.raises(ValueError, match="qk_norm"):
+        attention_class("bn")(64, num_heads=4, qk_norm=True)
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        timm.create_model("vit_cifar_bn", pretrained=True)
