@@ -391,7 +391,9 @@ def _attend_math(
             logits = logits.masked_fill(~visible, float("-inf"))
             # rows without any visible key: avoid exp(-inf - (-inf)) = NaN
             logits = logits.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
-        weights = torch.softmax(logits, dim=-1, dtype=torch.float32).to(logits.dtype)  # fp32 softmax
+        # softmax in at least fp32 (bf16/fp16 inputs under autocast), float64 kept
+        weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+        weights = weights.to(logits.dtype)
         if visible is not None:
             weights = weights * visible.any(dim=-1, keepdim=True)
     else:
