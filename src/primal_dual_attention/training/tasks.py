@@ -46,3 +46,30 @@ def build_uea_task(cfg: TrainConfig) -> Task:
         head_scales=cfg.head_scales, window=cfg.window, norm=cfg.norm, pooling=cfg.pooling,
     )
     return Task(model=model, train=train, test=data.test, val=val, description=data.summary())
+
+
+@register_task("image")
+def build_image_task(cfg: TrainConfig) -> Task:
+    """CIFAR-10 with a registered ``vit_cifar_<variant>`` timm model (``--dataset CIFAR10``)."""
+    import timm
+
+    import primal_dual_attention.timm  # noqa: F401  (registers the models)
+    from primal_dual_attention.data.images import load_cifar10
+    from primal_dual_attention.data.uea import stratified_split
+
+    if cfg.dataset.lower() not in ("cifar10", "cifar-10"):
+        raise ValueError(f"task 'image' supports dataset 'CIFAR10', got {cfg.dataset!r}")
+    name = f"vit_cifar_{cfg.variant}"
+    if name not in timm.list_models("vit_cifar_*"):
+        raise ValueError(f"variant {cfg.variant!r} has no registered CIFAR model; choose from "
+                         f"{[m.removeprefix('vit_cifar_') for m in timm.list_models('vit_cifar_*')]}")
+    train, test, classes = load_cifar10(cfg.data_dir)
+    val = None
+    if cfg.protocol == "clean":
+        keep, hold = stratified_split(train.labels, cfg.val_fraction, cfg.seed)
+        train, val = train.subset(keep), train.subset(hold)
+        val.augment = False
+    model = timm.create_model(name, num_classes=len(classes), drop_rate=cfg.dropout,
+                              head_scales=cfg.head_scales)
+    return Task(model=model, train=train, test=test, val=val,
+                description=f"CIFAR-10: {len(train)} train / {len(test)} test images, {name}")
