@@ -221,14 +221,6 @@ def bn_normalize(
     return _BNNormalize.apply(q, k, key_padding_mask, eps)
 
 
-def pooled_length(num_tokens: int, scale: int, grid_size: tuple[int, int] | None,
-                  num_prefix_tokens: int = 0) -> int:
-    """Number of tokens after SH pooling with window = stride = ``scale`` in ceil mode."""
-    if grid_size is None:
-        return num_prefix_tokens + math.ceil((num_tokens - num_prefix_tokens) / scale)
-    return num_prefix_tokens + math.ceil(grid_size[0] / scale) * math.ceil(grid_size[1] / scale)
-
-
 def pool_tokens(
     x: Tensor,
     scale: int,

@@ -16,9 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from primal_dual_attention.functional import elu_feature_map, masked_mean_var, pool_tokens
-
-KERNELS = ("softmax", "linear")
+from primal_dual_attention.functional import KERNELS, elu_feature_map, masked_mean_var, pool_tokens
 
 
 def _check_pairs(keys: Tensor, values: Tensor, queries: Tensor | None = None) -> None:
