@@ -218,8 +218,9 @@ def _verify(args: argparse.Namespace) -> int:
 def _heads(args: argparse.Namespace) -> int:
     from primal_dual_attention.analysis.redundancy import heads_report
 
+    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     heads_report(args.checkpoints, args.out, samples=args.samples, layer=args.layer,
-                 data_dir=args.data_dir)
+                 data_dir=args.data_dir, command=command)
     print(f"wrote {args.out}/redundancy.csv, redundancy.png and maps.png")
     return 0
 

@@ -126,7 +126,7 @@ def _checkpoint_model(path: str, data_dir: str | None):
 
 
 def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: int = 1,
-                 data_dir: str | None = None, log=print):
+                 data_dir: str | None = None, command: str = "pda heads", log=print):
     """``pda heads``: per-layer redundancy of each checkpoint (CSV + plot) and the attention maps
     of every head of ``layer`` for the first evaluation series, one row per checkpoint."""
     import csv
@@ -167,6 +167,15 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
     fig.tight_layout()
     fig.savefig(out_dir / "redundancy.png", dpi=110)
     plt.close(fig)
+    datasets = sorted({r["dataset"] for r in rows})
+    (out_dir / "README.md").write_text("\n".join([
+        f"# Head redundancy: {', '.join(datasets)}", "",
+        f"Produced by `{command}` over the first {samples} test series of each checkpoint:", "",
+        *[f"- `{path}`" for path in checkpoints], "",
+        "Per-layer metrics of SPEC §3 in `redundancy.csv` (`js` in nats: 0 = identical heads, "
+        "ln 2 = 0.693 = disjoint; cosines: 1 = identical), plotted in `redundancy.png`; `maps.png` "
+        f"shows every head of layer {layer} for the first test series, one row per checkpoint.", "",
+        "![redundancy](redundancy.png)", "", "![maps](maps.png)", ""]))
     return rows
 
 
