@@ -197,6 +197,9 @@ def _sweep(args: argparse.Namespace) -> int:
     results = Path(args.results)
     command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if not args.report_only:
+        results.mkdir(parents=True, exist_ok=True)
+        with open(results / "sweep_commands.txt", "a") as handle:
+            handle.write(command + "\n")
         tables = ("main", "extended") if args.table == "all" else (args.table,)
         runs = []
         for table in tables:
@@ -205,7 +208,7 @@ def _sweep(args: argparse.Namespace) -> int:
                                epochs_per_dataset=dict(args.dataset_epochs), out_dir=args.out)
         run_sweep(runs, results, workers=args.workers, threads_per_worker=args.threads)
     if (results / "runs.csv").is_file():
-        print(f"wrote {write_uea_report(results, command)}")
+        print(f"wrote {write_uea_report(results)}")
     return 0
 
 

@@ -158,12 +158,18 @@ def _section(rows, table: str, protocol: str, out_dir: Path, seeds: int) -> list
         if cd_diagram(complete, variants, scores, cd):
             lines += [f"Critical difference diagram (aeon, α = 0.1): ![CD]({cd.name})", ""]
         lines += _verdict(complete, variants, stats)
-    lines += ["", "Training cost per variant (median over this section's runs):", "",
-              "| variant | s/epoch | train samples/s | runs |", "|---|---|---|---|"]
-    for variant in variants:
-        mine = [r for r in rows if r["variant"] == variant]
-        lines.append(f"| {variant} | {np.median([r['epoch_seconds'] for r in mine]):.3f} | "
-                     f"{np.median([r['train_samples_per_s'] for r in mine]):.0f} | {len(mine)} |")
+    lines += ["", "Training cost: median seconds per training epoch (train samples/s), per dataset. "
+              "Measured while the sweep's worker processes shared the machine's cores, one torch "
+              "thread each, so they are indicative only; `pda bench` has clean timings.", "",
+              "| dataset | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for dataset in datasets:
+        cells = []
+        for variant in variants:
+            mine = [r for r in rows if r["variant"] == variant and r["dataset"] == dataset]
+            cells.append("–" if not mine else
+                         f"{np.median([r['epoch_seconds'] for r in mine]):.2f} "
+                         f"({np.median([r['train_samples_per_s'] for r in mine]):.0f})")
+        lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -190,9 +196,11 @@ def _verdict(datasets, variants, stats) -> list[str]:
     return out + [""]
 
 
-def write_uea_report(results_dir: str | Path, command: str, seeds: int = 3) -> Path:
+def write_uea_report(results_dir: str | Path, seeds: int = 3) -> Path:
     results_dir = Path(results_dir)
     rows = read_runs(results_dir / "runs.csv")
+    commands_file = results_dir / "sweep_commands.txt"
+    commands = commands_file.read_text().splitlines() if commands_file.is_file() else []
     lines = [
         "# UEA multivariate time-series classification",
         "",
@@ -200,7 +208,8 @@ def write_uea_report(results_dir: str | Path, command: str, seeds: int = 3) -> P
         "per-epoch logs are under `logs/`). Accuracy on the test split in %, mean ± std over "
         "seeds (n=3 unless marked); bold = best mean in the row.",
         "",
-        f"- Sweep command: `{command}`",
+        "- Sweep commands (each run once or resumed; `sweep_commands.txt`): "
+        + ("; ".join(f"`{c}`" for c in commands) or "not recorded"),
         f"- Machine: {machine_description()}",
         f"- Total training wall time of the runs: {sum(r['wall_seconds'] for r in rows) / 3600:.2f} h",
         f"- Generated: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
