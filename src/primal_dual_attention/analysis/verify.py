@@ -262,7 +262,8 @@ def run_verify(checkpoint: str | None = None, data_dir: str | None = None,
     lines += ["", "## A fitted ε-SVR (scikit-learn, precomputed normalised kernel) on layer 1, head 1,"
               " first series", "",
               "Relative error of its prediction at the queries against the attention output; "
-              "C in units of the smallest feasible C above, ε in units of std(v).", "",
+              "C is 0.01, 1 and 100 times this head's smallest feasible C; ε is 0, 0.1 and 0.5 "
+              "times std(v).", "",
               "| C | ε | mean #support vectors | relative error vs attention |", "|---|---|---|---|"]
     lines += [f"| {c:.3g} | {e:.3g} | {n:.1f} of {int(k[0, 0][keep].shape[0])} | {err:.3f} |"
               for c, e, n, err in svr_rows]
