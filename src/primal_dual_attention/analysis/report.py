@@ -30,16 +30,24 @@ def _redundancy_section(root: Path) -> list[str]:
         return lines + ["Not measured yet (`pda heads CHECKPOINT ...`).", ""]
     for path in files:
         rows = _read_csv(path)
-        metrics = defaultdict(lambda: defaultdict(list))
+        # per model: the layer-mean of each metric, one value per seed (labels "variant (seed k)")
+        per_model: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(
+            lambda: defaultdict(list)))
         for row in rows:
+            model = row["label"].split(" (seed")[0]
             for name in ("js", "cos_maps", "cos_out"):
-                metrics[row["label"]][name].append(float(row[name]))
+                per_model[model][row["label"]][name].append(float(row[name]))
         lines += [f"### {path.parent.name} ([details]({path.parent.relative_to(root)}/README.md))", "",
-                  "Mean over layers (js: higher = less redundant; cosines: lower = less redundant):", "",
-                  "| model | js | cos_maps | cos_out |", "|---|---|---|---|"]
-        for label, values in metrics.items():
-            lines.append(f"| {label} | " + " | ".join(f"{np.mean(values[m]):.3f}"
-                                                      for m in ("js", "cos_maps", "cos_out")) + " |")
+                  "Mean over layers, then mean ± std over seeds (js: higher = less redundant; "
+                  "cosines: lower = less redundant):", "",
+                  "| model | seeds | js | cos_maps | cos_out |", "|---|---|---|---|---|"]
+        for model, runs in per_model.items():
+            cells = []
+            for name in ("js", "cos_maps", "cos_out"):
+                values = [np.mean(run[name]) for run in runs.values()]
+                spread = f" ± {np.std(values):.3f}" if len(values) > 1 else ""
+                cells.append(f"{np.mean(values):.3f}{spread}")
+            lines.append(f"| {model} | {len(runs)} | " + " | ".join(cells) + " |")
         lines += ["", f"![redundancy]({path.parent.relative_to(root)}/redundancy.png)", ""]
     return lines
 
