@@ -56,3 +56,25 @@ def test_capture_heads_spreads_pooled_maps_and_rows_sum_to_one():
     assert capture.maps.shape == (2, 4, 11, 11)
     torch.testing.assert_close(capture.maps.sum(-1), torch.ones(2, 4, 11))
     assert (capture.maps[1, :, :, 7:] == 0).all()
+
+
+def test_pda_heads_compares_checkpoints(tmp_path):
+    from dataclasses import replace
+
+    from primal_dual_attention.cli import main
+    from primal_dual_attention.training.config import TrainConfig
+    from primal_dual_attention.training.engine import fit, seed_everything
+    from primal_dual_attention.training.tasks import build_task
+
+    checkpoints = []
+    for variant in ("softmax", "bn_sh"):
+        cfg = replace(TrainConfig(), variant=variant, dim=16, depth=2, heads=4, mlp_dim=16, epochs=1,
+                      out_dir=str(tmp_path / "runs"), progress=False)
+        seed_everything(0)
+        fit(cfg, build_task(cfg))
+        checkpoints.append(str(cfg.run_dir() / "best.pt"))
+    out = tmp_path / "heads"
+    assert main(["heads", *checkpoints, "--samples", "16", "--out", str(out)]) == 0
+    rows = (out / "redundancy.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2  # header + 2 checkpoints x 2 layers
+    assert all((out / name).is_file() for name in ("redundancy.png", "maps.png", "README.md"))

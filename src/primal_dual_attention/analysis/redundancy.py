@@ -133,6 +133,7 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
     from pathlib import Path
 
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -145,11 +146,13 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
         evaluation = task.test.subset(torch.arange(min(samples, len(task.test))))
         label = f"{cfg.variant} (seed {cfg.seed})"
         for number, metrics in enumerate(model_redundancy(task.model, evaluation.batches(64)), start=1):
-            rows.append({"checkpoint": path, "label": label, "dataset": cfg.dataset, "layer": number}
+            rows.append({"checkpoint": path, "label": label, "variant": cfg.variant, "dataset": cfg.dataset,
+                     "layer": number}
                         | {k: round(v, 6) for k, v in metrics.items()})
             log(f"{label:24} layer {number}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        x, mask, _ = next(evaluation.batches(1))
-        drawn.append((label, capture_heads(task.model, x, mask)[layer - 1].maps[0], cfg.dataset))
+        if all(cfg.variant != other.split(" (")[0] for other, _, _ in drawn):  # one row per variant
+            x, mask, _ = next(evaluation.batches(1))
+            drawn.append((label, capture_heads(task.model, x, mask)[layer - 1].maps[0], cfg.dataset))
     _draw_maps(drawn, layer, out_dir / "maps.png")
     with open(out_dir / "redundancy.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -157,9 +160,12 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
         writer.writerows(rows)
     fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
     for axis, metric in zip(axes, METRICS, strict=True):
-        for label in dict.fromkeys(r["label"] for r in rows):
-            mine = [r for r in rows if r["label"] == label]
-            axis.plot([r["layer"] for r in mine], [r[metric] for r in mine], "o-", label=label)
+        for variant in dict.fromkeys(r["variant"] for r in rows):  # mean and spread over seeds
+            layers = sorted({r["layer"] for r in rows if r["variant"] == variant})
+            values = [[r[metric] for r in rows if r["variant"] == variant and r["layer"] == n]
+                      for n in layers]
+            axis.errorbar(layers, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], fmt="o-",
+                          capsize=3, label=f"{variant} ({len(values[0])} seed(s))")
         axis.set_xlabel("layer")
         axis.set_title(metric + (" (higher = less redundant)" if metric == "js"
                                  else " (lower = less redundant)"), fontsize=9)
