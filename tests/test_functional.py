@@ -185,6 +185,19 @@ def test_default_head_scales():
     assert PF.default_head_scales(6) == (1, 1, 2, 2, 4, 8)
 
 
+@pytest.mark.parametrize("heads, grid, expected", [
+    (4, (8, 8), (1, 1, 2, 2)),          # CIFAR patches: scale 4 would leave a 2x2 grid
+    (3, (14, 14), (1, 2, 4)),           # DeiT: 14 / 4 -> 4 pooled rows, allowed
+    (4, (16, 16), (1, 1, 2, 4)),
+    (4, (32, 32), (1, 2, 4, 8)),
+    (4, (4, 4), (1, 1, 1, 1)),          # too small to pool at all
+])
+def test_default_head_scales_on_a_grid_keep_four_pooled_tokens_per_side(heads, grid, expected):
+    scales = PF.default_head_scales(heads, grid)
+    assert scales == expected
+    assert all(-(-min(grid) // s) >= PF.MIN_POOLED_GRID_SIDE for s in scales if s > 1)
+
+
 @pytest.mark.parametrize("kernel,bn", KERNEL_BN)
 @pytest.mark.parametrize("scales", [None, (1, 2)])
 def test_gradcheck(kernel, bn, scales):

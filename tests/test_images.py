@@ -65,4 +65,48 @@ def test_image_task_trains_through_the_engine(tmp_path, variant):
                  "--variant", variant, "--epochs", "1", "--batch-size", "4", "--optimizer", "adamw",
                  "--no-progress", "--out-dir", str(tmp_path / "runs"), "--threads", "1"])
     assert code == 0
-    assert (tmp_path / "runs" / "image" / "CIFAR10" / "paper" / variant / "seed0" / "last.pt").is_file()
+    run = tmp_path / "runs" / "image" / "CIFAR10" / "clean" / variant / "seed0"  # the bundled config
+    assert (run / "last.pt").is_file()
+    header = (run / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"val_acc", "test_acc"} <= set(header)  # track_test: test accuracy logged for the curves
+
+
+def test_image_sweep_report_and_cost_bench(tmp_path):
+    pytest.importorskip("timm")
+    import csv
+
+    from primal_dual_attention.cli import main
+
+    def read(path):
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+
+    path = write_zip(tmp_path / "c.zip", (("train", 5), ("test", 2)))
+    results = tmp_path / "results"
+    sweep = ["sweep", "--task", "image", "--data-dir", str(path), "--seeds", "0",
+             "--variants", "softmax,sh", "--epochs", "2", "--set", "batch_size=4",
+             "--set", "eval_batch_size=8", "--results", str(results), "--out", str(tmp_path / "runs")]
+    assert main(sweep) == 0
+    rows = read(results / "runs.csv")
+    assert [(r["variant"], r["epochs"], r["protocol"]) for r in rows] == [
+        ("softmax", "2", "clean"), ("sh", "2", "clean")]
+    assert main(sweep) == 0  # finished runs are skipped, not appended again
+    assert len(read(results / "runs.csv")) == 2
+    assert main(["bench", "model", "--variants", "softmax,sh", "--batch", "4", "--repeats", "1",
+                 "--device", "cpu", "--set", f"data_dir={path}", "--out", str(results)]) == 0
+    costs = {r["variant"]: r for r in read(results / "cost.csv")}
+    assert float(costs["sh"]["gflops_fwd_per_sample"]) < float(costs["softmax"]["gflops_fwd_per_sample"])
+    assert all(float(c["train_samples_per_s"]) > 0 for c in costs.values())
+    assert main(["sweep", "--task", "image", "--report-only", "--results", str(results)]) == 0
+    report = (results / "README.md").read_text()
+    assert "| softmax |" in report and "| sh |" in report and "(n=1)" in report
+    assert (results / "accuracy_CIFAR10.png").is_file()
+    assert "worker(s)" in (results / "machines.txt").read_text()
+
+
+def test_bad_sweep_override_is_a_clear_error(capsys):
+    from primal_dual_attention.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--task", "image", "--set", "no_equals_sign"])
+    assert "OPTION=VALUE" in capsys.readouterr().err

@@ -44,7 +44,8 @@ def test_state_dict_round_trip_keeps_the_attention_config():
 
 
 def test_sh_pools_the_patch_grid_and_keeps_the_class_token():
-    model = timm.create_model("vit_cifar_sh", depth=1).eval()
+    assert timm.create_model("vit_cifar_sh", depth=1).blocks[0].attn.head_scales == (1, 1, 2, 2)
+    model = timm.create_model("vit_cifar_sh", depth=1, head_scales=(1, 2, 4, 8)).eval()
     attn = model.blocks[0].attn
     assert attn.grid_size == (8, 8) and attn.num_prefix_tokens == 1 and attn.head_scales == (1, 2, 4, 8)
     maps = attention_maps(model, torch.randn(2, 3, 32, 32), layer=0)

@@ -114,7 +114,7 @@ class MultiHeadAttention(nn.Module):
                 f"{[n for n, v in VARIANTS.items() if v.multi_scale]}, got variant={variant!r}"
             )
         if self.spec.multi_scale:
-            scales = default_head_scales(num_heads) if head_scales is None else head_scales
+            scales = default_head_scales(num_heads, grid_size) if head_scales is None else head_scales
             self.head_scales: tuple[int, ...] | None = check_head_scales(scales, num_heads)
         else:
             self.head_scales = None

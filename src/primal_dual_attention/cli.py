@@ -100,8 +100,8 @@ def resolve_config(args: argparse.Namespace):
     """defaults < configs/<task>/<dataset>.yaml < --config file < command-line options."""
     from primal_dual_attention.training.config import (
         TrainConfig,
+        bundled_config,
         config_from_mapping,
-        dataset_config_path,
         load_yaml_config,
     )
 
@@ -109,10 +109,7 @@ def resolve_config(args: argparse.Namespace):
     from_file = load_yaml_config(args.config) if args.config else TrainConfig()
     task = cli.get("task", from_file.task)
     dataset = cli.get("dataset", from_file.dataset)
-    cfg = TrainConfig()
-    bundled = dataset_config_path(task, dataset)
-    if bundled.is_file():
-        cfg = load_yaml_config(bundled, cfg)
+    cfg = bundled_config(task, dataset, TrainConfig())
     if args.config:
         cfg = load_yaml_config(args.config, cfg)
     return config_from_mapping(cli, "command line", cfg).validate()
@@ -190,25 +187,43 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
-    from primal_dual_attention.analysis.uea_report import write_uea_report
-    from primal_dual_attention.training.sweep import plan_sweep, run_sweep
+def _overrides(text: str) -> tuple[str, object]:
+    import yaml
 
-    results = Path(args.results)
+    key, sep, value = text.partition("=")
+    if not key or not sep:
+        raise argparse.ArgumentTypeError(f"expected OPTION=VALUE (a pda train option), got {text!r}")
+    return key.replace("-", "_"), yaml.safe_load(value)
+
+
+SWEEP_DEFAULT_DATASETS = {"image": ("CIFAR10",)}
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from primal_dual_attention.analysis.task_report import write_task_report
+    from primal_dual_attention.training.sweep import plan_runs, plan_sweep, run_sweep
+
+    results = Path(args.results or f"results/{'cifar10' if args.task == 'image' else args.task}")
     command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if not args.report_only:
         results.mkdir(parents=True, exist_ok=True)
         with open(results / "sweep_commands.txt", "a") as handle:
             handle.write(command + "\n")
-        tables = ("main", "extended") if args.table == "all" else (args.table,)
+        common = dict(seeds=args.seeds, epochs=args.epochs, overrides=dict(args.set),
+                      epochs_per_dataset=dict(args.dataset_epochs), out_dir=args.out)
         runs = []
-        for table in tables:
-            runs += plan_sweep(table, args.data_dir, datasets=args.datasets, seeds=args.seeds,
-                               variants=args.variants, epochs=args.epochs,
-                               epochs_per_dataset=dict(args.dataset_epochs), out_dir=args.out)
+        if args.task == "uea":
+            for table in ("main", "extended") if args.table == "all" else (args.table,):
+                runs += plan_sweep(table, args.data_dir, datasets=args.datasets, variants=args.variants,
+                                   protocols=args.protocols or ("paper", "clean"), **common)
+        else:
+            datasets = args.datasets or SWEEP_DEFAULT_DATASETS.get(args.task, (args.task,))
+            runs = plan_runs(args.task, args.task, datasets, protocols=args.protocols or ("clean",),
+                             variants=args.variants or ("softmax", "bn", "sh", "bn_sh"),
+                             data_dir=args.data_dir, **common)
         run_sweep(runs, results, workers=args.workers, threads_per_worker=args.threads)
     if (results / "runs.csv").is_file():
-        print(f"wrote {write_uea_report(results)}")
+        print(f"wrote {write_task_report(args.task, results)}")
     return 0
 
 
@@ -244,6 +259,25 @@ def _bench_scaling(args: argparse.Namespace) -> int:
     command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     path = write_scaling(points, Path(args.out), command, args.batch, 8, 32)
     print(path.read_text())
+    return 0
+
+
+def _bench_model(args: argparse.Namespace) -> int:
+    from primal_dual_attention.analysis.model_cost import measure_model_cost, write_costs
+    from primal_dual_attention.training.config import TrainConfig, bundled_config, config_from_mapping
+
+    base = bundled_config(args.task, args.dataset, TrainConfig(task=args.task, dataset=args.dataset))
+    base = config_from_mapping(dict(args.set), "bench --set", base)
+    costs = []
+    for variant in args.variants:
+        cfg = config_from_mapping({"variant": variant}, "bench", base).validate()
+        cost = measure_model_cost(cfg, batch=args.batch, repeats=args.repeats, device=args.device)
+        costs.append(cost)
+        print(f"{variant:10} {cost.train_samples_per_s:10.1f} train/s {cost.infer_samples_per_s:10.1f} "
+              f"infer/s {cost.gflops_fwd_per_sample:8.3f} GFLOPs fwd/sample  peak "
+              f"{cost.peak_train_mb if cost.peak_train_mb is None else round(cost.peak_train_mb)} MiB")
+    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    print(f"wrote {write_costs(costs, Path(args.out), command)}")
     return 0
 
 
@@ -290,6 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--compile", action="store_true", help="run the layer through torch.compile")
     precision.set_defaults(func=_bench_precision)
 
+    model = bench_kinds.add_parser("model", help="a task model's throughput, FLOPs and memory per variant")
+    model.add_argument("--task", default="image", help="image, uea or an lra-* task")
+    model.add_argument("--dataset", default="CIFAR10")
+    model.add_argument("--variants", type=_variants, default=("softmax", "bn", "sh", "bn_sh"))
+    model.add_argument("--batch", type=int, default=128)
+    model.add_argument("--repeats", type=int, default=10, help="timed steps (median)")
+    model.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    model.add_argument("--set", type=_overrides, action="append", default=[], metavar="OPTION=VALUE",
+                       help="any pda train option, e.g. --set precision=bf16 (repeatable)")
+    model.add_argument("--out", default="results/cifar10", help="folder of cost.csv")
+    model.set_defaults(func=_bench_model)
+
     train = commands.add_parser("train", help="train one model (options also from --config YAML)")
     _add_config_options(train)
     train.set_defaults(func=_train)
@@ -307,20 +353,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
-    sweep = commands.add_parser("sweep", help="the resumable UEA sweep and its report")
-    sweep.add_argument("--table", choices=("main", "extended", "all"), default="main")
-    sweep.add_argument("--data-dir", default=None, help="UEA folder (default ../shared/data/uea)")
+    sweep = commands.add_parser("sweep", help="resumable sweeps (UEA tables, CIFAR-10, LRA) and reports")
+    sweep.add_argument("--task", default="uea", help="uea (default), image, or an lra-* task")
+    sweep.add_argument("--table", choices=("main", "extended", "all"), default="main",
+                       help="UEA only: which table")
+    sweep.add_argument("--data-dir", default=None, help="data folder (default: ../shared/data/...)")
     sweep.add_argument("--datasets", type=lambda t: t.split(","), default=None,
                        help="comma-separated subset (default: every dataset found)")
-    sweep.add_argument("--variants", type=_variants, default=None, help="override the table's variants")
+    sweep.add_argument("--variants", type=_variants, default=None,
+                       help="default: the UEA table's, else softmax,bn,sh,bn_sh")
+    sweep.add_argument("--protocols", type=lambda t: tuple(t.split(",")), default=None,
+                       help="default: paper,clean for UEA main, clean otherwise")
     sweep.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="default 0,1,2")
     sweep.add_argument("--epochs", type=int, default=None, help="override every config's epochs")
     sweep.add_argument("--dataset-epochs", type=_dataset_epochs, action="append", default=[],
                        metavar="NAME=EPOCHS", help="epochs for one dataset (repeatable)")
+    sweep.add_argument("--set", type=_overrides, action="append", default=[], metavar="OPTION=VALUE",
+                       help="any pda train option for every run, e.g. --set precision=bf16 (repeatable)")
     sweep.add_argument("--workers", type=int, default=1, help="parallel training processes")
     sweep.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     sweep.add_argument("--out", default="runs/sweep", help="run folders (checkpoints)")
-    sweep.add_argument("--results", default="results/uea", help="runs.csv, logs and README.md")
+    sweep.add_argument("--results", default=None,
+                       help="runs.csv, logs and README.md (default results/uea, results/cifar10, ...)")
     sweep.add_argument("--report-only", action="store_true", help="only rebuild README.md")
     sweep.set_defaults(func=_sweep)
 

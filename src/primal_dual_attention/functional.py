@@ -516,13 +516,27 @@ def head_groups(head_scales: Sequence[int] | None, num_heads: int) -> list[HeadG
     return groups
 
 
-def default_head_scales(num_heads: int) -> tuple[int, ...]:
+MIN_POOLED_GRID_SIDE = 4
+
+
+def default_head_scales(num_heads: int, grid_size: tuple[int, int] | None = None) -> tuple[int, ...]:
     """Default SH scales: up to four near-equal head groups with scales 1, 2, 4, 8.
 
     8 heads -> (1, 1, 2, 2, 4, 4, 8, 8); 3 heads -> (1, 2, 4); 6 heads -> (1, 1, 2, 2, 4, 8).
+    On a 2-D grid a scale ``s`` pools ``s x s`` tokens, so scales stop where the pooled grid
+    would have fewer than ``MIN_POOLED_GRID_SIDE`` tokens per side: on CIFAR's 8x8 patches a
+    scale of 8 would leave one pooled key (plus the class token), and Attention-BN's key
+    statistics over two keys are degenerate (each coordinate normalises to +-1 and the queries
+    are divided by half the gap between the two keys). 4 heads on 8x8 -> (1, 1, 2, 2).
     """
     num_heads = check_positive_int("num_heads", num_heads)
-    num_groups = min(4, num_heads)
+    levels = 4
+    if grid_size is not None:
+        side = min(grid_size)
+        levels = 1
+        while levels < 4 and math.ceil(side / 2**levels) >= MIN_POOLED_GRID_SIDE:
+            levels += 1
+    num_groups = min(levels, num_heads)
     base, extra = divmod(num_heads, num_groups)
     scales: list[int] = []
     for group in range(num_groups):

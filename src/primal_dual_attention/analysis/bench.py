@@ -229,8 +229,9 @@ def machine_description() -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{cpu}; {os.cpu_count()} logical cores, torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads; Python {platform.python_version()}")
+            f"with {torch.get_num_threads()} threads; Python {platform.python_version()}{gpu}")
 
 
 def run_attention_benchmark(

@@ -9,6 +9,7 @@ folder names, which for CIFAR-10 is the canonical order (airplane = 0, ..., truc
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import zipfile
@@ -33,11 +34,22 @@ def default_cifar_zip() -> Path | None:
 
 
 def read_image_zip(path: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """All ``<split>/<class>/<file>`` images of a zip as ``(N, 3, H, W)`` uint8, labels, classes."""
-    from PIL import Image
+    """All ``<split>/<class>/<file>`` images of a zip as ``(N, 3, H, W)`` uint8, labels, classes.
 
+    Decoded once per process and file version (benchmarks build several models on the same data);
+    callers must not modify the returned tensors in place.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    stat = Path(path).stat()
+    return _decode_zip(str(Path(path).resolve()), split, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _decode_zip(path: str, split: str, size: int, mtime_ns: int
+                ) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    from PIL import Image
+
     with zipfile.ZipFile(path) as archive:
         members = []
         for name in archive.namelist():

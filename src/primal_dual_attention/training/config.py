@@ -15,7 +15,7 @@ CONFIG_ROOT = Path(__file__).resolve().parents[3] / "configs"
 PROTOCOLS = ("paper", "clean")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "radam")
-SCHEDULES = ("cosine", "step", "none")
+SCHEDULES = ("cosine", "linear", "step", "none")
 
 
 @dataclass
@@ -32,6 +32,9 @@ class TrainConfig:
     seed: int = 0
     protocol: str = "paper"
     val_fraction: float = 0.2
+    track_test: bool = False  # clean protocol: also log test accuracy per epoch (plots only)
+    max_len: int | None = None  # LRA: sequence length (default: the task's published one)
+    max_eval_samples: int | None = None  # evaluate on the first n validation/test samples only
     # model
     dim: int = 128
     depth: int = 3
@@ -49,6 +52,9 @@ class TrainConfig:
     optimizer: str = "radam"
     schedule: str = "cosine"
     warmup_epochs: int = 0
+    steps: int | None = None  # train this many steps (LRA); epochs then counts evaluation rounds
+    warmup_steps: int | None = None  # with steps: warm-up in steps instead of epochs
+    budget: float = 1.0  # fraction of steps and warmup_steps actually run (CPU budgets)
     step_size: int = 30
     gamma: float = 0.1
     grad_clip: float | None = 4.0
@@ -82,7 +88,21 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.budget > 0:
+            raise ValueError(f"budget must be > 0 (a fraction of the configured steps), got {self.budget}")
+        for name in ("steps", "max_len", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        if self.task.startswith("lra-"):  # alias: task lra-<name> is task lra on dataset <name>
+            self.task, self.dataset = "lra", self.task.removeprefix("lra-")
         return self
+
+    def total_steps(self) -> int | None:
+        """Optimizer steps of a step-budgeted run: ``steps x budget`` (at least one per round)."""
+        if self.steps is None:
+            return None
+        return max(self.epochs, round(self.steps * self.budget))
 
     def run_dir(self) -> Path:
         """``out_dir/<task>/<dataset>/<protocol>/<variant>/seed<k>``."""
@@ -152,6 +172,15 @@ def load_yaml_config(path: str | Path, base: TrainConfig | None = None) -> Train
 def dataset_config_path(task: str, dataset: str) -> Path:
     """The bundled per-dataset config, ``configs/<task>/<dataset>.yaml``."""
     return CONFIG_ROOT / task / f"{dataset}.yaml"
+
+
+def bundled_config(task: str, dataset: str, base: TrainConfig) -> TrainConfig:
+    """``base`` overlaid with the bundled ``configs/<task>/<dataset>.yaml`` when there is one
+    (task ``lra-<name>`` reads ``configs/lra/<name>.yaml``)."""
+    if task.startswith("lra-"):
+        task, dataset = "lra", task.removeprefix("lra-")
+    path = dataset_config_path(task, dataset)
+    return load_yaml_config(path, base) if path.is_file() else base
 
 
 def config_fields() -> list[dataclasses.Field]:

@@ -4,7 +4,8 @@ Protocols (SPEC.md §4): ``paper`` evaluates the test split after every epoch an
 best test accuracy (what the published UEA tables do; optimistic). ``clean`` holds out a
 stratified ``val_fraction`` of the training split, keeps the epoch with the best validation
 accuracy (ties: lower validation loss) in ``best.pt``, and reports that checkpoint's test
-accuracy; the test split is read once, at the end.
+accuracy; the test split is read once, at the end, unless ``track_test`` logs its accuracy per
+epoch for learning curves (it never takes part in the choice of the epoch).
 
 Checkpoints hold only tensors and plain Python values, so they load with
 ``torch.load(weights_only=True)``; they are written to a temporary file and renamed, so a
@@ -87,6 +88,39 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class StepSplit:
+    """Round ``round`` of a step-budgeted run: the next ``samples`` samples of an endless stream
+    of seeded permutations of ``split`` (so a run that stops early has seen no sample twice, and
+    the stream depends only on the seed and the round, which keeps resume exact)."""
+
+    split: Any
+    samples: int
+    round: int
+    seed: int
+
+    def __len__(self) -> int:
+        return self.samples
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        size = len(self.split)
+        start, stop = self.round * self.samples, (self.round + 1) * self.samples
+        parts = []
+        for lap in range(start // size, (stop - 1) // size + 1):
+            order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed * 7919 + lap))
+            parts.append(order[max(start - lap * size, 0) : min(stop - lap * size, size)])
+        return self.split.subset(torch.cat(parts)).batches(batch_size, generator)
+
+
+def limit(split: Any, count: int | None) -> Any:
+    """``count`` samples of ``split`` drawn by a fixed seed (all when None): ``max_eval_samples``.
+    Random, not the first ones: files are often sorted by class."""
+    if count is None or split is None or len(split) <= count:
+        return split
+    chosen = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:count]
+    return split.subset(chosen.sort().values)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -154,15 +188,20 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
 
 
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
-    warmup = cfg.warmup_epochs * steps_per_epoch
+    if cfg.steps is not None and cfg.warmup_steps is not None:
+        warmup = round(cfg.warmup_steps * cfg.budget)
+    else:
+        warmup = cfg.warmup_epochs * steps_per_epoch
     total = cfg.epochs * steps_per_epoch
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         if cfg.schedule == "cosine":
-            progress = (step - warmup) / max(1, total - warmup)
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.schedule == "linear":
+            return 1.0 - progress
         if cfg.schedule == "step":
             return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
         return 1.0
@@ -263,7 +302,12 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
     if cfg.compile:
         train_model = torch.compile(train_model)
     optimizer = _optimizer(cfg, model)
-    steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
+    total_steps = cfg.total_steps()
+    if total_steps is None:
+        steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
+    else:
+        steps_per_epoch = math.ceil(total_steps / cfg.epochs)
+    val, test = limit(task.val, cfg.max_eval_samples), limit(task.test, cfg.max_eval_samples)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
     history: list[dict[str, Any]] = []
@@ -289,14 +333,16 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
     writer = _tensorboard(run_dir) if ctx.is_main else None
 
     for epoch in range(start_epoch, cfg.epochs):
-        train_stats = _train_epoch(train_model, task.train, cfg, optimizer, scheduler, scaler, epoch, ctx)
+        train = task.train if total_steps is None else StepSplit(
+            task.train, steps_per_epoch * cfg.batch_size, epoch, cfg.seed)
+        train_stats = _train_epoch(train_model, train, cfg, optimizer, scheduler, scaler, epoch, ctx)
         row: dict[str, Any] = {
             "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
             "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
             "epoch_seconds": train_stats.seconds,
             "train_samples_per_s": train_stats.samples / max(train_stats.seconds, 1e-9),
         }
-        monitored = task.val if cfg.protocol == "clean" else task.test
+        monitored = val if cfg.protocol == "clean" else test
         prefix = "val" if cfg.protocol == "clean" else "test"
         if monitored is not None and len(monitored):
             stats = evaluate(model, monitored, cfg.eval_batch_size, ctx, cfg.precision)
@@ -304,6 +350,9 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
             score = (stats.accuracy, stats.loss)
         else:  # clean protocol without validation data: keep the last epoch
             score = (float(epoch), 0.0)
+        if cfg.track_test and prefix == "val":  # for learning curves only, never for selection
+            stats = evaluate(model, test, cfg.eval_batch_size, ctx, cfg.precision)
+            row["test_loss"], row["test_acc"] = stats.loss, stats.accuracy
         improved = _is_better(score, best)
         if improved:
             best = score
@@ -333,7 +382,7 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
     else:
         best_state = load_checkpoint(best_path)
         model.load_state_dict(best_state["model"])
-        test_accuracy = evaluate(model, task.test, cfg.eval_batch_size, ctx, cfg.precision).accuracy
+        test_accuracy = evaluate(model, test, cfg.eval_batch_size, ctx, cfg.precision).accuracy
     epoch_seconds = float(np.median([r["epoch_seconds"] for r in history]))
     result = RunResult(
         test_accuracy=test_accuracy, best_epoch=best_epoch, epochs=len(history), params=params,

@@ -1,7 +1,7 @@
-"""Resumable UEA sweeps: the paper's main table and the extended table (SPEC.md §4).
+"""Resumable sweeps: the UEA main and extended tables (SPEC.md §4), CIFAR-10 and LRA.
 
-A sweep is a list of runs (dataset x protocol x variant x seed). Finished runs are rows of
-``results/uea/runs.csv`` and are skipped; an interrupted run continues from its ``last.pt``.
+A sweep is a list of runs (dataset x protocol x variant x seed) of one task. Finished runs are
+rows of ``<results>/runs.csv`` and are skipped; an interrupted run continues from its ``last.pt``.
 Rows are appended under a file lock, so several worker processes (``--workers``) can share one
 sweep, and a sweep can be stopped and continued in a later session.
 """
@@ -16,9 +16,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from primal_dual_attention.data.uea import PAPER_DATASETS, available_datasets
-from primal_dual_attention.training.config import TrainConfig, dataset_config_path, load_yaml_config
+from primal_dual_attention.training.config import (
+    TrainConfig,
+    bundled_config,
+    config_from_mapping,
+)
 
 MAIN_VARIANTS = ("softmax", "linear", "bn", "sh", "bn_sh", "linear_bn")
 EXTENDED_VARIANTS = ("softmax", "bn", "sh", "bn_sh")
@@ -32,6 +37,44 @@ def run_key(cfg: TrainConfig) -> tuple[str, str, str, str, str]:
     return (cfg.dataset, cfg.protocol, cfg.variant, str(cfg.seed), str(cfg.epochs))
 
 
+def plan_runs(
+    table: str,
+    task: str,
+    datasets: Sequence[str],
+    *,
+    protocols: Sequence[str],
+    seeds: Sequence[int],
+    variants: Sequence[str],
+    data_dir: str | Path | None = None,
+    epochs: int | None = None,
+    epochs_per_dataset: dict[str, int] | None = None,
+    overrides: dict[str, Any] | None = None,
+    out_dir: str = "runs/sweep",
+) -> list[tuple[str, TrainConfig]]:
+    """Every (dataset, protocol, seed, variant) run of one task, in that nesting order.
+
+    Each dataset starts from its bundled config (``configs/<task>/<dataset>.yaml``), then
+    ``overrides`` (any :class:`TrainConfig` options), then ``epochs`` and, per dataset,
+    ``epochs_per_dataset`` — budgets are uniform across variants and seeds by construction.
+    """
+    runs = []
+    for dataset in datasets:
+        base = TrainConfig(task=task, dataset=dataset, out_dir=out_dir, progress=False,
+                           data_dir=None if data_dir is None else str(data_dir))
+        base = bundled_config(task, dataset, base)
+        if overrides:
+            base = config_from_mapping(overrides, "sweep --set", base)
+        budget = (epochs_per_dataset or {}).get(dataset, epochs)
+        if budget is not None:
+            base = replace(base, epochs=budget)
+        for protocol in protocols:
+            for seed in seeds:
+                for variant in variants:
+                    runs.append((table, replace(base, protocol=protocol, seed=seed, variant=variant,
+                                                resume=True).validate()))
+    return runs
+
+
 def plan_sweep(
     table: str,
     data_dir: str | Path | None = None,
@@ -42,14 +85,13 @@ def plan_sweep(
     variants: Sequence[str] | None = None,
     epochs: int | None = None,
     epochs_per_dataset: dict[str, int] | None = None,
+    overrides: dict[str, Any] | None = None,
     out_dir: str = "runs/sweep",
 ) -> list[tuple[str, TrainConfig]]:
-    """The runs of ``table`` ("main" or "extended") for the datasets found in ``data_dir``.
+    """The UEA runs of ``table`` ("main" or "extended") for the datasets found in ``data_dir``.
 
     Main: the paper's datasets present here, ``MAIN_VARIANTS``, both protocols. Extended: every
-    other dataset, ``EXTENDED_VARIANTS``, clean protocol only. Each dataset's bundled config
-    (``configs/uea/<Name>.yaml``) sets its hyper-parameters; ``epochs`` overrides them all and
-    ``epochs_per_dataset`` overrides that for single datasets (uniform across variants and seeds).
+    other dataset, ``EXTENDED_VARIANTS``, clean protocol only.
     """
     if table not in ("main", "extended"):
         raise ValueError(f"table must be 'main' or 'extended', got {table!r}")
@@ -60,22 +102,9 @@ def plan_sweep(
     if table == "extended":
         protocols = [p for p in protocols if p == "clean"]
     variants = variants or (MAIN_VARIANTS if table == "main" else EXTENDED_VARIANTS)
-    runs = []
-    for dataset in datasets:
-        base = TrainConfig(task="uea", dataset=dataset, out_dir=out_dir, progress=False,
-                           data_dir=None if data_dir is None else str(data_dir))
-        bundled = dataset_config_path("uea", dataset)
-        if bundled.is_file():
-            base = load_yaml_config(bundled, base)
-        budget = (epochs_per_dataset or {}).get(dataset, epochs)
-        if budget is not None:
-            base = replace(base, epochs=budget)
-        for protocol in protocols:
-            for seed in seeds:
-                for variant in variants:
-                    runs.append((table, replace(base, protocol=protocol, seed=seed, variant=variant,
-                                                resume=True).validate()))
-    return runs
+    return plan_runs(table, "uea", datasets, protocols=protocols, seeds=seeds, variants=variants,
+                     data_dir=data_dir, epochs=epochs, epochs_per_dataset=epochs_per_dataset,
+                     overrides=overrides, out_dir=out_dir)
 
 
 def finished_runs(results_csv: Path) -> set[tuple[str, ...]]:
@@ -140,7 +169,15 @@ def _worker(runs: list[tuple[str, TrainConfig]], results_dir: Path, threads: int
 def run_sweep(runs: list[tuple[str, TrainConfig]], results_dir: str | Path, workers: int = 1,
               threads_per_worker: int = 1, log=print) -> None:
     """Run every unfinished run; ``workers`` processes share the list round-robin."""
+    from primal_dual_attention.analysis.bench import machine_description
+
     results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    machines = results_dir / "machines.txt"
+    machine = f"{machine_description()}; {workers} worker(s) x {threads_per_worker} thread(s)"
+    if machine not in (machines.read_text().splitlines() if machines.is_file() else []):
+        with open(machines, "a") as handle:
+            handle.write(machine + "\n")
     todo = [(t, c) for t, c in runs if run_key(c) not in finished_runs(results_dir / "runs.csv")]
     log(f"{len(runs)} runs planned, {len(runs) - len(todo)} already finished, {len(todo)} to run "
         f"with {workers} worker(s)")

@@ -73,3 +73,39 @@ def build_image_task(cfg: TrainConfig) -> Task:
                               head_scales=cfg.head_scales)
     return Task(model=model, train=train, test=test, val=val,
                 description=f"CIFAR-10: {len(train)} train / {len(test)} test images, {name}")
+
+
+LRA_DEFAULT_LENGTHS = {"listops": 2000, "text": 4096, "image": 1024, "pathfinder": 1024, "retrieval": 4000}
+LRA_GENERATED_SIZES = {"listops": (96_000, 2_000, 2_000), "pathfinder": (160_000, 20_000, 20_000)}
+
+
+@register_task("lra")
+def build_lra_task(cfg: TrainConfig) -> Task:
+    """Long Range Arena (``--dataset listops|text|image|pathfinder|retrieval``, or the task
+    aliases ``lra-<name>``) with the standard LRA encoder. Generated tasks make only the samples
+    a run can use: ``steps x budget x batch_size`` training samples (none is seen twice) and at
+    most ``max_eval_samples`` validation and test samples."""
+    from primal_dual_attention.data.lra import LOADERS
+    from primal_dual_attention.models.lra import LRAClassifier
+
+    name = cfg.dataset
+    if name not in LOADERS:
+        raise ValueError(f"LRA dataset must be one of {sorted(LOADERS)}, got {name!r}")
+    max_len = cfg.max_len or LRA_DEFAULT_LENGTHS[name]
+    kwargs: dict = {}
+    if name in LRA_GENERATED_SIZES:
+        train, val, test = LRA_GENERATED_SIZES[name]
+        if cfg.total_steps() is not None:
+            train = min(train, cfg.total_steps() * cfg.batch_size)
+        if cfg.max_eval_samples is not None:
+            val, test = min(val, cfg.max_eval_samples), min(test, cfg.max_eval_samples)
+        kwargs["sizes"] = (train, val, test)
+    if name in ("listops", "text", "retrieval"):
+        kwargs["max_len"] = max_len
+    data = LOADERS[name](cfg.data_dir, **kwargs)
+    model = LRAClassifier(data.vocab_size, data.num_classes, data.max_len, dim=cfg.dim, depth=cfg.depth,
+                          num_heads=cfg.heads, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
+                          variant=cfg.variant, head_scales=cfg.head_scales, window=cfg.window,
+                          dual=name == "retrieval")
+    val = data.val if cfg.protocol == "clean" else None
+    return Task(model=model, train=data.train, test=data.test, val=val, description=data.description)

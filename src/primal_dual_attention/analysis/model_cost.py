@@ -1,0 +1,196 @@
+"""``pda bench model``: what a whole task model costs per variant, on the task's real batches.
+
+For each variant the task's model is built (``build_task``), one real training batch is taken
+and the model is timed on it: training steps (forward, backward, AdamW) and inference, median
+over ``repeats`` after warm-up, reported as samples per second. FLOPs per sample come from
+:class:`torch.utils.flop_counter.FlopCounterMode` on the explicit math path (the counter does
+not see the fused CPU kernels; the math path performs the same matrix products), forward only
+and forward+backward. Peak memory of one training step: ``torch.cuda.max_memory_allocated`` on
+a GPU; on the CPU the rise of the process's peak resident set (``VmHWM``, reset after warm-up
+through ``/proc/self/clear_refs``) over the resident set before the step.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import multiprocessing
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from primal_dual_attention.analysis.bench import _status_kib, machine_description
+from primal_dual_attention.attention import MultiHeadAttention
+from primal_dual_attention.training.config import TrainConfig
+from primal_dual_attention.training.distributed import resolve_device
+from primal_dual_attention.training.engine import autocast
+
+
+@dataclass
+class ModelCost:
+    task: str
+    dataset: str
+    variant: str
+    batch: int
+    input_shape: str  # one sample's input, e.g. 3x32x32 or 2000
+    params: int
+    gflops_fwd_per_sample: float
+    gflops_train_per_sample: float
+    train_samples_per_s: float
+    infer_samples_per_s: float
+    peak_train_mb: float | None
+    device: str
+    precision: str
+
+
+def _set_fused(model: nn.Module, fused: bool) -> None:
+    for module in model.modules():
+        if isinstance(module, MultiHeadAttention):
+            module.fused_attn = fused
+
+
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        step()
+    _synchronise(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _synchronise(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _flops(model: nn.Module, x, mask, y, backward: bool) -> int:
+    _set_fused(model, False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            logits = model(x, mask)
+            if backward:
+                F.cross_entropy(logits, y).backward()
+        model.zero_grad(set_to_none=True)
+    finally:
+        _set_fused(model, True)
+    return counter.get_total_flops()
+
+
+def _prepared(cfg: TrainConfig, batch: int, device: str):
+    """The model on its device, one real training batch, and a training-step closure."""
+    from primal_dual_attention.training.tasks import build_task
+
+    task = build_task(replace(cfg, batch_size=batch))
+    x, mask, y = next(task.train.batches(batch, torch.Generator().manual_seed(0)))
+    target = resolve_device(device)
+    model = task.model.to(target)
+    x, y = x.to(target), y.to(target)
+    mask = None if mask is None else mask.to(target)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        with autocast(target, cfg.precision):
+            loss = F.cross_entropy(model(x, mask).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return model, (x, mask, y), target, train_step
+
+
+def measure_model_cost(cfg: TrainConfig, *, batch: int, warmup: int = 3, repeats: int = 10,
+                       device: str = "auto", memory: bool = True) -> ModelCost:
+    """Cost of ``cfg``'s model on one real training batch of ``batch`` samples."""
+    model, (x, mask, y), target, train_step = _prepared(cfg, batch, device)
+    params = sum(p.numel() for p in model.parameters())
+    cpu = [None if t is None else t.cpu() for t in (x, mask, y)]
+    flops_fwd = _flops(model.cpu(), *cpu, backward=False) / len(y)
+    flops_train = _flops(model, *cpu, backward=True) / len(y)
+    model.to(target)
+
+    def infer_step() -> None:
+        with torch.inference_mode(), autocast(target, cfg.precision):
+            model(x, mask)
+
+    model.train()
+    train_s = _median_seconds(train_step, target, warmup, repeats)
+    peak = None
+    if memory and target.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(target)
+        before = torch.cuda.memory_allocated(target)
+        train_step()
+        torch.cuda.synchronize(target)
+        peak = (torch.cuda.max_memory_allocated(target) - before) / 2**20
+    elif memory:
+        peak = _cpu_peak_in_subprocess(cfg, batch)
+    model.eval()
+    infer_s = _median_seconds(infer_step, target, warmup, repeats)
+    return ModelCost(cfg.task, cfg.dataset, cfg.variant, len(y), "x".join(map(str, x.shape[1:])),
+                     params, flops_fwd / 1e9, flops_train / 1e9, len(y) / train_s, len(y) / infer_s,
+                     peak, str(target), cfg.precision)
+
+
+def _cpu_peak_worker(cfg: TrainConfig, batch: int, threads: int) -> float:
+    """In a fresh process: rise of the peak RSS (MiB) during one training step after warm-up."""
+    torch.set_num_threads(threads)
+    *_, train_step = _prepared(cfg, batch, "cpu")
+    train_step()
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    train_step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def _cpu_peak_in_subprocess(cfg: TrainConfig, batch: int) -> float | None:
+    """Freed memory must go back to the OS for VmHWM to mean anything: glibc's mmap threshold is
+    pinned in a spawned process (as in :mod:`primal_dual_attention.analysis.bench`)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return None
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    try:
+        with concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(_cpu_peak_worker, cfg, batch, torch.get_num_threads()).result()
+    finally:
+        if saved is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+
+
+COST_COLUMNS = [f for f in ModelCost.__dataclass_fields__]
+
+
+def write_costs(costs: Sequence[ModelCost], out_dir: Path, command: str) -> Path:
+    """Append to ``out_dir/cost.csv`` (rows of one dataset/variant/device replace older ones)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "cost.csv"
+    fresh = {(c.dataset, c.variant, c.device, c.precision) for c in costs}
+    kept = []
+    if path.is_file():
+        with open(path, newline="") as handle:
+            kept = [r for r in csv.DictReader(handle)
+                    if (r["dataset"], r["variant"], r["device"], r["precision"]) not in fresh]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COST_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+        for cost in costs:
+            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in asdict(cost).items()})
+    with open(out_dir / "cost_commands.txt", "a") as handle:
+        handle.write(f"{command}    # {machine_description()}\n")
+    return path

@@ -1,0 +1,65 @@
+"""The standard PyTorch Long Range Arena encoder with any primal-dual attention (issue 8).
+
+Token embedding + learned positional embedding, ``depth`` pre-norm encoder blocks (dim 64,
+2 heads, FFN 128, 2 layers in the LRA set-up), a masked mean over the valid tokens and a
+two-layer ReLU classifier head. For Retrieval (``dual=True``) both documents are encoded by the
+same encoder and the head sees ``[u, v, u * v, u - v]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from primal_dual_attention.models.encoder import TransformerEncoder
+
+
+class LRAClassifier(nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        num_classes: int,
+        max_len: int,
+        *,
+        dim: int = 64,
+        depth: int = 2,
+        num_heads: int = 2,
+        mlp_dim: int = 128,
+        dropout: float = 0.1,
+        variant: str = "softmax",
+        head_scales: Sequence[int] | None = None,
+        window: int | None = None,
+        dual: bool = False,
+    ) -> None:
+        super().__init__()
+        self.max_len, self.dual = max_len, dual
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dim))
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.drop = nn.Dropout(dropout)
+        self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_dim, norm="pre", variant=variant,
+                                          head_scales=head_scales, window=window, dropout=dropout)
+        features = 4 * dim if dual else dim
+        self.head = nn.Sequential(nn.Linear(features, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, num_classes))
+
+    def encode(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """``(B, T)`` token ids -> ``(B, dim)`` masked mean of the encoder's outputs."""
+        if tokens.shape[1] > self.max_len:
+            raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed max_len={self.max_len}")
+        h = self.drop(self.embed(tokens) + self.pos_embed[:, : tokens.shape[1]])
+        h = self.encoder(h, key_padding_mask)
+        if key_padding_mask is None:
+            return h.mean(1)
+        valid = (~key_padding_mask).unsqueeze(-1).to(h.dtype)
+        return (h * valid).sum(1) / valid.sum(1).clamp_min(1.0)
+
+    def forward(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        if not self.dual:
+            return self.head(self.encode(tokens, key_padding_mask))
+        half = tokens.shape[1] // 2
+        masks = (None, None) if key_padding_mask is None else key_padding_mask.split(half, dim=1)
+        u = self.encode(tokens[:, :half], masks[0])
+        v = self.encode(tokens[:, half:], masks[1])
+        return self.head(torch.cat([u, v, u * v, u - v], dim=-1))

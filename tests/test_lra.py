@@ -1,0 +1,175 @@
+"""Long Range Arena: generators, readers, the encoder and a few training steps per task."""
+
+from __future__ import annotations
+
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from primal_dual_attention.data import lra
+from primal_dual_attention.models.lra import LRAClassifier
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PDA_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_listops_generator_is_seeded_bounded_distinct_and_labelled_correctly():
+    sequences, labels = lra.generate_listops(40, seed=3)
+    again, labels_again = lra.generate_listops(40, seed=3)
+    assert all(np.array_equal(a, b) for a, b in zip(sequences, again, strict=True))
+    assert np.array_equal(labels, labels_again)
+    assert all(500 < len(s) < 2000 for s in sequences)
+    assert len({s.tobytes() for s in sequences}) == 40
+    assert all(lra.evaluate_listops(s) == label for s, label in zip(sequences, labels, strict=True))
+    assert set(np.unique(labels)) <= set(range(10))
+    other, _ = lra.generate_listops(5, seed=4)
+    assert not np.array_equal(other[0], sequences[0])
+
+
+@pytest.mark.parametrize("text, value", [
+    ("[MAX 2 9 [MIN 4 7 ] 0 ]", 9),
+    ("[MED 1 5 [SM 9 9 ] 3 ]", 4),     # median of 1, 5, 8, 3 -> int(4.0)
+    ("[MED 1 2 ]", 1),                 # median 1.5 -> int() truncates
+    ("( ( [SM 7 ) 8 ) ]", 5),           # LRA's parentheses are layout only
+    ("[MIN [MAX 1 2 ] [MED 6 2 4 ] ]", 2),
+])
+def test_independent_evaluator_and_tokenizer(text, value):
+    assert lra.evaluate_listops(lra.tokenize_listops(text)) == value
+
+
+def test_listops_tsv_reader(tmp_path):
+    path = tmp_path / "basic_train.tsv"
+    path.write_text("Source\tTarget\n( ( [MAX 2 ) 9 ) ]\t9\n[SM 3 4 ]\t7\n")
+    split = lra.read_listops_tsv(path, max_len=16)
+    assert len(split) == 2 and split.lengths.tolist() == [4, 4] and split.labels.tolist() == [9, 7]
+    tokens, label = split[0]
+    assert lra.evaluate_listops(tokens.numpy()) == label == 9
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("Source\tTarget\n[FOO 1 ]\t1\n")
+    with pytest.raises(ValueError, match="unknown ListOps token"):
+        lra.read_listops_tsv(bad)
+
+
+def test_token_split_batches_trim_and_mask():
+    tokens = np.array([[1, 2, 3, 0, 0], [4, 5, 0, 0, 0], [6, 0, 0, 0, 0]], dtype=np.uint8)
+    split = lra.TokenSplit(tokens, np.array([3, 2, 1]), np.array([0, 1, 0]))
+    x, mask, y = next(split.batches(2))
+    assert x.shape == (2, 3) and mask.tolist() == [[False, False, False], [False, False, True]]
+    assert len(split) == 3 and isinstance(split, torch.utils.data.Dataset)
+
+
+def write_imdb_zip(path, per_class: int = 3) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for split in ("train", "test"):
+            for label in ("neg", "pos"):
+                for i in range(per_class):
+                    archive.writestr(f"aclImdb/{split}/{label}/{i}_7.txt", f"{label} review {i} é " * (i + 1))
+        archive.writestr("aclImdb/train/unsup/0_0.txt", "unlabelled")
+
+
+def test_imdb_zip_reader_bytes_labels_and_truncation(tmp_path):
+    write_imdb_zip(tmp_path / "imdb.zip")
+    split = lra.read_imdb_zip(tmp_path / "imdb.zip", "train", max_len=20)
+    assert len(split) == 6 and sorted(split.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    text = "neg review 0 é ".encode()
+    first = split.tokens[0, : split.lengths[0]].numpy()
+    assert np.array_equal(first, np.frombuffer(text, np.uint8).astype(int) + 1)  # bytes, not chars
+    assert split.lengths.max() == 20
+
+
+def test_pathfinder_generator_seeded_balanced_and_drawn():
+    images, labels = lra.generate_pathfinder(12, seed=1)
+    again, _ = lra.generate_pathfinder(12, seed=1)
+    assert images.shape == (12, 1024) and images.dtype == np.uint8 and np.array_equal(images, again)
+    assert labels.sum() == 6
+    ink = (images > 0).mean(1)
+    assert ((ink > 0.03) & (ink < 0.5)).all()
+
+
+def test_pathfinder_markers_are_joined_exactly_when_the_label_says_so():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    style = lra.PathfinderStyle(dash=1.0)  # undashed, so contours are 8-connected pixel paths
+    eight = np.ones((3, 3), dtype=bool)
+    for connected in (True, False) * 5:
+        image = lra.pathfinder_image(rng, connected, style)
+        labels, count = ndimage.label(image > 0, structure=eight)
+        assert count == 2 + style.distractors  # contours never touch
+        # the two markers are the blobs of >= 9 pixels whose 3x3 neighbourhood is all ink
+        solid = ndimage.binary_erosion(image > 0, structure=eight)
+        marked = set(np.unique(labels[solid]))
+        assert len(marked) == (1 if connected else 2)
+
+
+def test_grayscale_tokens_follow_luma():
+    images = torch.zeros(1, 3, 2, 2, dtype=torch.uint8)
+    images[0, 0] = 255
+    assert lra.grayscale_tokens(images).tolist() == [[76, 76, 76, 76]]
+
+
+def test_aan_reader_and_dual_encoder(tmp_path):
+    path = tmp_path / "new_aan_pairs.train.tsv"
+    path.write_text("1\ta\tb\tfirst doc\tsecond\n0.0\tc\td\tx\tyy\n")
+    split = lra.read_aan_tsv(path, max_len=8)
+    x, mask, y = next(split.batches(2))
+    assert x.shape == (2, 16) and y.tolist() == [1, 0]
+    assert mask[1].tolist() == [False] + [True] * 7 + [False, False] + [True] * 6
+    model = LRAClassifier(257, 2, 8, dual=True, variant="bn")
+    assert model(x, mask).shape == (2, 2)
+    (tmp_path / "bad.tsv").write_text("1\tonly\tthree\n")
+    with pytest.raises(ValueError, match="5 tab-separated columns"):
+        lra.read_aan_tsv(tmp_path / "bad.tsv")
+
+
+def test_retrieval_without_data_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="new_aan_pairs"):
+        lra.load_retrieval(None)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "linear", "bn", "sh", "bn_sh"])
+def test_padding_never_changes_the_lra_prediction(variant):
+    torch.manual_seed(0)
+    model = LRAClassifier(16, 10, 64, variant=variant, dropout=0.0).eval()
+    tokens = torch.randint(1, 16, (2, 40))
+    padded = torch.cat([tokens, torch.zeros(2, 24, dtype=torch.long)], 1)
+    mask = torch.arange(64) >= 40
+    torch.testing.assert_close(model(padded, mask.expand(2, 64)), model(tokens), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("task, extra", [
+    ("lra-listops", []),
+    ("lra-text", ["--max-len", "64"]),
+    ("lra-pathfinder", []),
+])
+def test_a_few_steps_reduce_the_training_loss(tmp_path, monkeypatch, task, extra):
+    from primal_dual_attention.cli import main
+
+    if task == "lra-text":
+        write_imdb_zip(tmp_path / "imdb.zip", per_class=8)
+        extra = extra + ["--data-dir", str(tmp_path / "imdb.zip")]
+    monkeypatch.setattr("primal_dual_attention.training.tasks.LRA_GENERATED_SIZES",
+                        {"listops": (64, 16, 16), "pathfinder": (64, 16, 16)})
+    args = ["train", "--task", task, "--variant", "bn_sh", "--steps", "24", "--warmup-steps", "2",
+            "--batch-size", "8", "--epochs", "3", "--lr", "0.003", "--dropout", "0", "--no-progress",
+            "--max-eval-samples", "16", "--threads", "1", "--out-dir", str(tmp_path / "runs"), *extra]
+    assert main(args) == 0
+    dataset = task.removeprefix("lra-")
+    log = (tmp_path / "runs" / "lra" / dataset / "clean" / "bn_sh" / "seed0" / "log.csv").read_text()
+    losses = [float(line.split(",")[2]) for line in log.splitlines()[1:]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_budget_scales_steps_and_the_alias_selects_the_dataset():
+    from primal_dual_attention.training.config import TrainConfig, bundled_config
+
+    cfg = bundled_config("lra-listops", "JapaneseVowels", TrainConfig(task="lra-listops", budget=0.1))
+    cfg.validate()
+    assert (cfg.task, cfg.dataset, cfg.steps, cfg.batch_size) == ("lra", "listops", 5000, 32)
+    assert cfg.total_steps() == 500
+    with pytest.raises(ValueError, match="budget must be > 0"):
+        TrainConfig(budget=0).validate()
