@@ -52,8 +52,10 @@ class ModelCost:
 
 
 def _set_fused(model: nn.Module, fused: bool) -> None:
+    """Softmax-kernel layers switch path; linear-kernel layers keep their primal O(N) form,
+    which is what they compute (their math path would count the N x N matrix)."""
     for module in model.modules():
-        if isinstance(module, MultiHeadAttention):
+        if isinstance(module, MultiHeadAttention) and module.spec.kernel == "softmax":
             module.fused_attn = fused
 
 

@@ -122,6 +122,27 @@ def _framework_section(root: Path) -> list[str]:
     return lines
 
 
+def _sweep_links(root: Path) -> list[str]:
+    """Links to the CIFAR-10 and LRA reports, with the mean test accuracy per variant."""
+    lines = []
+    for folder, title in (("cifar10", "CIFAR-10 (timm ViTs)"), ("lra", "Long Range Arena (CPU budget)")):
+        runs = root / folder / "runs.csv"
+        if not runs.is_file():
+            continue
+        rows = _read_csv(runs)
+        lines += [f"## {title}", "", f"[{folder}/README.md]({folder}/README.md): tables, budgets, costs, "
+                  "plots and notes. Mean test accuracy (%) per dataset and variant:", ""]
+        for dataset in sorted({r["dataset"] for r in rows}):
+            means = {}
+            for row in rows:
+                if row["dataset"] == dataset:
+                    means.setdefault(row["variant"], []).append(100 * float(row["test_acc"]))
+            lines.append(f"- {dataset}: " + ", ".join(
+                f"{v} {sum(a) / len(a):.2f} (n={len(a)})" for v, a in means.items()))
+        lines.append("")
+    return lines
+
+
 def write_report(results_dir: str | Path = "results") -> Path:
     root = Path(results_dir)
     here = set(available_datasets())
@@ -131,12 +152,13 @@ def write_report(results_dir: str | Path = "results") -> Path:
              "files under `results/`. Every number below comes from the linked sub-report, which names "
              "its command, protocol, seeds, budget and machine.", ""]
     lines += _framework_section(root) + _redundancy_section(root) + _accuracy_section(root)
-    lines += _cost_section(root)
+    lines += _cost_section(root) + _sweep_links(root)
     lines += ["## Not run here", "",
               f"- UEA datasets of the paper's table that are not on this machine: {', '.join(missing)} "
               "(`pda sweep --data-dir` runs them where they exist; aeon downloads them by name with "
               "internet).",
-              "- ImageNet (DeiT) and Long Range Arena: not run on this machine.", ""]
+              "- ImageNet (DeiT): recipe and configs only (`configs/imagenet/`); Long Range Arena at the "
+              "published budgets.", ""]
     path = root / "README.md"
     path.write_text("\n".join(lines) + "\n")
     return path

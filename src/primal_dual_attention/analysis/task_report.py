@@ -19,7 +19,7 @@ import numpy as np
 from primal_dual_attention.analysis.uea_report import BASELINE, read_runs, write_uea_report
 from primal_dual_attention.attention import VARIANTS
 
-TITLES = {"image": "CIFAR-10 with timm ViTs (`vit_cifar_*`)", "lra": "Long Range Arena"}
+TITLES = {"image": "CIFAR-10 with timm ViTs (`vit_cifar_*`)", "lra": "Long Range Arena (LRA)"}
 
 
 def write_task_report(task: str, results_dir: str | Path) -> Path:
@@ -79,6 +79,23 @@ def _plot(results_dir: Path, dataset: str, variants: list[str], protocol: str) -
     return name
 
 
+def _configs(results_dir: Path, dataset: str, protocol: str) -> list[dict]:
+    import yaml
+
+    return [yaml.safe_load(p.read_text())
+            for p in sorted((results_dir / "logs" / dataset / protocol).glob("*/seed*.yaml"))]
+
+
+def _step_budget(cfg: dict) -> str:
+    """One line on a step-budgeted run: steps run against the configured (published) steps."""
+    run = max(cfg["epochs"], round(cfg["steps"] * cfg["budget"]))
+    evaluation = (f"; validation and test on {cfg['max_eval_samples']} samples each (fixed seed)"
+                  if cfg.get("max_eval_samples") else "")
+    return (f"Budget: {run} steps of batch {cfg['batch_size']} = {cfg['budget']:g} of the configured "
+            f"{cfg['steps']} steps ({100 * run / cfg['steps']:.2g} %){evaluation}; sequence length "
+            f"{cfg.get('max_len')}.")
+
+
 def _cost_cells(costs: list[dict], dataset: str, variant: str) -> str:
     rows = [c for c in costs if c["dataset"] == dataset and c["variant"] == variant]
     if not rows:
@@ -103,7 +120,9 @@ def _dataset_section(results_dir: Path, dataset: str, rows: list[dict], costs: l
     for protocol in protocols:
         subset = [r for r in rows if r["protocol"] == protocol]
         budgets = sorted({r["epochs"] for r in subset})
-        out += [f"Protocol `{protocol}`, epochs per run: {', '.join(budgets)}.", "",
+        out += [f"Protocol `{protocol}`, epochs (evaluation rounds) per run: {', '.join(budgets)}."]
+        out += sorted({_step_budget(c) for c in _configs(results_dir, dataset, protocol) if c.get("steps")})
+        out += ["",
                 "| variant | test acc (%) | per seed | chosen epoch | params | GFLOPs fwd/sample | "
                 "train samples/s | inference samples/s | peak train MiB |",
                 "|---|---|---|---|---|---|---|---|---|"]

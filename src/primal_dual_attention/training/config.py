@@ -35,6 +35,16 @@ class TrainConfig:
     track_test: bool = False  # clean protocol: also log test accuracy per epoch (plots only)
     max_len: int | None = None  # LRA: sequence length (default: the task's published one)
     max_eval_samples: int | None = None  # evaluate on the first n validation/test samples only
+    # images (ImageNet recipe; timm does the augmentation)
+    model: str | None = None  # a timm model name (task imagenet); default deit_tiny_patch16_224[_<variant>]
+    img_size: int = 224
+    drop_path: float = 0.0
+    auto_augment: str | None = None  # timm RandAugment policy, e.g. rand-m9-mstd0.5-inc1
+    random_erase: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    repeated_aug: int = 0  # > 1: timm's RepeatAugSampler with this many repeats
+    num_workers: int = 4
     # model
     dim: int = 128
     depth: int = 3
@@ -48,6 +58,7 @@ class TrainConfig:
     batch_size: int = 16
     eval_batch_size: int = 256
     lr: float = 1e-3
+    lr_base_batch: int | None = None  # linear scaling: the lr used is lr * batch_size / lr_base_batch
     weight_decay: float = 0.0
     optimizer: str = "radam"
     schedule: str = "cosine"
@@ -88,6 +99,14 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("drop_path", "random_erase"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("mixup", "cutmix", "num_workers", "repeated_aug"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr_base_batch is not None and self.lr_base_batch < 1:
+            raise ValueError(f"lr_base_batch must be >= 1 or None, got {self.lr_base_batch}")
         if not self.budget > 0:
             raise ValueError(f"budget must be > 0 (a fraction of the configured steps), got {self.budget}")
         for name in ("steps", "max_len", "max_eval_samples"):
@@ -97,6 +116,10 @@ class TrainConfig:
         if self.task.startswith("lra-"):  # alias: task lra-<name> is task lra on dataset <name>
             self.task, self.dataset = "lra", self.task.removeprefix("lra-")
         return self
+
+    def effective_lr(self) -> float:
+        """``lr``, linearly scaled by ``batch_size / lr_base_batch`` when that is set."""
+        return self.lr if self.lr_base_batch is None else self.lr * self.batch_size / self.lr_base_batch
 
     def total_steps(self) -> int | None:
         """Optimizer steps of a step-budgeted run: ``steps x budget`` (at least one per round)."""

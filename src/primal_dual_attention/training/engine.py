@@ -183,8 +183,8 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    return torch.optim.RAdam(groups, lr=cfg.lr, decoupled_weight_decay=True)
+        return torch.optim.AdamW(groups, lr=cfg.effective_lr())
+    return torch.optim.RAdam(groups, lr=cfg.effective_lr(), decoupled_weight_decay=True)
 
 
 def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
@@ -231,7 +231,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, ctx: Context = SIN
     total_loss, correct, count = 0.0, 0.0, 0.0
     with torch.inference_mode():
         for batch in split.batches(batch_size):
-            x, mask, y = ctx.shard(*batch)
+            x, mask, y = _place(split, ctx, batch)
             with autocast(ctx.device, precision):
                 logits = model(x, mask)
             total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -256,11 +256,15 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
                disable=not (cfg.progress and ctx.is_main))
     for step, batch in enumerate(bar):
         _check_finite(batch[0], f"the inputs of epoch {epoch + 1}, batch {step}")
-        global_count = len(batch[2])
-        x, mask, y = ctx.shard(*batch)
+        x, mask, y = _place(split, ctx, batch)
+        global_count = len(y) * ctx.world_size if getattr(split, "per_rank", False) else len(batch[2])
         with autocast(ctx.device, cfg.precision):
             logits = model(x, mask)
-        loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing, reduction="sum")
+        # soft targets (mixup) already hold their label smoothing
+        smoothing = 0.0 if y.is_floating_point() else cfg.label_smoothing
+        loss_sum = F.cross_entropy(logits.float(), y, label_smoothing=smoothing, reduction="sum")
+        if y.is_floating_point():
+            y = y.argmax(-1)  # accuracy against the dominant class of the mixed target
         _check_finite(loss_sum, f"the loss of epoch {epoch + 1}, batch {step}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss_sum * (ctx.world_size / global_count)).backward()
@@ -277,6 +281,14 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
     total_loss, correct, count = ctx.sum(total_loss, correct, count)
     return EpochStats(total_loss / max(count, 1), correct / max(count, 1), int(count),
                       time.perf_counter() - start)
+
+
+def _place(split: Any, ctx: Context, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor]:
+    """This rank's part of a batch on its device: a slice of a global batch, or the whole batch
+    of a ``per_rank`` split (each rank loaded its own share)."""
+    if getattr(split, "per_rank", False):
+        return tuple(None if t is None else t.to(ctx.device, non_blocking=True) for t in batch)
+    return ctx.shard(*batch)
 
 
 def _is_better(candidate: tuple[float, float], best: tuple[float, float] | None) -> bool:

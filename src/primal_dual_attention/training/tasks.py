@@ -109,3 +109,34 @@ def build_lra_task(cfg: TrainConfig) -> Task:
                           dual=name == "retrieval")
     val = data.val if cfg.protocol == "clean" else None
     return Task(model=model, train=data.train, test=data.test, val=val, description=data.description)
+
+
+@register_task("imagenet")
+def build_imagenet_task(cfg: TrainConfig) -> Task:
+    """An ImageFolder tree (``--data-dir`` with ``train/`` and ``val/``) and a timm model:
+    ``cfg.model``, default ``deit_tiny_patch16_224`` (softmax, timm's own) or
+    ``deit_tiny_patch16_224_<variant>``. Each rank loads its own share of every batch; the
+    ``val`` folder is the reported split (``paper`` protocol, as DeiT reports ImageNet)."""
+    import os
+
+    import timm
+
+    import primal_dual_attention.timm  # noqa: F401  (registers the models)
+    from primal_dual_attention.data.imagefolder import imagefolder_splits
+
+    name = cfg.model or ("deit_tiny_patch16_224" if cfg.variant == "softmax"
+                         else f"deit_tiny_patch16_224_{cfg.variant}")
+    if not timm.list_models(name):
+        raise ValueError(f"model {name!r} is not a timm model (after importing primal_dual_attention.timm)")
+    train, val = imagefolder_splits(
+        cfg.data_dir, img_size=cfg.img_size, auto_augment=cfg.auto_augment,
+        random_erase=cfg.random_erase, mixup=cfg.mixup, cutmix=cfg.cutmix,
+        label_smoothing=cfg.label_smoothing, repeated_aug=cfg.repeated_aug, num_workers=cfg.num_workers,
+        seed=cfg.seed, rank=int(os.environ.get("RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    extra = {} if cfg.head_scales is None else {"head_scales": cfg.head_scales}
+    model = timm.create_model(name, num_classes=len(train.classes), img_size=cfg.img_size,
+                              drop_path_rate=cfg.drop_path, drop_rate=cfg.dropout, **extra)
+    return Task(model=model, train=train, test=val, val=None,
+                description=f"ImageFolder {cfg.data_dir}: {len(train)} train / {len(val)} val images, "
+                            f"{len(train.classes)} classes, {name}")
