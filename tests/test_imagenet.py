@@ -35,7 +35,10 @@ def test_recipe_configs_hold_the_deit_recipe(path):
     assert (cfg.mixup, cfg.cutmix, cfg.repeated_aug, cfg.drop_path) == (0.8, 1.0, 3, 0.1)
     assert cfg.auto_augment.startswith("rand-m9") and cfg.optimizer == "adamw"
     assert cfg.effective_lr() == pytest.approx(5e-4 * cfg.batch_size / 512)
-    assert len(CONFIGS) == 4
+
+
+def test_one_recipe_per_main_variant():
+    assert [p.stem for p in CONFIGS] == [f"deit_tiny_{v}" for v in ("bn", "bn_sh", "sh", "softmax")]
 
 
 SMOKE = ["--epochs", "1", "--batch-size", "4", "--eval-batch-size", "4", "--img-size", "32",

@@ -12,13 +12,14 @@ call is reported; glibc's mmap threshold is pinned so freed tensors return to th
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import csv
 import multiprocessing
 import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -202,24 +203,31 @@ def _peak_memory_worker(case: Case) -> float:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def measure_peak_memory(cases: list[Case]) -> dict[Case, float | None]:
-    """Peak memory per case, each in its own spawned process (None where /proc is missing)."""
-    if not Path("/proc/self/clear_refs").exists():
-        return dict.fromkeys(cases)
+@contextlib.contextmanager
+def peak_memory_pool() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
+    """A spawned one-worker pool (one task per process) whose allocations go back to the OS:
+    glibc's mmap threshold is pinned in the child, so ``VmHWM`` after a reset means the peak."""
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-    os.environ["PDA_BENCH_THREADS"] = str(torch.get_num_threads())
     try:
-        context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=context, max_tasks_per_child=1
+            max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
         ) as pool:
-            return dict(zip(cases, pool.map(_peak_memory_worker, cases), strict=True))
+            yield pool
     finally:
         if saved is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_")
         else:
             os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+
+
+def measure_peak_memory(cases: list[Case]) -> dict[Case, float | None]:
+    """Peak memory per case, each in its own spawned process (None where /proc is missing)."""
+    if not Path("/proc/self/clear_refs").exists():
+        return dict.fromkeys(cases)
+    os.environ["PDA_BENCH_THREADS"] = str(torch.get_num_threads())
+    with peak_memory_pool() as pool:
+        return dict(zip(cases, pool.map(_peak_memory_worker, cases), strict=True))
 
 
 def machine_description() -> str:

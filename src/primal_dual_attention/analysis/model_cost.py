@@ -3,19 +3,17 @@
 For each variant the task's model is built (``build_task``), one real training batch is taken
 and the model is timed on it: training steps (forward, backward, AdamW) and inference, median
 over ``repeats`` after warm-up, reported as samples per second. FLOPs per sample come from
-:class:`torch.utils.flop_counter.FlopCounterMode` on the explicit math path (the counter does
-not see the fused CPU kernels; the math path performs the same matrix products), forward only
-and forward+backward. Peak memory of one training step: ``torch.cuda.max_memory_allocated`` on
+:class:`torch.utils.flop_counter.FlopCounterMode`, forward only and forward+backward: softmax
+layers on their explicit math path (the counter does not see the fused CPU kernels; the math
+path performs the same matrix products), linear layers on the primal O(N) form they run.
+Peak memory of one training step: ``torch.cuda.max_memory_allocated`` on
 a GPU; on the CPU the rise of the process's peak resident set (``VmHWM``, reset after warm-up
 through ``/proc/self/clear_refs``) over the resident set before the step.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
-import multiprocessing
-import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from primal_dual_attention.analysis.bench import _status_kib, machine_description
+from primal_dual_attention.analysis.bench import _status_kib, machine_description, peak_memory_pool
 from primal_dual_attention.attention import MultiHeadAttention
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.distributed import resolve_device
@@ -157,21 +155,11 @@ def _cpu_peak_worker(cfg: TrainConfig, batch: int, threads: int) -> float:
 
 
 def _cpu_peak_in_subprocess(cfg: TrainConfig, batch: int) -> float | None:
-    """Freed memory must go back to the OS for VmHWM to mean anything: glibc's mmap threshold is
-    pinned in a spawned process (as in :mod:`primal_dual_attention.analysis.bench`)."""
+    """The training step's peak in a fresh process (see :func:`bench.peak_memory_pool`)."""
     if not Path("/proc/self/clear_refs").exists():
         return None
-    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
-    try:
-        with concurrent.futures.ProcessPoolExecutor(
-                max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            return pool.submit(_cpu_peak_worker, cfg, batch, torch.get_num_threads()).result()
-    finally:
-        if saved is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    with peak_memory_pool() as pool:
+        return pool.submit(_cpu_peak_worker, cfg, batch, torch.get_num_threads()).result()
 
 
 COST_COLUMNS = [f for f in ModelCost.__dataclass_fields__]

@@ -34,7 +34,7 @@ class TrainConfig:
     val_fraction: float = 0.2
     track_test: bool = False  # clean protocol: also log test accuracy per epoch (plots only)
     max_len: int | None = None  # LRA: sequence length (default: the task's published one)
-    max_eval_samples: int | None = None  # evaluate on the first n validation/test samples only
+    max_eval_samples: int | None = None  # evaluate on n validation/test samples (fixed random draw)
     # images (ImageNet recipe; timm does the augmentation)
     model: str | None = None  # a timm model name (task imagenet); default deit_tiny_patch16_224[_<variant>]
     img_size: int = 224
@@ -113,8 +113,7 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
-        if self.task.startswith("lra-"):  # alias: task lra-<name> is task lra on dataset <name>
-            self.task, self.dataset = "lra", self.task.removeprefix("lra-")
+        self.task, self.dataset = canonical_task(self.task, self.dataset)
         return self
 
     def effective_lr(self) -> float:
@@ -197,12 +196,15 @@ def dataset_config_path(task: str, dataset: str) -> Path:
     return CONFIG_ROOT / task / f"{dataset}.yaml"
 
 
+def canonical_task(task: str, dataset: str) -> tuple[str, str]:
+    """Task aliases: ``lra-<name>`` is task ``lra`` on dataset ``<name>``."""
+    return ("lra", task.removeprefix("lra-")) if task.startswith("lra-") else (task, dataset)
+
+
 def bundled_config(task: str, dataset: str, base: TrainConfig) -> TrainConfig:
     """``base`` overlaid with the bundled ``configs/<task>/<dataset>.yaml`` when there is one
     (task ``lra-<name>`` reads ``configs/lra/<name>.yaml``)."""
-    if task.startswith("lra-"):
-        task, dataset = "lra", task.removeprefix("lra-")
-    path = dataset_config_path(task, dataset)
+    path = dataset_config_path(*canonical_task(task, dataset))
     return load_yaml_config(path, base) if path.is_file() else base
 
 
