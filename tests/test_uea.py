@@ -165,6 +165,13 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3]
 
 
+def test_resume_refuses_a_checkpoint_of_another_budget(tmp_path):
+    run(tiny_config(tmp_path, epochs=1))
+    with pytest.raises(ValueError, match=r"cannot resume .*epochs: 1 -> 2"):
+        run(tiny_config(tmp_path, epochs=2, resume=True))
+    run(tiny_config(tmp_path, epochs=1, resume=True, threads=2, progress=True))  # running options may differ
+
+
 def test_yaml_config_rejects_unknown_keys_and_wrong_types(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("epochs: 3\nlearning_rate: 0.1\n")

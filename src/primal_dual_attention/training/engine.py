@@ -283,6 +283,20 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
                       time.perf_counter() - start)
 
 
+RUNNING_OPTIONS = {"resume", "progress", "out_dir", "threads", "device", "data_dir", "num_workers"}
+
+
+def _check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
+    """Refuse to resume a checkpoint of a different run (another budget, lr, ...) in the same
+    folder: only options that do not change the result may differ."""
+    current = cfg.to_dict()
+    changed = sorted(k for k in current if k not in RUNNING_OPTIONS and k in saved and saved[k] != current[k])
+    if changed:
+        details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+        raise ValueError(f"cannot resume {path}: it belongs to a run with other options ({details}); "
+                         "use another --out-dir or drop --resume")
+
+
 def _place(split: Any, ctx: Context, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor]:
     """This rank's part of a batch on its device: a slice of a global batch, or the whole batch
     of a ``per_rank`` split (each rank loaded its own share)."""
@@ -329,6 +343,7 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
     last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
     if cfg.resume and last_path.is_file():
         state = load_checkpoint(last_path)
+        _check_same_run(state["config"], cfg, last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
