@@ -7,7 +7,7 @@ whether it needs a sparse window, so every combination is one entry of :data:`VA
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +62,17 @@ VARIANTS: dict[str, AttentionVariant] = {
                          formula="linear kernel, pooled k, v, BN with pooled statistics"),
     )
 }
+
+
+def variant_names(keep: Callable[[AttentionVariant], bool] = lambda variant: True) -> tuple[str, ...]:
+    """Names of the variants that ``keep`` accepts, in registry order."""
+    return tuple(name for name, variant in VARIANTS.items() if keep(variant))
+
+
+#: The paper's four attentions: softmax, BN, SH and BN+SH (softmax kernel, no window).
+PAPER_VARIANTS = variant_names(lambda v: v.kernel == "softmax" and not v.sparse)
+#: The paper's four plus the baselines it compares with: linear, sparse and linear with BN.
+STUDIED_VARIANTS = variant_names(lambda v: not (v.kernel == "linear" and v.multi_scale))
 
 
 def get_variant(name: str) -> AttentionVariant:
