@@ -7,9 +7,12 @@ import types
 import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    from primal_dual_attention.attention import AttentionConfig
 
 CONFIG_ROOT = Path(__file__).resolve().parents[3] / "configs"
 PROTOCOLS = ("paper", "clean")
@@ -81,11 +84,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check values with a clear error naming the option, the value and what is allowed."""
-        from primal_dual_attention.attention import VARIANTS
-
         choices = {"protocol": PROTOCOLS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "precision": PRECISIONS,
-                   "variant": tuple(VARIANTS), "norm": ("pre", "post"),
+                   "precision": PRECISIONS, "norm": ("pre", "post"),
                    "pooling": ("flatten", "mean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -114,7 +114,20 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         self.task, self.dataset = canonical_task(self.task, self.dataset)
+        from primal_dual_attention.training.tasks import check_task
+
+        try:
+            check_task(self)
+        except TypeError as error:  # an ill-typed attention option, e.g. head_scales of strings
+            raise ValueError(str(error)) from None
         return self
+
+    def attention(self) -> AttentionConfig:
+        """The run's attention as one value (SPEC.md §2), handed to the task's model."""
+        from primal_dual_attention.attention import AttentionConfig
+
+        head_scales = None if self.head_scales is None else tuple(self.head_scales)
+        return AttentionConfig(variant=self.variant, head_scales=head_scales, window=self.window)
 
     def effective_lr(self) -> float:
         """``lr``, linearly scaled by ``batch_size / lr_base_batch`` when that is set."""
