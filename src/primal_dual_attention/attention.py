@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from primal_dual_attention.functional import (
@@ -28,6 +27,7 @@ from primal_dual_attention.functional import (
     grouped_attention,
     head_groups,
     pool_tokens,
+    split_heads,
 )
 
 
@@ -161,11 +161,11 @@ class MultiHeadAttention(nn.Module):
     variant name), or its fields as keywords: ``MultiHeadAttention(128, 8, variant="bn_sh")``.
     ``forward(x, key_padding_mask=None, need_weights=False)`` takes ``x`` of shape
     ``(B, N, dim)`` and a ``(B, N)`` bool mask (True = padding); it returns ``(B, N, dim)``, or
-    ``(out, weights)`` with ``(B, H, N, N)`` maps when ``need_weights``. For SH variants the
-    layer input is pooled once per distinct scale *before* the key/value projections (exact:
-    masked average pooling commutes with an affine map, SPEC.md §2), so only the pooled tokens
-    are projected. The ``qkv`` / ``proj`` parameter layout matches timm and
-    ``torch.nn.MultiheadAttention`` (q, k, v rows stacked).
+    ``(out, weights)`` with ``(B, H, N, N)`` maps when ``need_weights``. One projection makes
+    q, k and v for every head, as in softmax attention; each SH head group then pools its keys
+    and values together in one call (SPEC.md §2), which keeps the number of dispatched
+    operations, the cost of a small model, close to softmax's. The ``qkv`` / ``proj``
+    parameter layout matches timm and ``torch.nn.MultiheadAttention`` (q, k, v rows stacked).
     """
 
     def __init__(
@@ -197,8 +197,6 @@ class MultiHeadAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
         self.proj_drop = nn.Dropout(proj_drop)
-        for index, group in enumerate(self.groups):
-            self.register_buffer(f"_kv_rows_{index}", self._kv_rows(group), persistent=False)
 
     @property
     def spec(self) -> AttentionVariant:
@@ -221,12 +219,6 @@ class MultiHeadAttention(nn.Module):
     def fused_attn(self, fused: bool) -> None:
         self.config = replace(self.config, fused=fused)
 
-    def _kv_rows(self, group: HeadGroup) -> Tensor:
-        """Rows of ``qkv.weight`` holding the keys then values of a head group."""
-        heads = torch.arange(self.num_heads)[group.heads]
-        rows = (heads[:, None] * self.head_dim + torch.arange(self.head_dim)).flatten()
-        return torch.cat([self.dim + rows, 2 * self.dim + rows])
-
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
@@ -237,28 +229,21 @@ class MultiHeadAttention(nn.Module):
         key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_tokens)
         config = self.config
         grid = config.check_input(self.num_heads, num_tokens)
-        heads, head_dim = self.num_heads, self.head_dim
-
+        # (B, 3, H, N, hd): q, then k and v side by side, so an SH group pools both in one call
+        qkv = self.qkv(x).view(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(0, 2, 3, 1, 4)
         if config.head_scales is None:
-            qkv = self.qkv(x).view(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
-            q, k, v = qkv.unbind(0)
+            q, k, v = qkv.unbind(1)
 
             def keys_values(index: int, group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
                 return k, v, key_padding_mask
         else:
-            weight, bias = self.qkv.weight, self.qkv.bias
-            q = F.linear(x, weight[: self.dim], None if bias is None else bias[: self.dim])
-            q = q.view(batch, num_tokens, heads, head_dim).transpose(1, 2)
+            q, kv = qkv.split((1, 2), dim=1)
+            q, kv_parts = q.squeeze(1), split_heads(kv, self.groups, dim=2)
 
             def keys_values(index: int, group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
-                pooled, pooled_mask = pool_tokens(
-                    x, group.scale, key_padding_mask, grid_size=grid,
-                    num_prefix_tokens=config.num_prefix_tokens)
-                rows = getattr(self, f"_kv_rows_{index}")
-                kv = F.linear(pooled, weight.index_select(0, rows),
-                              None if bias is None else bias.index_select(0, rows))
-                kv = kv.view(batch, pooled.shape[1], 2, -1, head_dim).permute(2, 0, 3, 1, 4)
-                return kv[0], kv[1], pooled_mask
+                pooled, pooled_mask = pool_tokens(kv_parts[index], group.scale, key_padding_mask,
+                                                  grid_size=grid, num_prefix_tokens=config.num_prefix_tokens)
+                return (*pooled.unbind(1), pooled_mask)
 
         out, weights = grouped_attention(
             q, self.groups, keys_values, config, key_padding_mask=key_padding_mask,

@@ -263,21 +263,23 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 
 
 def _bench_model(args: argparse.Namespace) -> int:
-    from primal_dual_attention.analysis.model_cost import measure_model_cost, write_costs
+    from primal_dual_attention.analysis.model_cost import measure_model_costs, write_costs, write_speed_table
     from primal_dual_attention.training.config import TrainConfig, bundled_config, config_from_mapping
 
     base = bundled_config(args.task, args.dataset, TrainConfig(task=args.task, dataset=args.dataset))
     base = config_from_mapping(dict(args.set), "bench --set", base)
-    costs = []
-    for variant in args.variants:
-        cfg = config_from_mapping({"variant": variant}, "bench", base).validate()
-        cost = measure_model_cost(cfg, batch=args.batch, repeats=args.repeats, device=args.device)
-        costs.append(cost)
-        print(f"{variant:10} {cost.train_samples_per_s:10.1f} train/s {cost.infer_samples_per_s:10.1f} "
-              f"infer/s {cost.gflops_fwd_per_sample:8.3f} GFLOPs fwd/sample  peak "
+    cfgs = [config_from_mapping({"variant": variant}, "bench", base).validate() for variant in args.variants]
+    costs = measure_model_costs(cfgs, batch=args.batch, repeats=args.repeats, device=args.device,
+                                modes=args.modes, memory=not args.no_memory)
+    for cost in costs:
+        ratio = "" if cost.train_ratio is None else f" ({cost.train_ratio:.2f}x softmax)"
+        flops = "" if cost.flop_ratio is None else f" ({cost.flop_ratio:.2f}x)"
+        print(f"{cost.mode:10} {cost.variant:12} train {cost.train_ms:8.2f} ms/step{ratio} "
+              f"{cost.train_samples_per_s:10.1f} train/s {cost.infer_samples_per_s:10.1f} infer/s "
+              f"{cost.gflops_fwd_per_sample:8.3f} GFLOPs fwd/sample{flops}  peak "
               f"{cost.peak_train_mb if cost.peak_train_mb is None else round(cost.peak_train_mb)} MiB")
     command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    print(f"wrote {write_costs(costs, Path(args.out), command)}")
+    print(f"wrote {write_costs(costs, Path(args.out), command)} and {write_speed_table(Path(args.out))}")
     return 0
 
 
@@ -329,7 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--dataset", default="CIFAR10")
     model.add_argument("--variants", type=_variants, default=("softmax", "bn", "sh", "bn_sh"))
     model.add_argument("--batch", type=int, default=128)
-    model.add_argument("--repeats", type=int, default=10, help="timed steps (median)")
+    model.add_argument("--repeats", type=int, default=10, help="timed rounds (median per variant)")
+    model.add_argument("--modes", type=lambda t: tuple(t.split(",")), default=("eager",),
+                       help="comma separated: eager, compile (torch.compile), cudagraphs "
+                            "(torch.compile mode reduce-overhead); default eager")
+    model.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     model.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     model.add_argument("--set", type=_overrides, action="append", default=[], metavar="OPTION=VALUE",
                        help="any pda train option, e.g. --set precision=bf16 (repeatable)")

@@ -269,6 +269,55 @@ class _BNNormalize(torch.autograd.Function):
         return grad_q.to(q_hat.dtype), grad_k.to(k_hat.dtype), None, None
 
 
+class _BNFoldQueries(torch.autograd.Function):
+    """Attention-BN for the softmax kernel folded into the queries (SPEC.md §2):
+    ``q' = (q - mu) r`` with ``r = 1 / (var + eps)``, keys unchanged.
+
+    ``q^.k^_j = q'.k_j - q'.mu``; the last term is the same for every key j, so the softmax over
+    j is unchanged, and only the queries need a transform. Backward, with the masked key
+    statistics over the ``n`` valid keys: ``dq = r g`` and, for a valid key j,
+    ``dk_j = -(r / n) sum_i g_i - (2 r^2 / n) (k_j - mu) sum_i g_i.(q_i - mu)`` (added by autograd
+    to the gradient that reaches k through the kernel).
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, eps: float) -> Tensor:
+        mean, var = masked_mean_var(k, key_padding_mask)
+        inv_var = (var + eps).reciprocal()
+        q_centred = q - mean
+        ctx.save_for_backward(q_centred, k, mean, inv_var, key_padding_mask)
+        return (q_centred * inv_var).to(q.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        q_centred, k, mean, inv_var, key_padding_mask = ctx.saved_tensors
+        grad = grad.to(inv_var.dtype)
+        if key_padding_mask is None:
+            weights, count = None, float(k.shape[-2])
+        else:
+            weights = _token_weights(key_padding_mask, inv_var)
+            count = weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
+        mean_term = grad.sum(dim=-2, keepdim=True) * (-inv_var / count)
+        var_term = (grad * q_centred).sum(dim=-2, keepdim=True) * (-2.0 / count) * inv_var.square()
+        grad_k = torch.addcmul(mean_term, k - mean, var_term)
+        if weights is not None:
+            grad_k = grad_k * weights
+        return (grad * inv_var).to(q_centred.dtype), grad_k.to(k.dtype), None, None
+
+
+def bn_fold_queries(
+    q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None, eps: float = 1e-5
+) -> tuple[Tensor, Tensor]:
+    """Attention-BN for the softmax kernel (SPEC.md §2) as a query transform: returns
+    ``((q - mu) / s^2, k)``, whose softmax attention equals that of ``bn_normalize(q, k)``.
+
+    One transform instead of two: fewer operations per step, and the keys reach the fused
+    kernel untouched.
+    """
+    return _BNFoldQueries.apply(q, k, key_padding_mask, eps), k
+
+
 def bn_normalize(
     q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None, eps: float = 1e-5
 ) -> tuple[Tensor, Tensor]:
@@ -297,7 +346,8 @@ def pool_tokens(
     (ceil mode) and averages the tokens it holds. With ``grid_size=(Hg, Wg)`` the non-prefix
     tokens form a row-major grid and the pooling is 2-D. The first ``num_prefix_tokens``
     tokens are never pooled. With a padding mask a window averages its valid tokens only, and a
-    window without any valid token is marked as padding in the returned mask.
+    window without any valid token is marked as padding in the returned mask. Without a mask
+    and with whole windows the pooling is one ``mean`` over a strided view.
 
     Returns ``(pooled, pooled_mask)``; ``pooled_mask`` is None when ``key_padding_mask`` is.
     """
@@ -306,64 +356,46 @@ def pool_tokens(
     grid = check_grid(grid_size, num_tokens, num_prefix_tokens)
     if scale == 1:
         return x, key_padding_mask
-    prefix, body = x[..., :num_prefix_tokens, :], x[..., num_prefix_tokens:, :]
-    body_mask = None if key_padding_mask is None else key_padding_mask[:, num_prefix_tokens:]
+    # one split, not two slices: its backward is one concatenation, not two zero-filled copies
+    prefix, body = (x.split((num_prefix_tokens, num_tokens - num_prefix_tokens), dim=-2)
+                    if num_prefix_tokens else (None, x))
+    shape = (num_tokens - num_prefix_tokens,) if grid is None else grid
+    windows = tuple(-(-side // scale) for side in shape)
+    # compiled code takes the general path for every length: one graph, not one per remainder
+    whole = not torch.compiler.is_compiling() and all(
+        w * scale == side for w, side in zip(windows, shape, strict=True))
 
-    if grid is None:
-        pooled, counts = _pool_1d(body, scale, body_mask)
-    else:
-        pooled, counts = _pool_2d(body, scale, grid, body_mask)
+    def window_view(t: Tensor) -> Tensor:
+        """``(..., *shape, D)`` -> ``(..., w_1, s, [w_2, s,] D)``, padded to whole windows."""
+        t = t.unflatten(-2, shape)
+        if not whole:
+            pads = [0, 0]
+            for w, side in zip(reversed(windows), reversed(shape), strict=True):
+                pads += [0, w * scale - side]
+            t = F.pad(t, pads)
+        if grid is not None:
+            t = t.unflatten(-3, (windows[0], scale))
+        return t.unflatten(-2, (windows[-1], scale))
 
+    window_axes = (-2,) if grid is None else (-4, -2)
     pooled_mask = None
-    if key_padding_mask is not None:
-        # counts: (B, 1.., M, 1) -> (B, M); a window with no valid token is padding
-        empty = counts.reshape(counts.shape[0], -1) == 0
-        pooled_mask = torch.cat([key_padding_mask[:, :num_prefix_tokens], empty], dim=1)
+    if key_padding_mask is None and whole:
+        pooled = window_view(body).mean(dim=window_axes)
+    else:
+        mask = None if key_padding_mask is None else key_padding_mask[:, num_prefix_tokens:]
+        weights = (body.new_ones((1,) * (body.ndim - 2) + (body.shape[-2], 1)) if mask is None
+                   else _token_weights(mask, body))
+        counts = window_view(weights).sum(dim=window_axes)
+        pooled = window_view(body * weights).sum(dim=window_axes) / counts.clamp_min(1.0)
+        if key_padding_mask is not None:
+            # counts: (B, 1.., *windows, 1) -> (B, M); a window with no valid token is padding
+            pooled_mask = counts.reshape(counts.shape[0], -1) == 0
+            if num_prefix_tokens:
+                pooled_mask = torch.cat([key_padding_mask[:, :num_prefix_tokens], pooled_mask], dim=1)
+    pooled = pooled.flatten(-len(shape) - 1, -2)
     if num_prefix_tokens:
         pooled = torch.cat([prefix, pooled], dim=-2)
     return pooled, pooled_mask
-
-
-def _pool_1d(body: Tensor, scale: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    length = body.shape[-2]
-    windows = math.ceil(length / scale)
-    pad = windows * scale - length
-    if mask is None and pad == 0:
-        pooled = body.unflatten(-2, (windows, scale)).mean(dim=-2)
-        counts = body.new_full((1, windows, 1), float(scale))
-        return pooled, counts
-    if mask is None:
-        weights = body.new_ones((1,) * (body.ndim - 2) + (length, 1))
-    else:
-        weights = _token_weights(mask, body)
-    weighted = body * weights
-    if pad:
-        weighted, weights = F.pad(weighted, (0, 0, 0, pad)), F.pad(weights, (0, 0, 0, pad))
-    sums = weighted.unflatten(-2, (windows, scale)).sum(dim=-2)
-    counts = weights.unflatten(-2, (windows, scale)).sum(dim=-2)
-    return sums / counts.clamp_min(1.0), counts
-
-
-def _pool_2d(
-    body: Tensor, scale: int, grid: tuple[int, int], mask: Tensor | None
-) -> tuple[Tensor, Tensor]:
-    rows, cols = grid
-    out_rows, out_cols = math.ceil(rows / scale), math.ceil(cols / scale)
-    pad_rows, pad_cols = out_rows * scale - rows, out_cols * scale - cols
-    if mask is None:
-        weights = body.new_ones((1,) * (body.ndim - 2) + (rows * cols, 1))
-    else:
-        weights = _token_weights(mask, body)
-
-    def window_sums(t: Tensor) -> Tensor:
-        t = t.unflatten(-2, (rows, cols))  # (..., rows, cols, D)
-        t = F.pad(t, (0, 0, 0, pad_cols, 0, pad_rows))
-        t = t.unflatten(-3, (out_rows, scale)).unflatten(-2, (out_cols, scale))
-        return t.sum(dim=(-4, -2)).flatten(-3, -2)  # (..., out_rows * out_cols, D)
-
-    sums = window_sums(body * weights)
-    counts = window_sums(weights)
-    return sums / counts.clamp_min(1.0), counts
 
 
 def pooling_matrix(
@@ -501,7 +533,8 @@ class Kernel:
     """One attention kernel (SPEC.md §1) and its three faces.
 
     ``feature_map``: the finite ``Phi`` with ``kappa(x, y) = Phi(x).Phi(y)`` (None when Phi is
-    infinite, as for softmax: then there is no exact O(N) primal form). ``log_kernel(x, y)``:
+    infinite, as for softmax: then there is no exact O(N) primal form). ``bn(q, k, mask, eps)``:
+    Attention-BN's input transform for this kernel. ``log_kernel(x, y)``:
     ``log kappa`` for every pair (the explicit SVR expansions of :mod:`.primal`). ``weights(q, k,
     visible)``: the explicit attention matrix (the math path). ``fused(q, k, v, mask, window,
     dropout_p)``: the fast path, or None where it does not apply.
@@ -512,6 +545,7 @@ class Kernel:
     log_kernel: Callable[[Tensor, Tensor], Tensor]
     weights: Callable[[Tensor, Tensor, Tensor | None], Tensor]
     fused: Callable[..., Tensor | None]
+    bn: Callable[[Tensor, Tensor, Tensor | None, float], tuple[Tensor, Tensor]]
 
     @property
     def has_primal(self) -> bool:
@@ -522,8 +556,8 @@ class Kernel:
 KERNELS: dict[str, Kernel] = {
     kernel.name: kernel
     for kernel in (
-        Kernel("softmax", None, _softmax_log_kernel, _softmax_weights, _softmax_fused),
-        Kernel("linear", elu_feature_map, _linear_log_kernel, _linear_weights, _linear_fused),
+        Kernel("softmax", None, _softmax_log_kernel, _softmax_weights, _softmax_fused, bn_fold_queries),
+        Kernel("linear", elu_feature_map, _linear_log_kernel, _linear_weights, _linear_fused, bn_normalize),
     )
 }
 
@@ -587,7 +621,7 @@ def attend(
     """
     kernel = get_kernel(options.kernel)
     if options.bn:
-        q, k = bn_normalize(q, k, key_padding_mask, options.eps)
+        q, k = kernel.bn(q, k, key_padding_mask, options.eps)
     if options.fused and not need_weights:
         out = kernel.fused(q, k, v, key_padding_mask, options.window, dropout_p)
         if out is not None:
@@ -669,15 +703,17 @@ def _tiles_in_order(groups: Sequence[HeadGroup]) -> bool:
         a.heads.stop == b.heads.start for a, b in zip(groups, groups[1:], strict=False))
 
 
-def split_heads(x: Tensor, groups: Sequence[HeadGroup]) -> list[Tensor]:
-    """``x`` (B, H, ...) cut into the heads of each group.
+def split_heads(x: Tensor, groups: Sequence[HeadGroup], dim: int = 1) -> list[Tensor]:
+    """``x`` cut along its head axis ``dim`` into the heads of each group.
 
     Uses ``torch.split`` when the groups tile the heads in order: its backward concatenates
     the gradients once, where per-group slicing would fill a full-size zero tensor per group.
     """
+    if len(groups) == 1 and isinstance(groups[0].heads, slice):
+        return [x]
     if _tiles_in_order(groups):
-        return list(x.split([g.heads.stop - g.heads.start for g in groups], dim=1))
-    return [g.select(x) for g in groups]
+        return list(x.split([g.heads.stop - g.heads.start for g in groups], dim=dim))
+    return [g.select(x, dim) for g in groups]
 
 
 def grouped_attention(

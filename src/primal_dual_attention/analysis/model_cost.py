@@ -1,14 +1,17 @@
 """``pda bench model``: what a whole task model costs per variant, on the task's real batches.
 
-For each variant the task's model is built (``build_task``), one real training batch is taken
-and the model is timed on it: training steps (forward, backward, AdamW) and inference, median
-over ``repeats`` after warm-up, reported as samples per second. FLOPs per sample come from
-:class:`torch.utils.flop_counter.FlopCounterMode`, forward only and forward+backward: softmax
-layers on their explicit math path (the counter does not see the fused CPU kernels; the math
-path performs the same matrix products), linear layers on the primal O(N) form they run.
-Peak memory of one training step: ``torch.cuda.max_memory_allocated`` on
-a GPU; on the CPU the rise of the process's peak resident set (``VmHWM``, reset after warm-up
-through ``/proc/self/clear_refs``) over the resident set before the step.
+Every variant's model is built (``build_task``), one real training batch is taken, and the
+models are timed *in one process, round-robin* (one step of each variant in turn, ``repeats``
+rounds, median per variant), so that a slow phase of a shared machine hits every variant alike:
+training steps (forward, backward, AdamW) and inference, eager and/or through ``torch.compile``,
+reported as samples per second, milliseconds per step and the ratio to softmax's step in the
+same mode. FLOPs per sample come from :class:`torch.utils.flop_counter.FlopCounterMode`,
+forward only and forward+backward: softmax layers on their explicit math path (the counter does
+not see the fused CPU kernels; the math path performs the same matrix products), linear layers
+on the primal O(N) form they run. Peak memory of one eager training step:
+``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the rise of the process's peak resident
+set (``VmHWM``, reset after warm-up through ``/proc/self/clear_refs``) over the resident set
+before the step, in a fresh process.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from primal_dual_attention.analysis.bench import _status_kib, machine_description, peak_memory_pool
@@ -47,6 +50,10 @@ class ModelCost:
     peak_train_mb: float | None
     device: str
     precision: str
+    mode: str = "eager"  # eager, compile or cudagraphs
+    train_ms: float | None = None  # median training step
+    train_ratio: float | None = None  # train_ms / softmax's train_ms in the same mode
+    flop_ratio: float | None = None  # training FLOPs / softmax's
 
 
 def _synchronise(device: torch.device) -> None:
@@ -54,17 +61,21 @@ def _synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        step()
+def _round_robin_seconds(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
+                         repeats: int) -> dict[str, float]:
+    """Median seconds of each step, timed in turn (one of each per round) after ``warmup`` calls."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     _synchronise(device)
-    times = []
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        _synchronise(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            _synchronise(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _flops(model: nn.Module, x, mask, y, backward: bool) -> int:
@@ -78,64 +89,113 @@ def _flops(model: nn.Module, x, mask, y, backward: bool) -> int:
     return counter.get_total_flops()
 
 
-def _prepared(cfg: TrainConfig, batch: int, device: str):
-    """The model on its device, one real training batch, and a training-step closure."""
+COMPILE_MODES = {"eager": None, "compile": "default", "cudagraphs": "reduce-overhead"}
+
+
+@dataclass
+class _Prepared:
+    """One variant's model on its device, one real training batch, and its step closures."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    batch: tuple[Tensor, Tensor | None, Tensor]
+    device: torch.device
+
+    def steps(self, mode: str) -> tuple[Callable[[], None], Callable[[], None]]:
+        """``(train_step, infer_step)`` of the model, eager or through ``torch.compile``."""
+        x, mask, y = self.batch
+        compile_mode = COMPILE_MODES[mode]
+        model = self.model if compile_mode is None else torch.compile(self.model, mode=compile_mode)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        precision = self.cfg.precision
+
+        def train_step() -> None:
+            self.model.train()
+            with autocast(self.device, precision):
+                loss = F.cross_entropy(model(x, mask).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        def infer_step() -> None:
+            self.model.eval()
+            with torch.inference_mode(), autocast(self.device, precision):
+                model(x, mask)
+
+        return train_step, infer_step
+
+
+def _prepare(cfg: TrainConfig, batch: int, device: str) -> _Prepared:
     from primal_dual_attention.training.tasks import build_task
 
     task = build_task(replace(cfg, batch_size=batch))
     x, mask, y = next(task.train.batches(batch, torch.Generator().manual_seed(0)))
     target = resolve_device(device)
-    model = task.model.to(target)
-    x, y = x.to(target), y.to(target)
-    mask = None if mask is None else mask.to(target)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def train_step() -> None:
-        with autocast(target, cfg.precision):
-            loss = F.cross_entropy(model(x, mask).float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return model, (x, mask, y), target, train_step
+    placed = tuple(None if t is None else t.to(target) for t in (x, mask, y))
+    return _Prepared(cfg, task.model.to(target), placed, target)
 
 
-def measure_model_cost(cfg: TrainConfig, *, batch: int, warmup: int = 3, repeats: int = 10,
-                       device: str = "auto", memory: bool = True) -> ModelCost:
-    """Cost of ``cfg``'s model on one real training batch of ``batch`` samples."""
-    model, (x, mask, y), target, train_step = _prepared(cfg, batch, device)
-    params = sum(p.numel() for p in model.parameters())
-    cpu = [None if t is None else t.cpu() for t in (x, mask, y)]
-    flops_fwd = _flops(model.cpu(), *cpu, backward=False) / len(y)
-    flops_train = _flops(model, *cpu, backward=True) / len(y)
-    model.to(target)
+def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int = 3, repeats: int = 10,
+                        device: str = "auto", modes: Sequence[str] = ("eager",),
+                        memory: bool = True) -> list[ModelCost]:
+    """Cost of each config's model (one per variant) on one real training batch of ``batch``
+    samples, the variants timed round-robin in every mode of ``modes``."""
+    unknown = [m for m in modes if m not in COMPILE_MODES]
+    if unknown:
+        raise ValueError(f"modes must be among {list(COMPILE_MODES)}, got {unknown}")
+    prepared = {cfg.variant: _prepare(cfg, batch, device) for cfg in cfgs}
+    flops = {}
+    for variant, item in prepared.items():
+        cpu = [None if t is None else t.cpu() for t in item.batch]
+        model = item.model.cpu()
+        flops[variant] = (_flops(model, *cpu, backward=False), _flops(model, *cpu, backward=True))
+        model.to(item.device)
+    peaks = {variant: _peak_memory(item) if memory else None for variant, item in prepared.items()}
+    costs = []
+    for mode in modes:
+        if mode != "eager":
+            torch._dynamo.reset()
+        closures = {variant: item.steps(mode) for variant, item in prepared.items()}
+        train_s = _round_robin_seconds({v: c[0] for v, c in closures.items()},
+                                       _device_of(prepared), warmup, repeats)
+        infer_s = _round_robin_seconds({v: c[1] for v, c in closures.items()},
+                                       _device_of(prepared), warmup, repeats)
+        for variant, item in prepared.items():
+            x, _, y = item.batch
+            fwd, train = flops[variant]
+            ratio_base = "softmax" if "softmax" in prepared else None
+            costs.append(ModelCost(
+                item.cfg.task, item.cfg.dataset, variant, len(y), "x".join(map(str, x.shape[1:])),
+                sum(p.numel() for p in item.model.parameters()), fwd / len(y) / 1e9, train / len(y) / 1e9,
+                len(y) / train_s[variant], len(y) / infer_s[variant], peaks[variant],
+                str(item.device), item.cfg.precision, mode, 1e3 * train_s[variant],
+                None if ratio_base is None else train_s[variant] / train_s[ratio_base],
+                None if ratio_base is None else train / flops[ratio_base][1]))
+    return costs
 
-    def infer_step() -> None:
-        with torch.inference_mode(), autocast(target, cfg.precision):
-            model(x, mask)
 
-    model.train()
-    train_s = _median_seconds(train_step, target, warmup, repeats)
-    peak = None
-    if memory and target.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(target)
-        before = torch.cuda.memory_allocated(target)
+def _device_of(prepared: dict[str, _Prepared]) -> torch.device:
+    return next(iter(prepared.values())).device
+
+
+def _peak_memory(item: _Prepared) -> float | None:
+    """Peak memory (MiB) of one eager training step above what was allocated before it."""
+    if item.device.type == "cuda":
+        train_step, _ = item.steps("eager")
         train_step()
-        torch.cuda.synchronize(target)
-        peak = (torch.cuda.max_memory_allocated(target) - before) / 2**20
-    elif memory:
-        peak = _cpu_peak_in_subprocess(cfg, batch)
-    model.eval()
-    infer_s = _median_seconds(infer_step, target, warmup, repeats)
-    return ModelCost(cfg.task, cfg.dataset, cfg.variant, len(y), "x".join(map(str, x.shape[1:])),
-                     params, flops_fwd / 1e9, flops_train / 1e9, len(y) / train_s, len(y) / infer_s,
-                     peak, str(target), cfg.precision)
+        torch.cuda.synchronize(item.device)
+        torch.cuda.reset_peak_memory_stats(item.device)
+        before = torch.cuda.memory_allocated(item.device)
+        train_step()
+        torch.cuda.synchronize(item.device)
+        return (torch.cuda.max_memory_allocated(item.device) - before) / 2**20
+    return _cpu_peak_in_subprocess(item.cfg, len(item.batch[2]))
 
 
 def _cpu_peak_worker(cfg: TrainConfig, batch: int, threads: int) -> float:
     """In a fresh process: rise of the peak RSS (MiB) during one training step after warm-up."""
     torch.set_num_threads(threads)
-    *_, train_step = _prepared(cfg, batch, "cpu")
+    train_step, _ = _prepare(cfg, batch, "cpu").steps("eager")
     train_step()
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")  # resets VmHWM to the current RSS
@@ -155,16 +215,22 @@ def _cpu_peak_in_subprocess(cfg: TrainConfig, batch: int) -> float | None:
 COST_COLUMNS = [f for f in ModelCost.__dataclass_fields__]
 
 
+def _cost_key(row: dict) -> tuple:
+    """A new row replaces an older one of the same dataset, variant, device, precision, mode and
+    batch (files written before modes existed count as eager)."""
+    return (row["dataset"], row["variant"], row["device"], row["precision"], row.get("mode") or "eager",
+            str(row["batch"]))
+
+
 def write_costs(costs: Sequence[ModelCost], out_dir: Path, command: str) -> Path:
     """Append to ``out_dir/cost.csv`` (rows of one dataset/variant/device replace older ones)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "cost.csv"
-    fresh = {(c.dataset, c.variant, c.device, c.precision) for c in costs}
+    fresh = {_cost_key(asdict(c)) for c in costs}
     kept = []
     if path.is_file():
         with open(path, newline="") as handle:
-            kept = [r for r in csv.DictReader(handle)
-                    if (r["dataset"], r["variant"], r["device"], r["precision"]) not in fresh]
+            kept = [r for r in csv.DictReader(handle) if _cost_key(r) not in fresh]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COST_COLUMNS)
         writer.writeheader()
@@ -173,4 +239,43 @@ def write_costs(costs: Sequence[ModelCost], out_dir: Path, command: str) -> Path
             writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in asdict(cost).items()})
     with open(out_dir / "cost_commands.txt", "a") as handle:
         handle.write(f"{command}    # {machine_description()}\n")
+    return path
+
+
+def write_speed_table(out_dir: Path) -> Path:
+    """``out_dir/speed.md``: per model, batch, device and precision, each variant's training step
+    in every measured mode as milliseconds and as a ratio to softmax's step in the same mode,
+    beside its training-FLOP ratio; made from ``cost.csv`` and ``cost_commands.txt`` alone."""
+    with open(out_dir / "cost.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        key = (row["task"], row["dataset"], row["input_shape"], row["batch"], row["device"], row["precision"])
+        groups.setdefault(key, []).append(row)
+    commands = (out_dir / "cost_commands.txt").read_text().splitlines()
+    lines = ["# Training-step cost per variant", "",
+             "Made by the `pda bench model` commands below (all variants of a table in one process, "
+             "timed round-robin; median step). Each cell: milliseconds per training step (forward, "
+             "backward, AdamW) and, in brackets, the ratio to softmax in the same model and mode. "
+             "`FLOPs` is the training-FLOP ratio to softmax.", ""]
+    for (task, dataset, shape, batch, device, precision), group in groups.items():
+        modes = list(dict.fromkeys(r.get("mode") or "eager" for r in group))
+        step = {((r.get("mode") or "eager"), r["variant"]):
+                1e3 * int(r["batch"]) / float(r["train_samples_per_s"]) for r in group}
+        flops = {r["variant"]: float(r["gflops_train_per_sample"]) for r in group}
+        lines += [f"## {task} {dataset} ({shape}), batch {batch}, {device} {precision}", "",
+                  "| variant | " + " | ".join(modes) + " | FLOPs |",
+                  "|---|" + "---|" * (len(modes) + 1)]
+        for variant in dict.fromkeys(r["variant"] for r in group):
+            cells = []
+            for mode in modes:
+                ms, base = step.get((mode, variant)), step.get((mode, "softmax"))
+                ratio = "" if base is None or ms is None else f" ({ms / base:.2f})"
+                cells.append("–" if ms is None else f"{ms:.2f}{ratio}")
+            flop = "" if "softmax" not in flops else f"{flops[variant] / flops['softmax']:.2f}"
+            lines.append(f"| {variant} | " + " | ".join(cells) + f" | {flop} |")
+        lines.append("")
+    lines += ["## Commands", "", *[f"- `{c.split('    # ')[0]}` ({c.split('    # ')[-1]})" for c in commands]]
+    path = out_dir / "speed.md"
+    path.write_text("\n".join(lines) + "\n")
     return path

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from primal_dual_attention.training.compilation import COMPILE_CHOICES
+
 if TYPE_CHECKING:
     from primal_dual_attention.attention import AttentionConfig
 
@@ -74,7 +76,8 @@ class TrainConfig:
     grad_clip: float | None = 4.0
     label_smoothing: float = 0.0
     precision: str = "fp32"
-    compile: bool = False
+    compile: str = "auto"  # auto (CUDA: on, CPU: off), on, off, cudagraphs
+    compile_backend: str = "inductor"  # torch.compile backend (e.g. aot_eager to debug)
     # running
     device: str = "auto"
     out_dir: str = "runs"
@@ -85,7 +88,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         """Check values with a clear error naming the option, the value and what is allowed."""
         choices = {"protocol": PROTOCOLS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "precision": PRECISIONS, "norm": ("pre", "post"),
+                   "precision": PRECISIONS, "norm": ("pre", "post"), "compile": COMPILE_CHOICES,
                    "pooling": ("flatten", "mean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -178,6 +181,8 @@ def config_from_mapping(values: dict[str, Any], where: str, base: TrainConfig | 
     """Overlay ``values`` on ``base``; reject unknown keys and wrong types, naming them."""
     if not isinstance(values, dict):
         raise ValueError(f"{where}: expected a mapping of option: value, got {type(values).__name__}")
+    if isinstance(values.get("compile"), bool):  # checkpoints written when compile was a switch
+        values = values | {"compile": "on" if values["compile"] else "off"}
     types_ = _field_types()
     unknown = sorted(set(values) - set(types_))
     if unknown:

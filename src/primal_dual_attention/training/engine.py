@@ -38,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from primal_dual_attention.training import distributed
+from primal_dual_attention.training.compilation import maybe_compile
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.distributed import Context
 
@@ -283,7 +284,8 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
                       time.perf_counter() - start)
 
 
-RUNNING_OPTIONS = {"resume", "progress", "out_dir", "threads", "device", "data_dir", "num_workers"}
+RUNNING_OPTIONS = {"resume", "progress", "out_dir", "threads", "device", "data_dir", "num_workers", "compile",
+                   "compile_backend"}
 
 
 def _check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
@@ -325,8 +327,7 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
     if ctx.distributed:
         train_model = DistributedDataParallel(model, device_ids=[ctx.device] if ctx.device.type == "cuda"
                                               else None)
-    if cfg.compile:
-        train_model = torch.compile(train_model)
+    train_model = maybe_compile(train_model, cfg.compile, ctx.device, cfg.compile_backend)
     optimizer = _optimizer(cfg, model)
     total_steps = cfg.total_steps()
     if total_steps is None:

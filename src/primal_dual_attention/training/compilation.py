@@ -1,0 +1,40 @@
+"""``--compile``: which runs go through ``torch.compile``, and how.
+
+``auto`` (the default) compiles on CUDA, where a small model is bound by kernel launches and
+Python dispatch and compiling removes both; on the CPU it stays eager, where compiling measured
+no faster for this project's models once its compile time is counted (``results/speed``).
+``on`` compiles anywhere, ``cudagraphs`` compiles with CUDA graphs (``mode="reduce-overhead"``:
+one replay per step, for small models on a GPU), ``off`` never compiles. Shapes are dynamic
+after the first change (PyTorch's automatic dynamic shapes), so the per-batch trimmed sequence
+lengths of a padded dataset cost a bounded number of recompilations, not one per length.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+COMPILE_CHOICES = ("auto", "on", "off", "cudagraphs")
+
+
+def compile_mode(choice: str, device: torch.device) -> str | None:
+    """The ``torch.compile`` mode for ``choice`` on ``device``, or None to stay eager."""
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {list(COMPILE_CHOICES)}, got {choice!r}")
+    if choice == "cudagraphs":
+        if device.type != "cuda":
+            raise ValueError(f"compile='cudagraphs' needs a CUDA device, got device {device}")
+        return "reduce-overhead"
+    if choice == "on" or (choice == "auto" and device.type == "cuda"):
+        return "default"
+    return None
+
+
+def maybe_compile(model: nn.Module, choice: str, device: torch.device,
+                  backend: str = "inductor") -> nn.Module:
+    """``model`` compiled as ``choice`` asks on ``device`` (the same module when eager). The
+    compiled wrapper shares the parameters, so checkpoints keep the plain module's names."""
+    mode = compile_mode(choice, device)
+    if mode is None:
+        return model
+    return torch.compile(model, mode=None if backend != "inductor" else mode, backend=backend)

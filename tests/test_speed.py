@@ -1,0 +1,136 @@
+"""The lean eager path and compilation (issue 13), checked without timing anything: the number
+of operations one layer dispatches per variant, compiled == eager, bounded recompilation."""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import replace
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from primal_dual_attention.attention import VARIANTS, AttentionConfig, MultiHeadAttention
+from primal_dual_attention.training.compilation import compile_mode
+from primal_dual_attention.training.config import TrainConfig
+from primal_dual_attention.training.engine import fit, seed_everything
+from primal_dual_attention.training.tasks import build_task
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operations dispatched while active (what eager mode pays per op)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def layer_ops(variant: str, *, grid: bool, padded: bool) -> int:
+    """Operations of one forward + backward of a vit_cifar-sized layer (65 tokens, 4 heads)
+    or a 1-D layer of 64 tokens and 8 heads."""
+    heads, tokens = (4, 65) if grid else (8, 64)
+    config = AttentionConfig(variant=variant, window=8 if variant == "sparse" else None,
+                             **({"grid_size": (8, 8), "num_prefix_tokens": 1} if grid else {}))
+    layer = MultiHeadAttention(128, heads, config)
+    x = torch.randn(2, tokens, 128, requires_grad=True)
+    mask = torch.arange(tokens)[None] >= torch.tensor([tokens, tokens - 10])[:, None] if padded else None
+    with OpCounter() as counter:
+        layer(x, key_padding_mask=mask).sum().backward()
+    return sum(counter.ops.values())
+
+
+# Extra operations over softmax in the same setting (forward + backward, torch 2.14). A change
+# that makes BN or SH dispatch more work per step fails here; lower them when the path gets leaner.
+EXTRA_OPS = {  # variant: (2-D grid, 1-D, 1-D padded)
+    "bn": (22, 22, 39),
+    "sh": (36, 56, 131),
+    "bn_sh": (80, 144, 287),
+}
+
+
+@pytest.mark.parametrize("variant", list(EXTRA_OPS))
+def test_bn_and_sh_dispatch_few_operations_more_than_softmax(variant):
+    budgets = EXTRA_OPS[variant]
+    for budget, grid, padded in zip(budgets, (True, False, False), (False, False, True), strict=True):
+        extra = layer_ops(variant, grid=grid, padded=padded) - layer_ops("softmax", grid=grid, padded=padded)
+        assert extra <= budget, f"{variant} (grid={grid}, padded={padded}): {extra} ops over softmax"
+
+
+def test_the_counter_sees_a_regression():
+    """The op counter is not blind: a layer doing one more thing per head counts more."""
+    plain = layer_ops("sh", grid=False, padded=False)
+    slow = AttentionConfig(variant="sh", head_scales=(1, 2, 3, 4, 5, 6, 7, 8))
+    layer = MultiHeadAttention(128, 8, slow)
+    x = torch.randn(2, 64, 128, requires_grad=True)
+    with OpCounter() as counter:
+        layer(x).sum().backward()
+    assert sum(counter.ops.values()) > plain
+
+
+def _compiled_matches_eager(variant: str, backend: str) -> None:
+    torch.manual_seed(0)
+    config = AttentionConfig(variant=variant, window=2 if variant == "sparse" else None)
+    layer = MultiHeadAttention(16, 4, config)
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    mask = torch.arange(12)[None] >= torch.tensor([12, 9])[:, None]
+    eager = layer(x, key_padding_mask=mask)
+    (grad_eager,) = torch.autograd.grad(eager.sum(), x)
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)(x, key_padding_mask=mask)
+    (grad_compiled,) = torch.autograd.grad(compiled.sum(), x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_compiles_whole_and_matches_eager(variant):
+    """One graph per layer (``fullgraph``), traced forward and backward through AOTAutograd."""
+    torch._dynamo.reset()
+    _compiled_matches_eager(variant, "aot_eager")
+
+
+def test_inductor_code_matches_eager():
+    """Generated kernels (inductor, fp32) agree with eager within 1e-5 on the richest variant."""
+    torch._dynamo.reset()
+    _compiled_matches_eager("bn_sh", "inductor")
+
+
+def test_compile_auto_compiles_on_cuda_only():
+    assert compile_mode("auto", torch.device("cuda")) == "default"
+    assert compile_mode("auto", torch.device("cpu")) is None
+    assert compile_mode("off", torch.device("cuda")) is None
+    assert compile_mode("cudagraphs", torch.device("cuda")) == "reduce-overhead"
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        compile_mode("cudagraphs", torch.device("cpu"))
+    with pytest.raises(ValueError, match="compile must be one of"):
+        TrainConfig(compile="yes").validate()
+
+
+GRAPHS: list[int] = []
+
+
+@torch._dynamo.register_backend(name="pda_count_graphs")
+def _count_graphs(gm, example_inputs):
+    GRAPHS.append(1)
+    return gm.forward
+
+
+@pytest.mark.parametrize("variant", ["bn_sh", "linear"])
+def test_trimmed_batch_lengths_do_not_recompile_every_batch(tmp_path, variant):
+    """JapaneseVowels' batches are cut to their longest series (7 to 29 steps): an epoch of them
+    through the engine compiles a bounded number of graphs, not one per length."""
+    torch._dynamo.reset()
+    GRAPHS.clear()
+    cfg = replace(TrainConfig(), dataset="JapaneseVowels", variant=variant, dim=16, depth=1, heads=4,
+                  mlp_dim=16, epochs=1, batch_size=8, pooling="mean", protocol="clean",
+                  out_dir=str(tmp_path), progress=False, threads=1, compile="on",
+                  compile_backend="pda_count_graphs").validate()
+    seed_everything(0)
+    task = build_task(cfg)
+    lengths = {int(batch[0].shape[1]) for batch in task.train.batches(cfg.batch_size,
+                                                                       torch.Generator().manual_seed(0))}
+    fit(cfg, task)
+    assert len(lengths) > 8 and len(GRAPHS) <= 4, (sorted(lengths), len(GRAPHS))
