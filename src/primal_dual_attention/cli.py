@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from primal_dual_attention.attention import VARIANTS
+from primal_dual_attention.utils import command_line
 
 
 def _dataset_epochs(text: str) -> tuple[str, int]:
@@ -49,8 +49,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
 
     results = run_attention_benchmark(sizes=args.sizes, variants=args.variants,
                                       repeats=args.repeats, memory=not args.no_memory)
-    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    csv_path, md_path = write_results(results, Path(args.out), command)
+    csv_path, md_path = write_results(results, Path(args.out), command_line())
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}")
     return 0
@@ -204,11 +203,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from primal_dual_attention.training.sweep import plan_runs, plan_sweep, run_sweep
 
     results = Path(args.results or f"results/{'cifar10' if args.task == 'image' else args.task}")
-    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if not args.report_only:
         results.mkdir(parents=True, exist_ok=True)
         with open(results / "sweep_commands.txt", "a") as handle:
-            handle.write(command + "\n")
+            handle.write(command_line() + "\n")
         common = dict(seeds=args.seeds, epochs=args.epochs, overrides=dict(args.set),
                       epochs_per_dataset=dict(args.dataset_epochs), out_dir=args.out)
         runs = []
@@ -236,9 +234,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _heads(args: argparse.Namespace) -> int:
     from primal_dual_attention.analysis.redundancy import heads_report
 
-    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     heads_report(args.checkpoints, args.out, samples=args.samples, layer=args.layer,
-                 data_dir=args.data_dir, command=command)
+                 data_dir=args.data_dir, command=command_line())
     print(f"wrote {args.out}/redundancy.csv, redundancy.png and maps.png")
     return 0
 
@@ -256,8 +253,7 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 
     points = run_scaling(args.sizes, args.variants, batch=args.batch, repeats=args.repeats,
                          time_limit_s=args.time_limit, memory=not args.no_memory)
-    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    path = write_scaling(points, Path(args.out), command, args.batch, 8, 32)
+    path = write_scaling(points, Path(args.out), command_line(), args.batch, 8, 32)
     print(path.read_text())
     return 0
 
@@ -276,8 +272,7 @@ def _bench_model(args: argparse.Namespace) -> int:
         print(f"{variant:10} {cost.train_samples_per_s:10.1f} train/s {cost.infer_samples_per_s:10.1f} "
               f"infer/s {cost.gflops_fwd_per_sample:8.3f} GFLOPs fwd/sample  peak "
               f"{cost.peak_train_mb if cost.peak_train_mb is None else round(cost.peak_train_mb)} MiB")
-    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    print(f"wrote {write_costs(costs, Path(args.out), command)}")
+    print(f"wrote {write_costs(costs, Path(args.out), command_line())}")
     return 0
 
 

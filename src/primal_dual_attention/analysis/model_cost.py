@@ -25,11 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from primal_dual_attention.analysis.bench import _status_kib, machine_description, peak_memory_pool
+from primal_dual_attention.analysis.bench import peak_memory_pool, peak_rss_rise_mib
 from primal_dual_attention.attention import MultiHeadAttention
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.distributed import resolve_device
 from primal_dual_attention.training.engine import autocast
+from primal_dual_attention.utils import machine_description, synchronise
 
 
 @dataclass
@@ -57,20 +58,15 @@ def _set_fused(model: nn.Module, fused: bool) -> None:
             module.fused_attn = fused
 
 
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_seconds(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         step()
-    _synchronise(device)
+    synchronise(device)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         step()
-        _synchronise(device)
+        synchronise(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -147,11 +143,7 @@ def _cpu_peak_worker(cfg: TrainConfig, batch: int, threads: int) -> float:
     torch.set_num_threads(threads)
     *_, train_step = _prepared(cfg, batch, "cpu")
     train_step()
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    train_step()
-    return (_status_kib("VmHWM") - before) / 1024
+    return peak_rss_rise_mib(train_step)
 
 
 def _cpu_peak_in_subprocess(cfg: TrainConfig, batch: int) -> float | None:

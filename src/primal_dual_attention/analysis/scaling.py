@@ -22,10 +22,10 @@ from primal_dual_attention.analysis.bench import (
     SPARSE_WINDOW,
     Case,
     count_gflops,
-    machine_description,
     measure_peak_memory,
     time_cases,
 )
+from primal_dual_attention.utils import machine_description
 
 SCALING_VARIANTS = ("softmax", "linear", "sparse", "bn", "sh", "bn_sh", "linear_bn")
 

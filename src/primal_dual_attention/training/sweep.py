@@ -24,6 +24,7 @@ from primal_dual_attention.training.config import (
     bundled_config,
     config_from_mapping,
 )
+from primal_dual_attention.utils import machine_description
 
 MAIN_VARIANTS = ("softmax", "linear", "bn", "sh", "bn_sh", "linear_bn")
 EXTENDED_VARIANTS = ("softmax", "bn", "sh", "bn_sh")
@@ -170,8 +171,6 @@ def _worker(runs: list[tuple[str, TrainConfig]], results_dir: Path, threads: int
 def run_sweep(runs: list[tuple[str, TrainConfig]], results_dir: str | Path, workers: int = 1,
               threads_per_worker: int = 1, log=print) -> None:
     """Run every unfinished run; ``workers`` processes share the list round-robin."""
-    from primal_dual_attention.analysis.bench import machine_description
-
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     machines = results_dir / "machines.txt"
