@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from primal_dual_attention.attention import VARIANTS
+from primal_dual_attention.attention import PAPER_VARIANTS, STUDIED_VARIANTS, VARIANTS
 from primal_dual_attention.utils import command_line
 
 
@@ -152,9 +152,6 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_VARIANTS = ("softmax", "bn", "sh", "bn_sh")
-
-
 def _demo(args: argparse.Namespace) -> int:
     """Softmax, BN, SH and BN+SH on JapaneseVowels, clean protocol, one short budget each."""
     from primal_dual_attention.training.config import TrainConfig, dataset_config_path, load_yaml_config
@@ -163,7 +160,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     base = load_yaml_config(dataset_config_path("uea", "JapaneseVowels"), TrainConfig())
     rows = []
-    for variant in DEMO_VARIANTS:
+    for variant in PAPER_VARIANTS:
         cfg = TrainConfig(**{**base.to_dict(), "variant": variant, "epochs": args.epochs,
                              "protocol": "clean", "seed": args.seed, "out_dir": args.out,
                              "data_dir": args.data_dir, "progress": not args.quiet}).validate()
@@ -217,7 +214,7 @@ def _sweep(args: argparse.Namespace) -> int:
         else:
             datasets = args.datasets or SWEEP_DEFAULT_DATASETS.get(args.task, (args.task,))
             runs = plan_runs(args.task, args.task, datasets, protocols=args.protocols or ("clean",),
-                             variants=args.variants or ("softmax", "bn", "sh", "bn_sh"),
+                             variants=args.variants or PAPER_VARIANTS,
                              data_dir=args.data_dir, **common)
         run_sweep(runs, results, workers=args.workers, threads_per_worker=args.threads)
     if (results / "runs.csv").is_file():
@@ -299,11 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     attn.add_argument("--out", default="results/bench", help="output folder")
     attn.set_defaults(func=_bench_attention)
 
-    from primal_dual_attention.analysis.scaling import SCALING_VARIANTS
-
     scaling = bench_kinds.add_parser("scaling", help="one attention layer per variant as N grows")
     scaling.add_argument("--sizes", type=_sizes, default=(256, 512, 1024, 2048, 4096, 8192))
-    scaling.add_argument("--variants", type=_variants, default=SCALING_VARIANTS)
+    scaling.add_argument("--variants", type=_variants, default=STUDIED_VARIANTS)
     scaling.add_argument("--batch", type=int, default=2)
     scaling.add_argument("--repeats", type=int, default=3)
     scaling.add_argument("--time-limit", type=float, default=4.0,
@@ -322,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = bench_kinds.add_parser("model", help="a task model's throughput, FLOPs and memory per variant")
     model.add_argument("--task", default="image", help="image, uea or an lra-* task")
     model.add_argument("--dataset", default="CIFAR10")
-    model.add_argument("--variants", type=_variants, default=("softmax", "bn", "sh", "bn_sh"))
+    model.add_argument("--variants", type=_variants, default=PAPER_VARIANTS)
     model.add_argument("--batch", type=int, default=128)
     model.add_argument("--repeats", type=int, default=10, help="timed steps (median)")
     model.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")

@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from primal_dual_attention.attention import PAPER_VARIANTS, STUDIED_VARIANTS, variant_names
 from primal_dual_attention.data.uea import PAPER_DATASETS, available_datasets
 from primal_dual_attention.training.config import (
     TrainConfig,
@@ -26,8 +27,10 @@ from primal_dual_attention.training.config import (
 )
 from primal_dual_attention.utils import machine_description
 
-MAIN_VARIANTS = ("softmax", "linear", "bn", "sh", "bn_sh", "linear_bn")
-EXTENDED_VARIANTS = ("softmax", "bn", "sh", "bn_sh")
+#: The UEA main table: the studied variants but the sparse window (short series need none).
+MAIN_VARIANTS = variant_names(lambda v: v.name in STUDIED_VARIANTS and not v.sparse)
+#: The UEA extended table: the paper's four.
+EXTENDED_VARIANTS = PAPER_VARIANTS
 SEEDS = (0, 1, 2)
 RUN_COLUMNS = ["table", "dataset", "protocol", "variant", "seed", "epochs", "test_acc", "best_epoch",
                "params", "epoch_seconds", "train_samples_per_s", "wall_seconds", "threads",
