@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -74,6 +75,7 @@ class ImageSplit:
     labels: torch.Tensor
     augment: bool = False
     padding: int = 4
+    per_rank: ClassVar[bool] = False  # every rank slices the same global batches
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -54,6 +54,8 @@ class TokenSplit(Dataset):
     concatenated along the token axis, and the model splits them at ``max_len``.
     """
 
+    per_rank = False  # every rank slices the same global batches
+
     def __init__(self, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray) -> None:
         if not (len(tokens) == len(lengths) == len(labels)):
             raise ValueError(f"tokens, lengths and labels differ in length: {len(tokens)}, "

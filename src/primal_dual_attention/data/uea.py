@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -45,6 +46,7 @@ class SeriesSplit:
     x: torch.Tensor
     mask: torch.Tensor
     y: torch.Tensor
+    per_rank: ClassVar[bool] = False  # every rank slices the same global batches
 
     def __len__(self) -> int:
         return len(self.y)

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -46,12 +46,20 @@ SINGLE = Context()
 Batch = tuple[Tensor, Tensor | None, Tensor]
 
 
+@runtime_checkable
 class Split(Protocol):
-    """A split the engine can iterate: ``len`` samples, batches of (inputs, mask, labels)."""
+    """What the engine reads from a split: ``len`` samples (all ranks together), batches of
+    (inputs, mask, labels), shuffled by a ``generator`` when given, ``subset`` by sample indices
+    (``steps``, ``max_eval_samples``) and ``per_rank``: False when every rank walks the same
+    global batches and keeps its slice, True when ``batches`` yields only this rank's share."""
+
+    per_rank: bool
 
     def __len__(self) -> int: ...
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]: ...
+
+    def subset(self, index: Tensor) -> Split: ...
 
 
 @dataclass
@@ -94,25 +102,36 @@ class StepSplit:
     of seeded permutations of ``split`` (so a run that stops early has seen no sample twice, and
     the stream depends only on the seed and the round, which keeps resume exact)."""
 
-    split: Any
+    split: Split
     samples: int
     round: int
     seed: int
 
+    @property
+    def per_rank(self) -> bool:
+        return self.split.per_rank
+
     def __len__(self) -> int:
         return self.samples
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+    def _indices(self) -> Tensor:
+        """This round's samples: indices into ``split``."""
         size = len(self.split)
         start, stop = self.round * self.samples, (self.round + 1) * self.samples
         parts = []
         for lap in range(start // size, (stop - 1) // size + 1):
             order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed * 7919 + lap))
             parts.append(order[max(start - lap * size, 0) : min(stop - lap * size, size)])
-        return self.split.subset(torch.cat(parts)).batches(batch_size, generator)
+        return torch.cat(parts)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        return self.split.subset(self._indices()).batches(batch_size, generator)
+
+    def subset(self, index: Tensor) -> Split:
+        return self.split.subset(self._indices()[torch.as_tensor(index, dtype=torch.long)])
 
 
-def limit(split: Any, count: int | None) -> Any:
+def limit(split: Split | None, count: int | None) -> Split | None:
     """``count`` samples of ``split`` drawn by a fixed seed (all when None): ``max_eval_samples``.
     Random, not the first ones: files are often sorted by class."""
     if count is None or split is None or len(split) <= count:
@@ -257,7 +276,7 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
     for step, batch in enumerate(bar):
         _check_finite(batch[0], f"the inputs of epoch {epoch + 1}, batch {step}")
         x, mask, y = _place(split, ctx, batch)
-        global_count = len(y) * ctx.world_size if getattr(split, "per_rank", False) else len(batch[2])
+        global_count = len(y) * ctx.world_size if split.per_rank else len(batch[2])
         with autocast(ctx.device, cfg.precision):
             logits = model(x, mask)
         # soft targets (mixup) already hold their label smoothing
@@ -297,10 +316,10 @@ def _check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None
                          "use another --out-dir or drop --resume")
 
 
-def _place(split: Any, ctx: Context, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor]:
+def _place(split: Split, ctx: Context, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor]:
     """This rank's part of a batch on its device: a slice of a global batch, or the whole batch
     of a ``per_rank`` split (each rank loaded its own share)."""
-    if getattr(split, "per_rank", False):
+    if split.per_rank:
         return tuple(None if t is None else t.to(ctx.device, non_blocking=True) for t in batch)
     return ctx.shard(*batch)
 
