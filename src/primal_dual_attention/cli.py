@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeAlias
 
 from primal_dual_attention.attention import PAPER_VARIANTS, STUDIED_VARIANTS, VARIANTS
 from primal_dual_attention.utils import command_line
@@ -280,13 +281,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pda", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+#: what ``add_subparsers`` returns: each ``_add_*`` function adds one subcommand to it
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-    bench = commands.add_parser("bench", help="benchmarks")
-    bench_kinds = bench.add_subparsers(dest="kind", required=True)
-    attn = bench_kinds.add_parser("attention", help="time, FLOPs and memory of one attention call")
+
+def _add_bench_attention(kinds: Commands) -> None:
+    attn = kinds.add_parser("attention", help="time, FLOPs and memory of one attention call")
     attn.add_argument("--sizes", type=_sizes, default=(256, 1024, 2048, 4096),
                       help="sequence lengths N, comma separated (default 256,1024,2048,4096)")
     attn.add_argument("--variants", type=_variants, default=tuple(VARIANTS),
@@ -296,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     attn.add_argument("--out", default="results/bench", help="output folder")
     attn.set_defaults(func=_bench_attention)
 
-    scaling = bench_kinds.add_parser("scaling", help="one attention layer per variant as N grows")
+
+def _add_bench_scaling(kinds: Commands) -> None:
+    scaling = kinds.add_parser("scaling", help="one attention layer per variant as N grows")
     scaling.add_argument("--sizes", type=_sizes, default=(256, 512, 1024, 2048, 4096, 8192))
     scaling.add_argument("--variants", type=_variants, default=STUDIED_VARIANTS)
     scaling.add_argument("--batch", type=int, default=2)
@@ -307,14 +309,18 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--out", default="results/bench", help="output folder")
     scaling.set_defaults(func=_bench_scaling)
 
-    precision = bench_kinds.add_parser("precision", help="bf16/fp16 autocast vs fp32 per variant")
+
+def _add_bench_precision(kinds: Commands) -> None:
+    precision = kinds.add_parser("precision", help="bf16/fp16 autocast vs fp32 per variant")
     precision.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     precision.add_argument("--precisions", default="fp32,bf16", help="comma separated: fp32,bf16,fp16")
     precision.add_argument("--tokens", type=int, default=1024, help="sequence length")
     precision.add_argument("--compile", action="store_true", help="run the layer through torch.compile")
     precision.set_defaults(func=_bench_precision)
 
-    model = bench_kinds.add_parser("model", help="a task model's throughput, FLOPs and memory per variant")
+
+def _add_bench_model(kinds: Commands) -> None:
+    model = kinds.add_parser("model", help="a task model's throughput, FLOPs and memory per variant")
     model.add_argument("--task", default="image", help="image, uea or an lra-* task")
     model.add_argument("--dataset", default="CIFAR10")
     model.add_argument("--variants", type=_variants, default=PAPER_VARIANTS)
@@ -326,15 +332,28 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--out", default="results/cifar10", help="folder of cost.csv")
     model.set_defaults(func=_bench_model)
 
+
+def _add_bench(commands: Commands) -> None:
+    bench = commands.add_parser("bench", help="benchmarks")
+    kinds = bench.add_subparsers(dest="kind", required=True)
+    for add in (_add_bench_attention, _add_bench_scaling, _add_bench_precision, _add_bench_model):
+        add(kinds)
+
+
+def _add_train(commands: Commands) -> None:
     train = commands.add_parser("train", help="train one model (options also from --config YAML)")
     _add_config_options(train)
     train.set_defaults(func=_train)
 
+
+def _add_eval(commands: Commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its validation/test split")
     evaluate.add_argument("checkpoint", help="a last.pt or best.pt written by pda train")
     evaluate.add_argument("--data-dir", help="where the data is now, if it moved")
     evaluate.set_defaults(func=_eval)
 
+
+def _add_demo(commands: Commands) -> None:
     demo = commands.add_parser("demo", help="softmax vs BN vs SH vs BN+SH on JapaneseVowels")
     demo.add_argument("--epochs", type=int, default=60, help="epochs per variant (default 60)")
     demo.add_argument("--seed", type=int, default=0)
@@ -343,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
+
+def _add_sweep(commands: Commands) -> None:
     sweep = commands.add_parser("sweep", help="resumable sweeps (UEA tables, CIFAR-10, LRA) and reports")
     sweep.add_argument("--task", default="uea", help="uea (default), image, or an lra-* task")
     sweep.add_argument("--table", choices=("main", "extended", "all"), default="main",
@@ -368,12 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--report-only", action="store_true", help="only rebuild README.md")
     sweep.set_defaults(func=_sweep)
 
+
+def _add_verify(commands: Commands) -> None:
     verify = commands.add_parser("verify", help="check attention == SVR expansion, primal == dual")
     verify.add_argument("--checkpoint", default=None, help="take keys/values from this model")
     verify.add_argument("--data-dir", default=None, help="UEA folder for the real-data rows")
     verify.add_argument("--out", default="results/verify", help="output folder")
     verify.set_defaults(func=_verify)
 
+
+def _add_heads(commands: Commands) -> None:
     heads = commands.add_parser("heads", help="head redundancy (js, cos_maps, cos_out) per layer")
     heads.add_argument("checkpoints", nargs="+", help="checkpoints to compare side by side")
     heads.add_argument("--samples", type=int, default=256, help="test series evaluated (default 256)")
@@ -382,9 +407,20 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--out", default="results/heads", help="output folder")
     heads.set_defaults(func=_heads)
 
+
+def _add_report(commands: Commands) -> None:
     report = commands.add_parser("report", help="gather results/ into results/README.md")
     report.add_argument("--results", default="results", help="results folder")
     report.set_defaults(func=_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pda`` parser: one function adds each subcommand, in the order ``--help`` lists them."""
+    parser = argparse.ArgumentParser(prog="pda", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_bench, _add_train, _add_eval, _add_demo, _add_sweep, _add_verify, _add_heads,
+                _add_report):
+        add(commands)
     return parser
 
 
