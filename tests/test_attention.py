@@ -31,13 +31,13 @@ def project(module: MultiHeadAttention, x: torch.Tensor):
 @pytest.mark.parametrize("fused", [True, False])
 def test_module_matches_reference(variant, fused):
     """The module pools its input before projecting; the reference pools projected k, v."""
-    module = make(variant, fused_attn=fused)
+    module = make(variant, fused=fused)
     x = torch.randn(2, 11, DIM, dtype=torch.float64)
     mask = ragged_mask(11, [11, 7])
     q, k, v = project(module, x)
     spec = module.spec
     ref = reference_attention(q, k, v, kernel=spec.kernel, bn=spec.bn,
-                              head_scales=module.head_scales, window=module.window,
+                              head_scales=module.head_scales, window=module.config.window,
                               key_padding_mask=mask)
     expected = module.proj(ref.transpose(1, 2).reshape(2, 11, DIM))
     out = module(x, key_padding_mask=mask)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from primal_dual_attention.attention import AttentionConfig
 from primal_dual_attention.data import lra
 from primal_dual_attention.models.lra import LRAClassifier
 
@@ -119,7 +120,7 @@ def test_aan_reader_and_dual_encoder(tmp_path):
     x, mask, y = next(split.batches(2))
     assert x.shape == (2, 16) and y.tolist() == [1, 0]
     assert mask[1].tolist() == [False] + [True] * 7 + [False, False] + [True] * 6
-    model = LRAClassifier(257, 2, 8, dual=True, variant="bn")
+    model = LRAClassifier(257, 2, 8, dual=True, attention=AttentionConfig(variant="bn"))
     assert model(x, mask).shape == (2, 2)
     (tmp_path / "bad.tsv").write_text("1\tonly\tthree\n")
     with pytest.raises(ValueError, match="5 tab-separated columns"):
@@ -134,7 +135,7 @@ def test_retrieval_without_data_is_a_clear_error():
 @pytest.mark.parametrize("variant", ["softmax", "linear", "bn", "sh", "bn_sh"])
 def test_padding_never_changes_the_lra_prediction(variant):
     torch.manual_seed(0)
-    model = LRAClassifier(16, 10, 64, variant=variant, dropout=0.0).eval()
+    model = LRAClassifier(16, 10, 64, attention=AttentionConfig(variant=variant), dropout=0.0).eval()
     tokens = torch.randint(1, 16, (2, 40))
     padded = torch.cat([tokens, torch.zeros(2, 24, dtype=torch.long)], 1)
     mask = torch.arange(64) >= 40

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 timm = pytest.importorskip("timm")
+from primal_dual_attention.attention import VARIANTS, AttentionConfig  # noqa: E402
 from primal_dual_attention.timm import REGISTERED, attention_class, attention_maps  # noqa: E402
 
 
@@ -18,9 +19,17 @@ def test_every_registered_model_trains(name):
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing
     config = model.pretrained_cfg["pda_attention"]
-    assert name.endswith(config["variant"])
+    assert name.endswith(config.variant)
     side = 32 // model.patch_embed.patch_size[0]
-    assert config["num_prefix_tokens"] == 1 and config["grid_size"] == (side, side)
+    assert config.num_prefix_tokens == 1 and config.grid_size == (side, side)
+
+
+def test_every_grid_variant_is_registered():
+    for variant in VARIANTS.values():
+        assert (f"vit_cifar_{variant.name}" in REGISTERED) == variant.supports_grid
+        if variant.name != "softmax":  # timm's own deit_tiny_patch16_224 is the softmax one
+            assert (f"deit_tiny_patch16_224_{variant.name}" in REGISTERED) == variant.supports_grid
+    assert set(REGISTERED) <= set(timm.list_models())
 
 
 def test_softmax_variant_matches_timm_vit_with_the_same_weights():
@@ -45,9 +54,11 @@ def test_state_dict_round_trip_keeps_the_attention_config():
 
 def test_sh_pools_the_patch_grid_and_keeps_the_class_token():
     assert timm.create_model("vit_cifar_sh", depth=1).blocks[0].attn.head_scales == (1, 1, 2, 2)
-    model = timm.create_model("vit_cifar_sh", depth=1, head_scales=(1, 2, 4, 8)).eval()
+    model = timm.create_model("vit_cifar_sh", depth=1,
+                              attention=AttentionConfig(variant="sh", head_scales=(1, 2, 4, 8))).eval()
     attn = model.blocks[0].attn
-    assert attn.grid_size == (8, 8) and attn.num_prefix_tokens == 1 and attn.head_scales == (1, 2, 4, 8)
+    assert attn.config.grid_size == (8, 8) and attn.config.num_prefix_tokens == 1
+    assert attn.head_scales == (1, 2, 4, 8)
     maps = attention_maps(model, torch.randn(2, 3, 32, 32), layer=0)
     assert maps.shape == (2, 4, 65, 65)
     torch.testing.assert_close(maps.sum(-1), torch.ones(2, 4, 65))
@@ -63,3 +74,5 @@ def test_unsupported_options_are_refused():
         attention_class("bn")(64, num_heads=4, qk_norm=True)
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("vit_cifar_bn", pretrained=True)
+    with pytest.raises(ValueError, match="variant 'sh'"):
+        timm.create_model("vit_cifar_bn", attention=AttentionConfig(variant="sh"))

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from primal_dual_attention.attention import AttentionConfig
 from primal_dual_attention.cli import main
 from primal_dual_attention.data.common import stratified_split
 from primal_dual_attention.data.uea import TsFormatError, load_uea, read_ts
@@ -102,7 +103,7 @@ def test_stratified_split_is_stratified_and_seeded():
 @pytest.mark.parametrize("pooling", ["flatten", "mean"])
 def test_padding_never_changes_a_prediction(variant, pooling):
     model = TimeSeriesTransformer(3, 4, 12, dim=16, depth=2, num_heads=4, mlp_dim=32,
-                                  variant=variant, pooling=pooling).eval()
+                                  attention=AttentionConfig(variant=variant), pooling=pooling).eval()
     series = torch.randn(1, 7, 3)
     batch = torch.randn(2, 12, 3) * 50
     batch[0, :7] = series[0]

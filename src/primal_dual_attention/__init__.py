@@ -6,15 +6,21 @@ See ``SPEC.md``-style docs in ``docs/`` for the formulas; :mod:`.functional` hol
 
 from primal_dual_attention import functional
 from primal_dual_attention.attention import (
+    PAPER_VARIANTS,
     VARIANTS,
+    AttentionConfig,
     AttentionVariant,
     MultiHeadAttention,
     get_variant,
 )
-from primal_dual_attention.functional import attention
+from primal_dual_attention.functional import KERNELS, AttentionOptions, attention
 
 __all__ = [
+    "KERNELS",
+    "PAPER_VARIANTS",
     "VARIANTS",
+    "AttentionConfig",
+    "AttentionOptions",
     "AttentionVariant",
     "MultiHeadAttention",
     "attention",

@@ -1,26 +1,30 @@
-"""``MultiHeadAttention`` and the named attention variants (SPEC.md §1-§2).
+"""``MultiHeadAttention``, the named attention variants and :class:`AttentionConfig` (SPEC.md §1-§2).
 
 The module owns the projections; the math lives in :mod:`primal_dual_attention.functional`.
 A variant is a preset of three independent switches (kernel, Attention-BN, Attention-SH) plus
 whether it needs a sparse window, so every combination is one entry of :data:`VARIANTS`.
+An :class:`AttentionConfig` (a variant and its settings) is the one value that encoders, task
+models and the timm integration take and hand down to the layer.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from primal_dual_attention.functional import (
+    AttentionOptions,
     HeadGroup,
-    check_grid,
     check_head_scales,
     check_key_padding_mask,
     check_positive_int,
     default_head_scales,
+    get_kernel,
     grouped_attention,
     head_groups,
     pool_tokens,
@@ -37,6 +41,11 @@ class AttentionVariant:
     multi_scale: bool = False
     sparse: bool = False
     formula: str = ""
+
+    @property
+    def supports_grid(self) -> bool:
+        """Whether the variant applies to a 2-D token grid (a 1-D sparse window does not)."""
+        return not self.sparse
 
 
 VARIANTS: dict[str, AttentionVariant] = {
@@ -83,9 +92,73 @@ def get_variant(name: str) -> AttentionVariant:
         raise ValueError(f"variant must be one of {list(VARIANTS)}, got {name!r}") from None
 
 
+@dataclass(frozen=True, kw_only=True)
+class AttentionConfig(AttentionOptions):
+    """A variant and its settings: the one attention value models take (SPEC.md §2).
+
+    ``AttentionConfig(variant="bn_sh", head_scales=(1, 2, 4, 8))``; the variant sets ``kernel``
+    and ``bn`` (not given by hand), the other fields are those of
+    :class:`~primal_dual_attention.functional.AttentionOptions`, so the config is itself the
+    options every attention function takes. Every mistake that does not depend on the input is
+    reported on construction, one message each; :meth:`for_heads` adds the check against the
+    number of heads and fills in the default SH scales.
+    """
+
+    variant: str = "softmax"
+    kernel: str = field(default="softmax", init=False)
+    bn: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        spec = get_variant(self.variant)
+        object.__setattr__(self, "kernel", spec.kernel)
+        object.__setattr__(self, "bn", spec.bn)
+        if self.head_scales is not None and not spec.multi_scale:
+            raise ValueError(
+                f"head_scales is only used by the SH variants "
+                f"{list(variant_names(lambda v: v.multi_scale))}, got variant={self.variant!r}")
+        if spec.sparse and self.window is None:
+            raise ValueError(f"variant {self.variant!r} needs window=w (query i sees |i - j| <= w)")
+        if spec.multi_scale and self.window is not None:
+            raise ValueError(
+                f"window (sparse attention) cannot be combined with the SH variant {self.variant!r}: "
+                f"pooled keys have no token positions; got window={self.window}")
+        super().__post_init__()
+
+    @property
+    def spec(self) -> AttentionVariant:
+        return VARIANTS[self.variant]
+
+    def for_heads(self, num_heads: int) -> AttentionConfig:
+        """This config for a layer of ``num_heads`` heads: SH scales checked or defaulted."""
+        num_heads = check_positive_int("num_heads", num_heads)
+        if not self.spec.multi_scale:
+            return self
+        if self.head_scales is None:
+            return replace(self, head_scales=default_head_scales(num_heads, self.grid_size))
+        check_head_scales(self.head_scales, num_heads)
+        return self
+
+
+def attention_config(attention: AttentionConfig | str | None = None, **switches: object) -> AttentionConfig:
+    """An :class:`AttentionConfig` from a config, a variant name or nothing (softmax), with the
+    named fields replaced; an unknown field is an error listing the valid ones."""
+    valid = [f.name for f in fields(AttentionConfig) if f.init]
+    unknown = sorted(set(switches) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown attention option(s) {unknown}; valid options: {valid}")
+    if attention is None or isinstance(attention, str):
+        return AttentionConfig(**({"variant": attention or "softmax"} | switches))
+    if not isinstance(attention, AttentionConfig):
+        raise TypeError(f"attention must be an AttentionConfig, a variant name or None, "
+                        f"got {type(attention).__name__}")
+    return replace(attention, **switches) if switches else attention
+
+
 class MultiHeadAttention(nn.Module):
     """Batch-first multi-head self-attention with every primal-dual variant (SPEC.md §2).
 
+    ``MultiHeadAttention(dim, num_heads, attention)`` with an :class:`AttentionConfig` (or a
+    variant name), or its fields as keywords: ``MultiHeadAttention(128, 8, variant="bn_sh")``.
     ``forward(x, key_padding_mask=None, need_weights=False)`` takes ``x`` of shape
     ``(B, N, dim)`` and a ``(B, N)`` bool mask (True = padding); it returns ``(B, N, dim)``, or
     ``(out, weights)`` with ``(B, H, N, N)`` maps when ``need_weights``. For SH variants the
@@ -99,57 +172,27 @@ class MultiHeadAttention(nn.Module):
         self,
         dim: int,
         num_heads: int = 8,
+        attention: AttentionConfig | str | None = None,
         *,
-        variant: str = "softmax",
-        head_scales: Sequence[int] | None = None,
-        window: int | None = None,
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        grid_size: tuple[int, int] | None = None,
-        num_prefix_tokens: int = 0,
-        eps: float = 1e-5,
-        fused_attn: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        **switches: object,
     ) -> None:
         super().__init__()
         dim = check_positive_int("dim", dim)
         num_heads = check_positive_int("num_heads", num_heads)
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.spec = get_variant(variant)
-        if head_scales is not None and not self.spec.multi_scale:
-            raise ValueError(
-                f"head_scales is only used by the SH variants "
-                f"{[n for n, v in VARIANTS.items() if v.multi_scale]}, got variant={variant!r}"
-            )
-        if self.spec.multi_scale:
-            scales = default_head_scales(num_heads, grid_size) if head_scales is None else head_scales
-            self.head_scales: tuple[int, ...] | None = check_head_scales(scales, num_heads)
-        else:
-            self.head_scales = None
-        if window is not None:
-            window = check_positive_int("window", window, allow_zero=True)
-            if self.spec.multi_scale:
-                raise ValueError(
-                    f"window (sparse attention) cannot be combined with the SH variant "
-                    f"{variant!r}: pooled keys have no token positions; got window={window}"
-                )
-        elif self.spec.sparse:
-            raise ValueError("variant 'sparse' needs window=w (query i sees |i - j| <= w)")
+        self.config = attention_config(attention, **switches).for_heads(num_heads)
         for name, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {p}")
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
-        self.window = window
-        self.grid_size = None if grid_size is None else tuple(grid_size)
-        self.num_prefix_tokens = check_positive_int(
-            "num_prefix_tokens", num_prefix_tokens, allow_zero=True)
-        self.eps = eps
         self.attn_drop = attn_drop
-        self.fused_attn = fused_attn
-        self.groups = head_groups(self.head_scales, num_heads)
+        self.groups = head_groups(self.config.head_scales, num_heads)
         factory = {"device": device, "dtype": dtype}
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
         self.proj = nn.Linear(dim, dim, **factory)
@@ -158,8 +201,25 @@ class MultiHeadAttention(nn.Module):
             self.register_buffer(f"_kv_rows_{index}", self._kv_rows(group), persistent=False)
 
     @property
+    def spec(self) -> AttentionVariant:
+        return self.config.spec
+
+    @property
     def variant(self) -> str:
-        return self.spec.name
+        return self.config.variant
+
+    @property
+    def head_scales(self) -> tuple[int, ...] | None:
+        return self.config.head_scales
+
+    @property
+    def fused_attn(self) -> bool:
+        """timm's name for the fused/math switch (``AttentionConfig.fused``)."""
+        return self.config.fused
+
+    @fused_attn.setter
+    def fused_attn(self, fused: bool) -> None:
+        self.config = replace(self.config, fused=fused)
 
     def _kv_rows(self, group: HeadGroup) -> Tensor:
         """Rows of ``qkv.weight`` holding the keys then values of a head group."""
@@ -175,13 +235,11 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {shape}")
         batch, num_tokens, _ = x.shape
         key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_tokens)
-        if self.num_prefix_tokens > num_tokens:
-            raise ValueError(
-                f"num_prefix_tokens={self.num_prefix_tokens} exceeds the {num_tokens} tokens")
-        grid = check_grid(self.grid_size, num_tokens, self.num_prefix_tokens)
+        config = self.config
+        grid = config.check_input(self.num_heads, num_tokens)
         heads, head_dim = self.num_heads, self.head_dim
 
-        if self.head_scales is None:
+        if config.head_scales is None:
             qkv = self.qkv(x).view(batch, num_tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
             q, k, v = qkv.unbind(0)
 
@@ -195,7 +253,7 @@ class MultiHeadAttention(nn.Module):
             def keys_values(index: int, group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
                 pooled, pooled_mask = pool_tokens(
                     x, group.scale, key_padding_mask, grid_size=grid,
-                    num_prefix_tokens=self.num_prefix_tokens)
+                    num_prefix_tokens=config.num_prefix_tokens)
                 rows = getattr(self, f"_kv_rows_{index}")
                 kv = F.linear(pooled, weight.index_select(0, rows),
                               None if bias is None else bias.index_select(0, rows))
@@ -203,21 +261,36 @@ class MultiHeadAttention(nn.Module):
                 return kv[0], kv[1], pooled_mask
 
         out, weights = grouped_attention(
-            q, self.groups, keys_values, kernel=self.spec.kernel, bn=self.spec.bn,
-            window=self.window, key_padding_mask=key_padding_mask, grid_size=grid,
-            num_prefix_tokens=self.num_prefix_tokens, num_keys=num_tokens, eps=self.eps,
-            dropout_p=self.attn_drop if self.training else 0.0, need_weights=need_weights,
-            fused=self.fused_attn,
-        )
+            q, self.groups, keys_values, config, key_padding_mask=key_padding_mask,
+            num_keys=num_tokens, dropout_p=self.attn_drop if self.training else 0.0,
+            need_weights=need_weights)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, num_tokens, self.dim)))
         return (out, weights) if need_weights else out
 
     def extra_repr(self) -> str:
         parts = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"variant={self.variant!r}"]
-        if self.head_scales is not None:
-            parts.append(f"head_scales={self.head_scales}")
-        if self.window is not None:
-            parts.append(f"window={self.window}")
-        if self.grid_size is not None:
-            parts.append(f"grid_size={self.grid_size}, num_prefix_tokens={self.num_prefix_tokens}")
+        defaults = AttentionConfig(variant=self.variant).for_heads(self.num_heads)
+        parts += [f"{f.name}={getattr(self.config, f.name)!r}" for f in fields(AttentionConfig)
+                  if f.init and f.name != "variant"
+                  and getattr(self.config, f.name) != getattr(defaults, f.name)]
         return ", ".join(parts)
+
+
+def attention_layers(model: nn.Module) -> list[MultiHeadAttention]:
+    """Every primal-dual attention layer of ``model``, in module order."""
+    return [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+
+
+@contextlib.contextmanager
+def fused_paths(model: nn.Module, fused: bool) -> Iterator[None]:
+    """Switch every softmax-kernel layer of ``model`` to the fused (SDPA) or the math path for a
+    while (FLOP counting sees only the math path); layers with an exact primal form keep it."""
+    layers = [m for m in attention_layers(model) if not get_kernel(m.config.kernel).has_primal]
+    before = [m.fused_attn for m in layers]
+    for layer in layers:
+        layer.fused_attn = fused
+    try:
+        yield
+    finally:
+        for layer, value in zip(layers, before, strict=True):
+            layer.fused_attn = value

@@ -18,14 +18,11 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-KERNELS = ("softmax", "linear")
-
 
 # --------------------------------------------------------------------------------------------
 # argument checks (shared by the functional API and the modules)
@@ -49,14 +46,15 @@ def check_positive_int(name: str, value: object, *, allow_zero: bool = False) ->
     return as_int
 
 
-def check_head_scales(head_scales: Sequence[int], num_heads: int) -> tuple[int, ...]:
-    """Validate Attention-SH scales: one positive integer per head (SPEC.md §2)."""
+def check_head_scales(head_scales: Sequence[int], num_heads: int | None = None) -> tuple[int, ...]:
+    """Validate Attention-SH scales: positive integers, one per head when ``num_heads`` is given
+    (SPEC.md §2)."""
     if isinstance(head_scales, (str, bytes)) or not isinstance(head_scales, Sequence):
         raise TypeError(
-            f"head_scales must be a sequence of {num_heads} positive integers, "
+            "head_scales must be a sequence of positive integers (one per head), "
             f"got {type(head_scales).__name__} {head_scales!r}"
         )
-    if len(head_scales) != num_heads:
+    if num_heads is not None and len(head_scales) != num_heads:
         raise ValueError(
             f"head_scales must have one entry per head ({num_heads}), "
             f"got {len(head_scales)}: {tuple(head_scales)!r}"
@@ -64,18 +62,25 @@ def check_head_scales(head_scales: Sequence[int], num_heads: int) -> tuple[int, 
     return tuple(check_positive_int(f"head_scales[{i}]", s) for i, s in enumerate(head_scales))
 
 
-def check_grid(
-    grid_size: Sequence[int] | None, num_tokens: int, num_prefix_tokens: int
-) -> tuple[int, int] | None:
-    """Validate a 2-D token grid: ``Hg * Wg`` must equal the number of non-prefix tokens."""
+def check_grid_pair(grid_size: Sequence[int] | None) -> tuple[int, int] | None:
+    """Validate the form of a 2-D token grid ``(Hg, Wg)`` (positive integers), or None."""
     if grid_size is None:
         return None
     if isinstance(grid_size, (str, bytes)) or not isinstance(grid_size, Sequence):
         raise TypeError(f"grid_size must be a pair (Hg, Wg) or None, got {grid_size!r}")
     if len(grid_size) != 2:
         raise ValueError(f"grid_size must be a pair (Hg, Wg), got {tuple(grid_size)!r}")
-    grid = (check_positive_int("grid_size[0]", grid_size[0]),
+    return (check_positive_int("grid_size[0]", grid_size[0]),
             check_positive_int("grid_size[1]", grid_size[1]))
+
+
+def check_grid(
+    grid_size: Sequence[int] | None, num_tokens: int, num_prefix_tokens: int
+) -> tuple[int, int] | None:
+    """Validate a 2-D token grid: ``Hg * Wg`` must equal the number of non-prefix tokens."""
+    grid = check_grid_pair(grid_size)
+    if grid is None:
+        return None
     if grid[0] * grid[1] != num_tokens - num_prefix_tokens:
         raise ValueError(
             f"grid_size {grid} holds {grid[0] * grid[1]} tokens, but the sequence has "
@@ -120,10 +125,67 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"k and v must have the same number of tokens, got {k.shape[2]} and {v.shape[2]}")
 
 
-def _check_kernel(kernel: str) -> str:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return kernel
+# --------------------------------------------------------------------------------------------
+# the switches of one attention call
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttentionOptions:
+    """The math switches of SPEC.md §2 as one validated value that every function here takes.
+
+    ``kernel``: a name in :data:`KERNELS`; ``bn``: Attention-BN; ``head_scales``: Attention-SH,
+    one pooling factor per head (None: no pooling); ``window``: sparse local attention,
+    ``|i - j| <= window``; ``grid_size``: pool SH keys on a 2-D ``(Hg, Wg)`` token grid;
+    ``num_prefix_tokens``: leading tokens never pooled; ``eps``: Attention-BN's variance floor;
+    ``fused``: SDPA / the primal form (False: the explicit math path, the tests' reference).
+
+    Values are checked on construction (one message per mistake); what depends on the input
+    (heads, tokens) by :meth:`check_input`. A new switch is one field here and its use below.
+    """
+
+    kernel: str = "softmax"
+    bn: bool = False
+    head_scales: tuple[int, ...] | None = None
+    window: int | None = None
+    grid_size: tuple[int, int] | None = None
+    num_prefix_tokens: int = 0
+    eps: float = 1e-5
+    fused: bool = True
+
+    def __post_init__(self) -> None:
+        get_kernel(self.kernel)
+        for name in ("bn", "fused"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        normalised = {
+            "head_scales": None if self.head_scales is None else check_head_scales(self.head_scales),
+            "window": None if self.window is None else check_positive_int(
+                "window", self.window, allow_zero=True),
+            "grid_size": check_grid_pair(self.grid_size),
+            "num_prefix_tokens": check_positive_int(
+                "num_prefix_tokens", self.num_prefix_tokens, allow_zero=True),
+        }
+        for name, value in normalised.items():
+            object.__setattr__(self, name, value)
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps >= 0:
+            raise ValueError(f"eps must be a number >= 0, got {self.eps!r}")
+        if self.window is not None and self.head_scales is not None and max(self.head_scales) > 1:
+            raise ValueError(
+                "window (sparse attention) cannot be combined with head_scales > 1: pooled keys "
+                f"have no token positions; got window={self.window}, head_scales={self.head_scales}")
+
+    def switches(self) -> dict[str, object]:
+        """The fields as keywords (to rebuild or extend the options)."""
+        return {f.name: getattr(self, f.name) for f in fields(AttentionOptions)}
+
+    def check_input(self, num_heads: int, num_tokens: int) -> tuple[int, int] | None:
+        """Check the options against ``num_heads`` heads over ``num_tokens`` keys; return the grid."""
+        if self.head_scales is not None:
+            check_head_scales(self.head_scales, num_heads)
+        if self.num_prefix_tokens > num_tokens:
+            raise ValueError(f"num_prefix_tokens={self.num_prefix_tokens} exceeds the {num_tokens} keys")
+        return check_grid(self.grid_size, num_tokens, self.num_prefix_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -328,7 +390,7 @@ def pooling_matrix(
 
 
 # --------------------------------------------------------------------------------------------
-# kernels
+# kernels (SPEC.md §1): a table name -> feature map / fused path / math path
 # --------------------------------------------------------------------------------------------
 
 
@@ -372,36 +434,59 @@ def _sdpa_safe_mask(visible: Tensor | None) -> tuple[Tensor | None, Tensor | Non
     return visible | ~has_key, has_key
 
 
-def _attend_math(
-    q: Tensor, k: Tensor, v: Tensor, *, kernel: str, visible: Tensor | None,
-    dropout_p: float, training_dropout: bool,
-) -> tuple[Tensor, Tensor]:
-    """Reference dual form: explicit attention matrix (rows sum to 1, or 0 with no keys)."""
-    if kernel == "softmax":
-        logits = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-        if visible is not None:
-            logits = logits.masked_fill(~visible, float("-inf"))
-            # rows without any visible key: avoid exp(-inf - (-inf)) = NaN
-            logits = logits.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
-        # softmax in at least fp32 (bf16/fp16 inputs under autocast), float64 kept
-        weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-        weights = weights.to(logits.dtype)
-        if visible is not None:
-            weights = weights * visible.any(dim=-1, keepdim=True)
-    else:
-        similarity = elu_feature_map(q) @ elu_feature_map(k).transpose(-2, -1)
-        if visible is not None:
-            similarity = similarity * visible
-        normaliser = similarity.sum(dim=-1, keepdim=True)
-        weights = similarity / normaliser.clamp_min(torch.finfo(similarity.dtype).tiny)
-    attn = F.dropout(weights, dropout_p) if training_dropout else weights
-    return attn @ v, weights
+def _softmax_log_kernel(x: Tensor, y: Tensor) -> Tensor:
+    return x @ y.transpose(-2, -1) / math.sqrt(x.shape[-1])
 
 
-def _attend_linear_primal(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+def _softmax_weights(q: Tensor, k: Tensor, visible: Tensor | None) -> Tensor:
+    """Explicit softmax attention matrix (rows sum to 1, or 0 with no visible key)."""
+    logits = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    if visible is not None:
+        logits = logits.masked_fill(~visible, float("-inf"))
+        # rows without any visible key: avoid exp(-inf - (-inf)) = NaN
+        logits = logits.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+    # softmax in at least fp32 (bf16/fp16 inputs under autocast), float64 kept
+    weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+    weights = weights.to(logits.dtype)
+    if visible is not None:
+        weights = weights * visible.any(dim=-1, keepdim=True)
+    return weights
+
+
+def _linear_log_kernel(x: Tensor, y: Tensor) -> Tensor:
+    return torch.log(elu_feature_map(x) @ elu_feature_map(y).transpose(-2, -1))
+
+
+def _linear_weights(q: Tensor, k: Tensor, visible: Tensor | None) -> Tensor:
+    """Explicit linear-kernel attention matrix ``Phi(q_i).Phi(k_j) / sum_j Phi(q_i).Phi(k_j)``."""
+    similarity = elu_feature_map(q) @ elu_feature_map(k).transpose(-2, -1)
+    if visible is not None:
+        similarity = similarity * visible
+    normaliser = similarity.sum(dim=-1, keepdim=True)
+    return similarity / normaliser.clamp_min(torch.finfo(similarity.dtype).tiny)
+
+
+def _softmax_fused(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, window: int | None, dropout_p: float
 ) -> Tensor:
-    """Primal O(N) form of linear attention: ``W = sum_j v_j Phi(k_j)^T`` first (SPEC.md §1)."""
+    """SDPA, or the blocked O(N * window) path for a narrow sparse window."""
+    if window is not None and q.shape[-2] == k.shape[-2] and 4 * window + 2 < q.shape[-2]:
+        return _attend_banded_softmax(q, k, v, window, key_padding_mask, dropout_p)
+    visible = visibility_mask(q.shape[-2], key_padding_mask, k.shape[-2], window, q.device)
+    sdpa_mask, has_key = _sdpa_safe_mask(visible)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p)
+    return out if has_key is None else out * has_key
+
+
+def _linear_fused(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, window: int | None, dropout_p: float
+) -> Tensor | None:
+    """Primal O(N) form of linear attention: ``W = sum_j v_j Phi(k_j)^T`` first (SPEC.md §1).
+
+    None (use the math path) with a sparse window or weight dropout, which need the matrix.
+    """
+    if window is not None or dropout_p > 0.0:
+        return None
     phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
     if key_padding_mask is not None:
         phi_k = phi_k * _token_weights(key_padding_mask, phi_k)
@@ -409,6 +494,46 @@ def _attend_linear_primal(
     z = phi_k.sum(dim=-2, keepdim=True)  # (B, H, 1, D)
     normaliser = (phi_q * z).sum(dim=-1, keepdim=True)
     return (phi_q @ kv) / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny)
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One attention kernel (SPEC.md §1) and its three faces.
+
+    ``feature_map``: the finite ``Phi`` with ``kappa(x, y) = Phi(x).Phi(y)`` (None when Phi is
+    infinite, as for softmax: then there is no exact O(N) primal form). ``log_kernel(x, y)``:
+    ``log kappa`` for every pair (the explicit SVR expansions of :mod:`.primal`). ``weights(q, k,
+    visible)``: the explicit attention matrix (the math path). ``fused(q, k, v, mask, window,
+    dropout_p)``: the fast path, or None where it does not apply.
+    """
+
+    name: str
+    feature_map: Callable[[Tensor], Tensor] | None
+    log_kernel: Callable[[Tensor, Tensor], Tensor]
+    weights: Callable[[Tensor, Tensor, Tensor | None], Tensor]
+    fused: Callable[..., Tensor | None]
+
+    @property
+    def has_primal(self) -> bool:
+        """Whether the kernel's primal form is exact and finite (its fused path is O(N))."""
+        return self.feature_map is not None
+
+
+KERNELS: dict[str, Kernel] = {
+    kernel.name: kernel
+    for kernel in (
+        Kernel("softmax", None, _softmax_log_kernel, _softmax_weights, _softmax_fused),
+        Kernel("linear", elu_feature_map, _linear_log_kernel, _linear_weights, _linear_fused),
+    )
+}
+
+
+def get_kernel(name: str) -> Kernel:
+    """The kernel called ``name``; an unknown name is an error naming the valid ones."""
+    try:
+        return KERNELS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"kernel must be one of {list(KERNELS)}, got {name!r}") from None
 
 
 def _attend_banded_softmax(
@@ -448,15 +573,11 @@ def attend(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    options: AttentionOptions,
     *,
-    kernel: str = "softmax",
-    bn: bool = False,
-    window: int | None = None,
     key_padding_mask: Tensor | None = None,
-    eps: float = 1e-5,
     dropout_p: float = 0.0,
     need_weights: bool = False,
-    fused: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """One SVR per head on a shared training set: the kernel step of :func:`attention`.
 
@@ -464,22 +585,17 @@ def attend(
     is then the ``(B, M)`` mask of the keys. Inputs are assumed validated. Returns
     ``(out, weights)``; ``weights`` is ``(B, H, N, M)`` when ``need_weights`` else None.
     """
-    if bn:
-        q, k = bn_normalize(q, k, key_padding_mask, eps)
-    use_math = need_weights or not fused
-    if kernel == "linear" and window is None and dropout_p == 0.0 and not use_math:
-        return _attend_linear_primal(q, k, v, key_padding_mask), None
-    if (kernel == "softmax" and not use_math and window is not None
-            and q.shape[-2] == k.shape[-2] and 4 * window + 2 < q.shape[-2]):
-        return _attend_banded_softmax(q, k, v, window, key_padding_mask, dropout_p), None
-    visible = visibility_mask(q.shape[-2], key_padding_mask, k.shape[-2], window, q.device)
-    if kernel == "softmax" and not use_math:
-        sdpa_mask, has_key = _sdpa_safe_mask(visible)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p)
-        return (out if has_key is None else out * has_key), None
-    out, weights = _attend_math(q, k, v, kernel=kernel, visible=visible, dropout_p=dropout_p,
-                                training_dropout=dropout_p > 0.0)
-    return out, (weights if need_weights else None)
+    kernel = get_kernel(options.kernel)
+    if options.bn:
+        q, k = bn_normalize(q, k, key_padding_mask, options.eps)
+    if options.fused and not need_weights:
+        out = kernel.fused(q, k, v, key_padding_mask, options.window, dropout_p)
+        if out is not None:
+            return out, None
+    visible = visibility_mask(q.shape[-2], key_padding_mask, k.shape[-2], options.window, q.device)
+    weights = kernel.weights(q, k, visible)
+    attn = F.dropout(weights, dropout_p) if dropout_p > 0.0 else weights
+    return attn @ v, (weights if need_weights else None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -568,18 +684,12 @@ def grouped_attention(
     q: Tensor,
     groups: Sequence[HeadGroup],
     keys_values: KeyValueFn,
+    options: AttentionOptions,
     *,
-    kernel: str = "softmax",
-    bn: bool = False,
-    window: int | None = None,
     key_padding_mask: Tensor | None = None,
-    grid_size: tuple[int, int] | None = None,
-    num_prefix_tokens: int = 0,
     num_keys: int | None = None,
-    eps: float = 1e-5,
     dropout_p: float = 0.0,
     need_weights: bool = False,
-    fused: bool = True,
 ) -> tuple[Tensor, Tensor | None]:
     """Run :func:`attend` once per head group and put the heads back in order.
 
@@ -593,15 +703,12 @@ def grouped_attention(
     outputs, maps = [], []
     for index, (group, q_g) in enumerate(zip(groups, split_heads(q, groups), strict=True)):
         k_g, v_g, mask_g = keys_values(index, group)
-        out, weights = attend(
-            q_g, k_g, v_g, kernel=kernel, bn=bn, window=window,
-            key_padding_mask=mask_g, eps=eps, dropout_p=dropout_p,
-            need_weights=need_weights, fused=fused,
-        )
+        out, weights = attend(q_g, k_g, v_g, options, key_padding_mask=mask_g, dropout_p=dropout_p,
+                              need_weights=need_weights)
         outputs.append(out)
         if need_weights and group.scale > 1:
-            spread = pooling_matrix(num_keys, group.scale, key_padding_mask, grid_size=grid_size,
-                                    num_prefix_tokens=num_prefix_tokens, dtype=weights.dtype,
+            spread = pooling_matrix(num_keys, group.scale, key_padding_mask, grid_size=options.grid_size,
+                                    num_prefix_tokens=options.num_prefix_tokens, dtype=weights.dtype,
                                     device=weights.device)
             weights = weights @ spread[:, None]
         maps.append(weights)
@@ -633,75 +740,62 @@ def attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
+    options: AttentionOptions | None = None,
     *,
-    kernel: str = "softmax",
-    bn: bool = False,
-    head_scales: Sequence[int] | None = None,
-    window: int | None = None,
     key_padding_mask: Tensor | None = None,
-    grid_size: tuple[int, int] | None = None,
-    num_prefix_tokens: int = 0,
-    eps: float = 1e-5,
     dropout_p: float = 0.0,
     need_weights: bool = False,
-    fused: bool = True,
+    **switches: object,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Primal-dual attention (SPEC.md §2): softmax/linear kernel x BN x SH x sparse window.
 
     Args:
         q, k, v: ``(B, H, N, D)`` projected queries, keys and values (``v`` may differ in D).
-        kernel: ``"softmax"`` (``exp(q.k / sqrt(D))``) or ``"linear"`` (``elu + 1`` features).
-        bn: Attention-BN, normalise q and k with the masked statistics of the keys.
-        head_scales: Attention-SH, one positive pooling factor per head.
-        window: sparse local attention, query i sees keys with ``|i - j| <= window``.
+        options: the switches as one :class:`AttentionOptions`; or give them as keywords
+            (``kernel="linear", bn=True, head_scales=..., window=..., grid_size=...,
+            num_prefix_tokens=..., eps=..., fused=...``), which override ``options``' fields.
         key_padding_mask: ``(B, N)`` bool, True marks padding.
-        grid_size: ``(Hg, Wg)`` to pool SH keys on a 2-D token grid.
-        num_prefix_tokens: leading tokens (class/distillation) that are never pooled.
-        eps: variance floor of Attention-BN.
         dropout_p: dropout on the attention weights (pass 0.0 in eval mode).
         need_weights: also return the ``(B, H, N, N)`` attention maps (pooled heads spread back).
-        fused: use SDPA / the primal linear form; ``False`` forces the explicit math path.
 
     Returns:
         ``(B, H, N, Dv)``, or ``(out, weights)`` when ``need_weights``.
     """
+    options = with_switches(options, switches)
     _check_qkv(q, k, v)
-    _check_kernel(kernel)
     batch, num_heads, num_keys = k.shape[0], k.shape[1], k.shape[2]
     key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_keys)
-    num_prefix_tokens = check_positive_int("num_prefix_tokens", num_prefix_tokens, allow_zero=True)
-    if num_prefix_tokens > num_keys:
-        raise ValueError(f"num_prefix_tokens={num_prefix_tokens} exceeds the {num_keys} keys")
-    grid = check_grid(grid_size, num_keys, num_prefix_tokens)
-    if window is not None:
-        window = check_positive_int("window", window, allow_zero=True)
-    scales = None if head_scales is None else check_head_scales(head_scales, num_heads)
-    if scales is not None and window is not None and any(s > 1 for s in scales):
-        raise ValueError(
-            "window (sparse attention) cannot be combined with head_scales > 1: pooled keys "
-            f"have no token positions; got window={window}, head_scales={scales}"
-        )
+    grid = options.check_input(num_heads, num_keys)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if eps < 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
 
-    groups = head_groups(scales, num_heads)
+    groups = head_groups(options.head_scales, num_heads)
     k_parts, v_parts = split_heads(k, groups), split_heads(v, groups)
 
     def pooled_keys_values(index: int, group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
         k_g, v_g = k_parts[index], v_parts[index]
         if group.scale == 1:
             return k_g, v_g, key_padding_mask
-        pool = dict(grid_size=grid, num_prefix_tokens=num_prefix_tokens)
+        pool = dict(grid_size=grid, num_prefix_tokens=options.num_prefix_tokens)
         k_p, mask_p = pool_tokens(k_g, group.scale, key_padding_mask, **pool)
         v_p, _ = pool_tokens(v_g, group.scale, key_padding_mask, **pool)
         return k_p, v_p, mask_p
 
     out, weights = grouped_attention(
-        q, groups, pooled_keys_values, kernel=kernel, bn=bn,
-        window=window, key_padding_mask=key_padding_mask, grid_size=grid,
-        num_prefix_tokens=num_prefix_tokens, num_keys=num_keys, eps=eps, dropout_p=dropout_p,
-        need_weights=need_weights, fused=fused,
-    )
+        q, groups, pooled_keys_values, options, key_padding_mask=key_padding_mask,
+        num_keys=num_keys, dropout_p=dropout_p, need_weights=need_weights)
     return (out, weights) if need_weights else out
+
+
+def with_switches(options: AttentionOptions | None, switches: dict[str, object]) -> AttentionOptions:
+    """``options`` (defaults when None) with the named switches replaced; unknown names are an
+    error listing the valid ones."""
+    valid = [f.name for f in fields(AttentionOptions)]
+    unknown = sorted(set(switches) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown attention option(s) {unknown}; valid options: {valid}")
+    if options is None:
+        return AttentionOptions(**switches)
+    if not isinstance(options, AttentionOptions):
+        raise TypeError(f"options must be an AttentionOptions or None, got {type(options).__name__}")
+    return replace(options, **switches) if switches else options

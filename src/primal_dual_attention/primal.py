@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from primal_dual_attention.functional import KERNELS, elu_feature_map, masked_mean_var, pool_tokens
+from primal_dual_attention.functional import elu_feature_map, get_kernel, masked_mean_var, pool_tokens
 
 
 def _check_pairs(keys: Tensor, values: Tensor, queries: Tensor | None = None) -> None:
@@ -43,11 +43,7 @@ def log_kernel_matrix(x: Tensor, y: Tensor, kernel: str) -> Tensor:
 
     Working in the log domain keeps the explicit expansions finite where ``exp`` would overflow.
     """
-    if kernel == "softmax":
-        return x @ y.transpose(-2, -1) / math.sqrt(x.shape[-1])
-    if kernel == "linear":
-        return torch.log(elu_feature_map(x) @ elu_feature_map(y).transpose(-2, -1))
-    raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return get_kernel(kernel).log_kernel(x, y)
 
 
 def kernel_matrix(x: Tensor, y: Tensor, kernel: str) -> Tensor:

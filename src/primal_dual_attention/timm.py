@@ -1,19 +1,21 @@
 """timm integration: primal-dual attention inside timm's ``VisionTransformer``.
 
 Importing this module (it needs ``timm``; the core never imports it) registers models with
-``timm.models.register_model``: ``deit_{tiny,small}_patch16_224_{bn,sh,bn_sh}`` and the
-CIFAR-sized ``vit_cifar_{softmax,bn,sh,bn_sh}`` (patch 4 on 32x32). SH pools on the 2-D patch
+``timm.models.register_model``, for every variant that applies to a 2-D grid
+(:data:`GRID_VARIANTS`): ``deit_{tiny,small}_patch16_224_<variant>`` and the CIFAR-sized
+``vit_cifar_<variant>`` (patch 4 on 32x32). SH pools on the 2-D patch
 grid and never pools the class token (SPEC.md §2). timm builds attention from a class (it
 calls ``issubclass`` on ``attn_layer``), so :func:`attention_class` returns a real subclass
 carrying its configuration; the parameter names match timm's ``Attention`` (``qkv``, ``proj``),
-so timm state dicts load unchanged. The attention configuration is kept in
-``model.pretrained_cfg["pda_attention"]``.
+so timm state dicts load unchanged. The model's :class:`AttentionConfig` is kept in
+``model.pretrained_cfg["pda_attention"]``; ``create_model(name, attention=AttentionConfig(...))``
+sets the variant's options (head scales, eps).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
@@ -21,13 +23,19 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
 
-from primal_dual_attention.attention import MultiHeadAttention, get_variant
+from primal_dual_attention.attention import (
+    AttentionConfig,
+    MultiHeadAttention,
+    attention_config,
+    variant_names,
+)
+from primal_dual_attention.models.vision import CIFAR, DEIT
 
 
 class TimmAttention(MultiHeadAttention):
     """``MultiHeadAttention`` with timm's constructor and forward signature."""
 
-    pda_config: ClassVar[dict[str, Any]] = {"variant": "softmax"}
+    pda_config: ClassVar[AttentionConfig] = AttentionConfig()
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_norm: bool = False,
                  scale_norm: bool = False, proj_bias: bool = True, attn_drop: float = 0.0,
@@ -36,9 +44,8 @@ class TimmAttention(MultiHeadAttention):
             raise ValueError("primal-dual attention supports neither qk_norm, scale_norm nor "
                              f"proj_bias=False; got qk_norm={qk_norm}, scale_norm={scale_norm}, "
                              f"proj_bias={proj_bias}")
-        config = dict(self.pda_config)
-        super().__init__(dim, num_heads, variant=config.pop("variant"), qkv_bias=qkv_bias,
-                         attn_drop=attn_drop, proj_drop=proj_drop, device=device, dtype=dtype, **config)
+        super().__init__(dim, num_heads, self.pda_config, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                         proj_drop=proj_drop, device=device, dtype=dtype)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
                 key_padding_mask: Tensor | None = None, need_weights: bool = False):
@@ -48,48 +55,47 @@ class TimmAttention(MultiHeadAttention):
 
 
 @functools.cache
-def _cached_class(variant: str, head_scales: tuple[int, ...] | None, grid_size: tuple[int, int] | None,
-                  num_prefix_tokens: int) -> type[TimmAttention]:
-    config = {"variant": variant, "head_scales": head_scales, "grid_size": grid_size,
-              "num_prefix_tokens": num_prefix_tokens}
-    return type(f"TimmAttention_{variant}", (TimmAttention,), {"pda_config": config})
+def _cached_class(config: AttentionConfig) -> type[TimmAttention]:
+    return type(f"TimmAttention_{config.variant}", (TimmAttention,), {"pda_config": config})
 
 
-def attention_class(variant: str, *, head_scales: Sequence[int] | None = None,
-                    grid_size: tuple[int, int] | None = None, num_prefix_tokens: int = 0
-                    ) -> type[TimmAttention]:
-    """A ``TimmAttention`` subclass bound to one configuration, for ``attn_layer=``."""
-    get_variant(variant)
-    return _cached_class(variant, None if head_scales is None else tuple(head_scales),
-                         None if grid_size is None else tuple(grid_size), num_prefix_tokens)
+def attention_class(attention: AttentionConfig | str, **switches: Any) -> type[TimmAttention]:
+    """A ``TimmAttention`` subclass bound to one configuration, for ``attn_layer=``:
+    ``attention_class("bn_sh", grid_size=(14, 14), num_prefix_tokens=1)``."""
+    return _cached_class(attention_config(attention, **switches))
 
 
 def _build(name: str, variant: str, pretrained: bool, *, img_size: int, patch_size: int,
-           head_scales: Sequence[int] | None = None, **kwargs) -> VisionTransformer:
+           attention: AttentionConfig | None = None, **kwargs) -> VisionTransformer:
+    """``attention`` may set the variant's options (scales, eps, fused); the grid and the class
+    token come from the model."""
     if pretrained:
         raise ValueError(f"{name} has no pretrained weights; train it (pda train --task image) or load "
                          "a checkpoint with load_state_dict")
+    attention = attention_config(attention or variant)
+    if attention.variant != variant:
+        raise ValueError(f"{name} is built with variant {variant!r}, got an attention config of "
+                         f"variant {attention.variant!r}")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # create_model's, not the net's
         kwargs.pop(key, None)
     img_size = kwargs.pop("img_size", img_size)
     patch_size = kwargs.pop("patch_size", patch_size)
     grid = (img_size // patch_size, img_size // patch_size)
     prefix = 0 if kwargs.get("class_token") is False else 1
-    layer = attention_class(variant, head_scales=head_scales, grid_size=grid, num_prefix_tokens=prefix)
+    layer = attention_class(replace(attention, grid_size=grid, num_prefix_tokens=prefix))
     model = VisionTransformer(img_size=img_size, patch_size=patch_size, attn_layer=layer, **kwargs)
     model.pretrained_cfg = {
         "architecture": name, "num_classes": model.num_classes, "input_size": (3, img_size, img_size),
-        "pda_attention": dict(layer.pda_config),
+        "pda_attention": layer.pda_config,
     }
     return model
 
 
-DEIT = {"tiny": dict(embed_dim=192, depth=12, num_heads=3),
-        "small": dict(embed_dim=384, depth=12, num_heads=6)}
-CIFAR = dict(embed_dim=128, depth=6, num_heads=4, mlp_ratio=2.0, num_classes=10)
+#: Every variant that applies to a 2-D patch grid (all but the 1-D sparse window).
+GRID_VARIANTS = variant_names(lambda v: v.supports_grid)
 
 
-def _register(name: str, variant: str, defaults: dict[str, Any]) -> None:
+def _register(name: str, variant: str, defaults: dict[str, Any]) -> str:
     def builder(pretrained: bool = False, **kwargs) -> VisionTransformer:
         return _build(name, variant, pretrained, **(defaults | kwargs))
 
@@ -98,17 +104,18 @@ def _register(name: str, variant: str, defaults: dict[str, Any]) -> None:
     builder.__module__ = __name__
     builder.__doc__ = f"{name}: timm VisionTransformer with primal-dual attention variant {variant!r}."
     globals()[name] = register_model(builder)
+    return name
 
 
-for _size, _dims in DEIT.items():
-    for _variant in ("bn", "sh", "bn_sh"):
-        _register(f"deit_{_size}_patch16_224_{_variant}", _variant,
-                  dict(img_size=224, patch_size=16, qkv_bias=True, **_dims))
-for _variant in ("softmax", "bn", "sh", "bn_sh"):
-    _register(f"vit_cifar_{_variant}", _variant, dict(img_size=32, patch_size=4, qkv_bias=True, **CIFAR))
-
-REGISTERED = [f"deit_{s}_patch16_224_{v}" for s in DEIT for v in ("bn", "sh", "bn_sh")] + [
-    f"vit_cifar_{v}" for v in ("softmax", "bn", "sh", "bn_sh")]
+# timm's own deit_*_patch16_224 is the softmax DeiT
+REGISTERED = [
+    _register(f"deit_{size}_patch16_224_{variant}", variant,
+              dict(img_size=224, patch_size=16, qkv_bias=True, **dims))
+    for size, dims in DEIT.items() for variant in GRID_VARIANTS if variant != "softmax"
+] + [
+    _register(f"vit_cifar_{variant}", variant, dict(img_size=32, patch_size=4, qkv_bias=True, **CIFAR))
+    for variant in GRID_VARIANTS
+]
 
 
 def attention_maps(model: VisionTransformer, images: Tensor, layer: int = 0) -> Tensor:

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from primal_dual_attention.attention import VARIANTS, MultiHeadAttention, get_variant
-from primal_dual_attention.functional import attention, default_head_scales, masked_mean_var
+from primal_dual_attention.attention import VARIANTS, AttentionConfig, MultiHeadAttention, get_variant
+from primal_dual_attention.functional import attention, default_head_scales, get_kernel, masked_mean_var
 from primal_dual_attention.utils import machine_description
 
 SPARSE_WINDOW = 64
@@ -98,13 +98,14 @@ def _attention_fn(case: Case, fused: bool) -> Callable:
         return _naive
     if case.name == "bn_query_fold":
         return _bn_query_fold
-    spec = get_variant(case.name)
-    options = dict(
-        kernel=spec.kernel, bn=spec.bn, fused=fused,
-        head_scales=default_head_scales(case.heads) if spec.multi_scale else None,
-        window=SPARSE_WINDOW if spec.sparse else None,
-    )
-    return lambda q, k, v, m: attention(q, k, v, key_padding_mask=m, **options)
+    config = _variant_config(case, fused)
+    return lambda q, k, v, m: attention(q, k, v, config, key_padding_mask=m)
+
+
+def _variant_config(case: Case, fused: bool) -> AttentionConfig:
+    """The case's variant for ``case.heads`` heads (sparse with the benchmark's window)."""
+    window = SPARSE_WINDOW if get_variant(case.name).sparse else None
+    return AttentionConfig(variant=case.name, window=window, fused=fused).for_heads(case.heads)
 
 
 Workload = tuple[Callable[[], torch.Tensor], Callable[[], None]]
@@ -117,9 +118,7 @@ def _workload(case: Case, fused: bool) -> Workload:
     mask = padding_mask(case)
     if case.layer:
         dim = case.heads * case.head_dim
-        spec = get_variant(case.name)
-        module = MultiHeadAttention(dim, case.heads, variant=case.name, fused_attn=fused,
-                                    window=SPARSE_WINDOW if spec.sparse else None)
+        module = MultiHeadAttention(dim, case.heads, _variant_config(case, fused))
         x = torch.randn(case.batch, case.num_tokens, dim, generator=generator, requires_grad=True)
 
         def clear_layer() -> None:
@@ -176,7 +175,7 @@ def count_gflops(case: Case) -> float:
     counted on their fused (primal) path.
     """
     name = "softmax" if case.name in ("sdpa", "bn_query_fold") else case.name
-    fused = name in VARIANTS and get_variant(name).kernel == "linear"
+    fused = name in VARIANTS and get_kernel(get_variant(name).kernel).has_primal
     workload = _workload(replace(case, name=name), fused=fused)
     with FlopCounterMode(display=False) as counter:
         _run(workload)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from primal_dual_attention.analysis.bench import peak_memory_pool, peak_rss_rise_mib
-from primal_dual_attention.attention import MultiHeadAttention
+from primal_dual_attention.attention import fused_paths
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.distributed import resolve_device
 from primal_dual_attention.training.engine import autocast
@@ -50,14 +50,6 @@ class ModelCost:
     precision: str
 
 
-def _set_fused(model: nn.Module, fused: bool) -> None:
-    """Softmax-kernel layers switch path; linear-kernel layers keep their primal O(N) form,
-    which is what they compute (their math path would count the N x N matrix)."""
-    for module in model.modules():
-        if isinstance(module, MultiHeadAttention) and module.spec.kernel == "softmax":
-            module.fused_attn = fused
-
-
 def _median_seconds(step: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
     for _ in range(warmup):
         step()
@@ -72,15 +64,13 @@ def _median_seconds(step: Callable[[], None], device: torch.device, warmup: int,
 
 
 def _flops(model: nn.Module, x, mask, y, backward: bool) -> int:
-    _set_fused(model, False)
-    try:
-        with FlopCounterMode(display=False) as counter:
-            logits = model(x, mask)
-            if backward:
-                F.cross_entropy(logits, y).backward()
-        model.zero_grad(set_to_none=True)
-    finally:
-        _set_fused(model, True)
+    """FLOPs of one step; softmax-kernel layers on their math path (the counter does not see the
+    fused kernels), layers with an exact primal form on it (what they compute)."""
+    with fused_paths(model, False), FlopCounterMode(display=False) as counter:
+        logits = model(x, mask)
+        if backward:
+            F.cross_entropy(logits, y).backward()
+    model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 

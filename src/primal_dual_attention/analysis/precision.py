@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from primal_dual_attention.attention import VARIANTS, MultiHeadAttention
+from primal_dual_attention.attention import VARIANTS, MultiHeadAttention, get_variant
 from primal_dual_attention.training.distributed import resolve_device
 from primal_dual_attention.training.engine import autocast
 from primal_dual_attention.utils import synchronise
@@ -26,7 +26,8 @@ def precision_check(device: str = "auto", precisions=("fp32", "bf16"), *, batch:
     rows = []
     for variant in VARIANTS:
         torch.manual_seed(0)
-        layer = MultiHeadAttention(dim, heads, variant=variant, window=64 if variant == "sparse" else None)
+        layer = MultiHeadAttention(dim, heads, variant=variant,
+                                   window=64 if get_variant(variant).sparse else None)
         layer = layer.to(target)
         if compile_model:
             torch._dynamo.reset()  # one compiled layer per variant: do not count as recompiles

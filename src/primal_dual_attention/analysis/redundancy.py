@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from primal_dual_attention.attention import MultiHeadAttention
+from primal_dual_attention.attention import MultiHeadAttention, attention_layers
 
 METRICS = ("js", "cos_maps", "cos_out")
 
@@ -85,8 +85,7 @@ def capture_heads(model: nn.Module, *inputs, **kwargs) -> list[LayerCapture]:
         v = module.qkv(x).view(b, n, 3, module.num_heads, module.head_dim)[:, :, 2].transpose(1, 2)
         captured.append(LayerCapture(maps, maps @ v, mask))
 
-    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_layers(model)]
     try:
         with torch.inference_mode():
             model(*inputs, **kwargs)

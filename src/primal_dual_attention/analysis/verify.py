@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from primal_dual_attention.attention import MultiHeadAttention
-from primal_dual_attention.functional import attention, visibility_mask
+from primal_dual_attention.attention import MultiHeadAttention, attention_layers
+from primal_dual_attention.functional import KERNELS, attention, visibility_mask
 from primal_dual_attention.primal import (
     EluFeatureMap,
     PositiveRandomFeatures,
@@ -101,8 +101,8 @@ def exact_statements() -> list[Statement]:
              ("BN", True, None, None), ("SH(1,2,3,4)", False, scales, None),
              ("BN+SH(1,2,3,4)", True, scales, None)]
     for name, bn, head_scales, window in cases:
-        for kernel in ("softmax", "linear"):
-            if kernel == "linear" and name.startswith("sparse"):
+        for kernel, spec in KERNELS.items():
+            if spec.has_primal and window is not None:  # its primal row is above
                 continue
             fused = attention(q, k, v, kernel=kernel, bn=bn, head_scales=head_scales, window=window,
                               key_padding_mask=mask)
@@ -153,8 +153,7 @@ def layer_tensors(model: torch.nn.Module, x: Tensor, mask: Tensor | None
         qkv = module.qkv(inputs).view(b, n, 3, module.num_heads, module.head_dim).permute(2, 0, 3, 1, 4)
         captured.append((module, (*qkv.unbind(0), padding)))
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True)
-               for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_layers(model)]
     try:
         with torch.no_grad():
             model(x, mask)
@@ -170,11 +169,10 @@ def real_data_statements(model: torch.nn.Module, x: Tensor, mask: Tensor | None,
     rows, box = [], []
     layers = layer_tensors(model, x.double(), mask)
     for index, (module, (q, k, v, padding)) in enumerate(layers):
-        spec = module.spec
-        fused = attention(q, k, v, kernel=spec.kernel, bn=spec.bn, head_scales=module.head_scales,
-                          window=module.window, key_padding_mask=padding)
+        spec, config = module.spec, module.config
+        fused = attention(q, k, v, config, key_padding_mask=padding)
         expansion = expansion_output(q, k, v, kernel=spec.kernel, bn=spec.bn,
-                                     head_scales=module.head_scales, window=module.window, mask=padding)
+                                     head_scales=config.head_scales, window=config.window, mask=padding)
         valid = None if padding is None else ~padding[:, None, :, None].expand_as(fused)
         rows.append(Statement(f"{source} layer {index + 1} ({spec.name}): fused == SVR expansion",
                               _max_error(fused, expansion, valid)))

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
-from primal_dual_attention.attention import MultiHeadAttention
+from primal_dual_attention.attention import AttentionConfig, MultiHeadAttention
 
 NORM_PLACEMENTS = ("pre", "post")
 
 
 class EncoderBlock(nn.Module):
-    """Attention + GELU feed-forward, each with dropout and a residual, pre- or post-norm."""
+    """Attention + GELU feed-forward, each with dropout and a residual, pre- or post-norm.
+
+    ``attention`` (an :class:`AttentionConfig`) is handed to the layer unchanged."""
 
     def __init__(
         self,
@@ -21,9 +21,7 @@ class EncoderBlock(nn.Module):
         num_heads: int,
         mlp_dim: int,
         *,
-        variant: str = "softmax",
-        head_scales: Sequence[int] | None = None,
-        window: int | None = None,
+        attention: AttentionConfig | None = None,
         dropout: float = 0.1,
         attn_drop: float = 0.0,
         norm: str = "pre",
@@ -35,8 +33,7 @@ class EncoderBlock(nn.Module):
             raise ValueError(f"norm must be one of {NORM_PLACEMENTS}, got {norm!r}")
         factory = {"device": device, "dtype": dtype}
         self.pre_norm = norm == "pre"
-        self.attn = MultiHeadAttention(dim, num_heads, variant=variant, head_scales=head_scales,
-                                       window=window, attn_drop=attn_drop, **factory)
+        self.attn = MultiHeadAttention(dim, num_heads, attention, attn_drop=attn_drop, **factory)
         self.norm1 = nn.LayerNorm(dim, **factory)
         self.norm2 = nn.LayerNorm(dim, **factory)
         self.mlp = nn.Sequential(
@@ -68,6 +65,3 @@ class TransformerEncoder(nn.Module):
         for block in self.blocks:
             x = block(x, key_padding_mask)
         return self.final_norm(x)
-
-    def attention_layers(self) -> list[MultiHeadAttention]:
-        return [block.attn for block in self.blocks]

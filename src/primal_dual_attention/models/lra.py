@@ -8,11 +8,10 @@ same encoder and the head sees ``[u, v, u * v, u - v]``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor, nn
 
+from primal_dual_attention.attention import AttentionConfig
 from primal_dual_attention.models.encoder import TransformerEncoder
 
 
@@ -28,9 +27,7 @@ class LRAClassifier(nn.Module):
         num_heads: int = 2,
         mlp_dim: int = 128,
         dropout: float = 0.1,
-        variant: str = "softmax",
-        head_scales: Sequence[int] | None = None,
-        window: int | None = None,
+        attention: AttentionConfig | None = None,
         dual: bool = False,
     ) -> None:
         super().__init__()
@@ -39,8 +36,8 @@ class LRAClassifier(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.drop = nn.Dropout(dropout)
-        self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_dim, norm="pre", variant=variant,
-                                          head_scales=head_scales, window=window, dropout=dropout)
+        self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_dim, norm="pre",
+                                          attention=attention, dropout=dropout)
         features = 4 * dim if dual else dim
         self.head = nn.Sequential(nn.Linear(features, mlp_dim), nn.ReLU(), nn.Linear(mlp_dim, num_classes))
 

@@ -8,12 +8,11 @@ classifier, as the common Time-Series-Library recipe does) or ``mean`` (masked m
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from primal_dual_attention.attention import AttentionConfig
 from primal_dual_attention.models.encoder import TransformerEncoder
 
 POOLINGS = ("flatten", "mean")
@@ -31,9 +30,7 @@ class TimeSeriesTransformer(nn.Module):
         num_heads: int = 8,
         mlp_dim: int = 256,
         dropout: float = 0.1,
-        variant: str = "softmax",
-        head_scales: Sequence[int] | None = None,
-        window: int | None = None,
+        attention: AttentionConfig | None = None,
         norm: str = "post",
         pooling: str = "flatten",
     ) -> None:
@@ -46,8 +43,7 @@ class TimeSeriesTransformer(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.drop = nn.Dropout(dropout)
         self.encoder = TransformerEncoder(dim, depth, num_heads, mlp_dim, norm=norm,
-                                          variant=variant, head_scales=head_scales,
-                                          window=window, dropout=dropout)
+                                          attention=attention, dropout=dropout)
         features = dim * max_len if pooling == "flatten" else dim
         self.head = nn.Linear(features, num_classes)
 

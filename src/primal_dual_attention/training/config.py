@@ -16,6 +16,8 @@ import yaml
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
+    from primal_dual_attention.attention import AttentionConfig
+
 PROTOCOLS = ("paper", "clean")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "radam")
@@ -85,11 +87,8 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check values with a clear error naming the option, the value and what is allowed."""
-        from primal_dual_attention.attention import VARIANTS
-
         choices = {"protocol": PROTOCOLS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "precision": PRECISIONS,
-                   "variant": tuple(VARIANTS), "norm": ("pre", "post"),
+                   "precision": PRECISIONS, "norm": ("pre", "post"),
                    "pooling": ("flatten", "mean")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -118,7 +117,20 @@ class TrainConfig:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")
         self.task, self.dataset = canonical_task(self.task, self.dataset)
+        from primal_dual_attention.training.tasks import check_task
+
+        try:
+            check_task(self)
+        except TypeError as error:  # an ill-typed attention option, e.g. head_scales of strings
+            raise ValueError(str(error)) from None
         return self
+
+    def attention(self) -> AttentionConfig:
+        """The run's attention as one value (SPEC.md §2), handed to the task's model."""
+        from primal_dual_attention.attention import AttentionConfig
+
+        head_scales = None if self.head_scales is None else tuple(self.head_scales)
+        return AttentionConfig(variant=self.variant, head_scales=head_scales, window=self.window)
 
     def effective_lr(self) -> float:
         """``lr``, linearly scaled by ``batch_size / lr_base_batch`` when that is set."""

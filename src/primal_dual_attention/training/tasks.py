@@ -7,26 +7,36 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from primal_dual_attention.models.vision import CIFAR, DEIT
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.engine import Task
 
 TASKS: dict[str, Callable[[TrainConfig], Task]] = {}
+#: Per task: how many attention heads its model has under a config (None: known only once built).
+TASK_HEADS: dict[str, Callable[[TrainConfig], int | None]] = {}
 
 
-def register_task(name: str):
+def register_task(name: str, heads: Callable[[TrainConfig], int | None] = lambda cfg: cfg.heads):
     def add(builder: Callable[[TrainConfig], Task]) -> Callable[[TrainConfig], Task]:
-        TASKS[name] = builder
+        TASKS[name], TASK_HEADS[name] = builder, heads
         return builder
 
     return add
 
 
+def check_task(cfg: TrainConfig) -> None:
+    """Check that the task exists and that its attention fits its model's heads: called by
+    :meth:`TrainConfig.validate`, so every attention mistake is reported before data loads."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}")
+    heads = TASK_HEADS[cfg.task](cfg)
+    if heads is not None:
+        cfg.attention().for_heads(heads)
+
+
 def build_task(cfg: TrainConfig) -> Task:
-    try:
-        builder = TASKS[cfg.task]
-    except KeyError:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}") from None
-    return builder(cfg)
+    check_task(cfg)
+    return TASKS[cfg.task](cfg)
 
 
 @register_task("uea")
@@ -43,13 +53,13 @@ def build_uea_task(cfg: TrainConfig) -> Task:
         train, val = data.train.subset(keep), data.train.subset(hold)
     model = TimeSeriesTransformer(
         data.num_channels, data.num_classes, data.max_len, dim=cfg.dim, depth=cfg.depth,
-        num_heads=cfg.heads, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout, variant=cfg.variant,
-        head_scales=cfg.head_scales, window=cfg.window, norm=cfg.norm, pooling=cfg.pooling,
+        num_heads=cfg.heads, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout, attention=cfg.attention(),
+        norm=cfg.norm, pooling=cfg.pooling,
     )
     return Task(model=model, train=train, test=data.test, val=val, description=data.summary())
 
 
-@register_task("image")
+@register_task("image", heads=lambda cfg: CIFAR["num_heads"])
 def build_image_task(cfg: TrainConfig) -> Task:
     """CIFAR-10 with a registered ``vit_cifar_<variant>`` timm model (``--dataset CIFAR10``)."""
     import timm
@@ -62,8 +72,9 @@ def build_image_task(cfg: TrainConfig) -> Task:
         raise ValueError(f"task 'image' supports dataset 'CIFAR10', got {cfg.dataset!r}")
     name = f"vit_cifar_{cfg.variant}"
     if name not in timm.list_models("vit_cifar_*"):
-        raise ValueError(f"variant {cfg.variant!r} has no registered CIFAR model; choose from "
-                         f"{[m.removeprefix('vit_cifar_') for m in timm.list_models('vit_cifar_*')]}")
+        choices = [m.removeprefix("vit_cifar_") for m in timm.list_models("vit_cifar_*")]
+        raise ValueError(f"variant {cfg.variant!r} has no registered CIFAR model (it needs a 2-D grid); "
+                         f"choose from {choices}")
     train, test, classes = load_cifar10(cfg.data_dir)
     val = None
     if cfg.protocol == "clean":
@@ -71,7 +82,7 @@ def build_image_task(cfg: TrainConfig) -> Task:
         train, val = train.subset(keep), train.subset(hold)
         val.augment = False
     model = timm.create_model(name, num_classes=len(classes), drop_rate=cfg.dropout,
-                              head_scales=cfg.head_scales)
+                              attention=cfg.attention())
     return Task(model=model, train=train, test=test, val=val,
                 description=f"CIFAR-10: {len(train)} train / {len(test)} test images, {name}")
 
@@ -106,13 +117,12 @@ def build_lra_task(cfg: TrainConfig) -> Task:
     data = LOADERS[name](cfg.data_dir, **kwargs)
     model = LRAClassifier(data.vocab_size, data.num_classes, data.max_len, dim=cfg.dim, depth=cfg.depth,
                           num_heads=cfg.heads, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
-                          variant=cfg.variant, head_scales=cfg.head_scales, window=cfg.window,
-                          dual=name == "retrieval")
+                          attention=cfg.attention(), dual=name == "retrieval")
     val = data.val if cfg.protocol == "clean" else None
     return Task(model=model, train=data.train, test=data.test, val=val, description=data.description)
 
 
-@register_task("imagenet")
+@register_task("imagenet", heads=lambda cfg: DEIT["tiny"]["num_heads"] if cfg.model is None else None)
 def build_imagenet_task(cfg: TrainConfig) -> Task:
     """An ImageFolder tree (``--data-dir`` with ``train/`` and ``val/``) and a timm model:
     ``cfg.model``, default ``deit_tiny_patch16_224`` (softmax, timm's own) or
@@ -135,7 +145,8 @@ def build_imagenet_task(cfg: TrainConfig) -> Task:
         label_smoothing=cfg.label_smoothing, repeated_aug=cfg.repeated_aug, num_workers=cfg.num_workers,
         seed=cfg.seed, rank=int(os.environ.get("RANK", "0")),
         world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    extra = {} if cfg.head_scales is None else {"head_scales": cfg.head_scales}
+    extra = {} if cfg.variant == "softmax" and name == "deit_tiny_patch16_224" else {
+        "attention": cfg.attention()}
     model = timm.create_model(name, num_classes=len(train.classes), img_size=cfg.img_size,
                               drop_path_rate=cfg.drop_path, drop_rate=cfg.dropout, **extra)
     return Task(model=model, train=train, test=val, val=None,

@@ -1,0 +1,121 @@
+"""One attention configuration: checked once, handed down unchanged, and the only way models
+take attention options."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields
+
+import pytest
+import torch
+
+from primal_dual_attention import primal
+from primal_dual_attention.attention import (
+    VARIANTS,
+    AttentionConfig,
+    MultiHeadAttention,
+    attention_config,
+    fused_paths,
+)
+from primal_dual_attention.functional import KERNELS, attention, get_kernel
+from primal_dual_attention.models.encoder import EncoderBlock, TransformerEncoder
+from primal_dual_attention.models.lra import LRAClassifier
+from primal_dual_attention.models.timeseries import TimeSeriesTransformer
+from primal_dual_attention.training.config import TrainConfig
+
+ATTENTION_FIELDS = {f.name for f in fields(AttentionConfig)}
+
+
+def _constructors():
+    yield from (MultiHeadAttention, EncoderBlock, TransformerEncoder, TimeSeriesTransformer, LRAClassifier)
+    try:
+        from primal_dual_attention.timm import TimmAttention
+    except ImportError:
+        return
+    yield TimmAttention
+
+
+@pytest.mark.parametrize("cls", list(_constructors()), ids=lambda c: c.__name__)
+def test_no_model_constructor_has_an_attention_keyword_of_its_own(cls):
+    """A new attention switch is a field of AttentionConfig, never another constructor keyword."""
+    own = set(inspect.signature(cls.__init__).parameters) & ATTENTION_FIELDS
+    assert not own, f"{cls.__name__} takes {sorted(own)} itself; pass an AttentionConfig instead"
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"variant": "nope"}, ValueError, r"variant must be one of \['softmax'"),
+    ({"variant": "bn", "head_scales": (1, 2)}, ValueError, "only used by the SH variants"),
+    ({"variant": "sparse"}, ValueError, "needs window=w"),
+    ({"variant": "sh", "window": 2}, ValueError, "cannot be combined with the SH variant"),
+    ({"variant": "sh", "head_scales": (1, 0)}, ValueError, r"head_scales\[1\] must be a positive"),
+    ({"variant": "sh", "head_scales": "12"}, TypeError, "head_scales must be a sequence"),
+    ({"variant": "sparse", "window": -1}, ValueError, "window must be a non-negative integer"),
+    ({"eps": -1.0}, ValueError, "eps must be a number >= 0"),
+    ({"fused": "yes"}, TypeError, "fused must be True or False"),
+    ({"grid_size": (4,)}, ValueError, r"grid_size must be a pair"),
+    ({"num_prefix_tokens": -1}, ValueError, "num_prefix_tokens must be a non-negative"),
+])
+def test_each_mistake_gets_one_message(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        AttentionConfig(**kwargs)
+
+
+def test_variant_sets_kernel_and_bn_and_heads_fill_the_scales():
+    config = AttentionConfig(variant="linear_bn_sh")
+    assert (config.kernel, config.bn, config.head_scales) == ("linear", True, None)
+    assert config.for_heads(8).head_scales == (1, 1, 2, 2, 4, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"one entry per head \(4\)"):
+        AttentionConfig(variant="sh", head_scales=(1, 2)).for_heads(4)
+    with pytest.raises(TypeError):
+        AttentionConfig(variant="bn", kernel="linear")  # the variant decides the kernel
+    with pytest.raises(TypeError, match=r"unknown attention option\(s\) \['heads'\]"):
+        attention_config("bn", heads=3)
+
+
+def test_the_config_reaches_every_layer_unchanged():
+    config = AttentionConfig(variant="bn_sh", head_scales=(1, 2), eps=1e-3, fused=False)
+    model = TimeSeriesTransformer(3, 2, 12, dim=8, depth=2, num_heads=2, mlp_dim=8, attention=config)
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    assert len(layers) == 2 and all(layer.config == config for layer in layers)
+    with fused_paths(model, True):
+        assert all(layer.config.fused for layer in layers)
+    assert not any(layer.config.fused for layer in layers)
+
+
+def test_module_keywords_equal_a_config():
+    torch.manual_seed(0)
+    a = MultiHeadAttention(8, 2, variant="bn_sh", head_scales=(1, 2))
+    torch.manual_seed(0)
+    b = MultiHeadAttention(8, 2, AttentionConfig(variant="bn_sh", head_scales=(1, 2)))
+    x = torch.randn(2, 6, 8)
+    assert a.config == b.config
+    torch.testing.assert_close(a(x), b(x))
+
+
+@pytest.mark.parametrize("name", ["exp", "Linear", "", None])
+def test_an_unknown_kernel_is_an_error_everywhere(name):
+    q = torch.randn(1, 1, 4, 2)
+    for call in (lambda: get_kernel(name), lambda: attention(q, q, q, kernel=name),
+                 lambda: primal.log_kernel_matrix(q[0, 0], q[0, 0], name),
+                 lambda: primal.fit_svr(q[0, 0], q[0, 0], name)):
+        with pytest.raises(ValueError, match=r"kernel must be one of \['softmax', 'linear'\]"):
+            call()
+
+
+def test_every_variant_kernel_is_in_the_table():
+    assert {v.kernel for v in VARIANTS.values()} <= set(KERNELS)
+    assert [k for k, kernel in KERNELS.items() if kernel.has_primal] == ["linear"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"variant": "sh", "head_scales": [1, 2]}, r"one entry per head \(8\)"),
+    ({"variant": "bn", "head_scales": [1] * 8}, "only used by the SH variants"),
+    ({"variant": "sh", "head_scales": ["a"] * 8}, r"head_scales\[0\] must be an integer"),
+    ({"task": "image", "dataset": "CIFAR10", "variant": "sh", "head_scales": [1] * 8},
+     r"one entry per head \(4\)"),
+    ({"task": "lra-listops", "heads": 2, "variant": "sparse"}, "needs window"),
+])
+def test_train_config_reports_attention_mistakes_before_any_data(kwargs, match, tmp_path):
+    missing = str(tmp_path / "no-such-data")
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(data_dir=missing, **kwargs).validate()
