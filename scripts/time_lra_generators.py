@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from primal_dual_attention.analysis.bench import machine_description
 from primal_dual_attention.data.lra import generate_listops, generate_pathfinder
+from primal_dual_attention.utils import machine_description
 
 
 def main() -> None:

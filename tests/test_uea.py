@@ -13,7 +13,8 @@ import torch
 
 from primal_dual_attention.attention import AttentionConfig
 from primal_dual_attention.cli import main
-from primal_dual_attention.data.uea import TsFormatError, load_uea, read_ts, stratified_split
+from primal_dual_attention.data.common import stratified_split
+from primal_dual_attention.data.uea import TsFormatError, load_uea, read_ts
 from primal_dual_attention.models.timeseries import TimeSeriesTransformer
 from primal_dual_attention.training.config import TrainConfig, load_yaml_config
 from primal_dual_attention.training.engine import fit, load_checkpoint, seed_everything

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeAlias
 
-from primal_dual_attention.attention import VARIANTS
+from primal_dual_attention.attention import PAPER_VARIANTS, STUDIED_VARIANTS, VARIANTS
+from primal_dual_attention.utils import command_line
 
 
 def _dataset_epochs(text: str) -> tuple[str, int]:
@@ -49,8 +50,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
 
     results = run_attention_benchmark(sizes=args.sizes, variants=args.variants,
                                       repeats=args.repeats, memory=not args.no_memory)
-    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    csv_path, md_path = write_results(results, Path(args.out), command)
+    csv_path, md_path = write_results(results, Path(args.out), command_line())
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}")
     return 0
@@ -153,9 +153,6 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_VARIANTS = ("softmax", "bn", "sh", "bn_sh")
-
-
 def _demo(args: argparse.Namespace) -> int:
     """Softmax, BN, SH and BN+SH on JapaneseVowels, clean protocol, one short budget each."""
     from primal_dual_attention.training.config import TrainConfig, dataset_config_path, load_yaml_config
@@ -164,7 +161,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     base = load_yaml_config(dataset_config_path("uea", "JapaneseVowels"), TrainConfig())
     rows = []
-    for variant in DEMO_VARIANTS:
+    for variant in PAPER_VARIANTS:
         cfg = TrainConfig(**{**base.to_dict(), "variant": variant, "epochs": args.epochs,
                              "protocol": "clean", "seed": args.seed, "out_dir": args.out,
                              "data_dir": args.data_dir, "progress": not args.quiet}).validate()
@@ -204,11 +201,10 @@ def _sweep(args: argparse.Namespace) -> int:
     from primal_dual_attention.training.sweep import plan_runs, plan_sweep, run_sweep
 
     results = Path(args.results or f"results/{'cifar10' if args.task == 'image' else args.task}")
-    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     if not args.report_only:
         results.mkdir(parents=True, exist_ok=True)
         with open(results / "sweep_commands.txt", "a") as handle:
-            handle.write(command + "\n")
+            handle.write(command_line() + "\n")
         common = dict(seeds=args.seeds, epochs=args.epochs, overrides=dict(args.set),
                       epochs_per_dataset=dict(args.dataset_epochs), out_dir=args.out)
         runs = []
@@ -219,7 +215,7 @@ def _sweep(args: argparse.Namespace) -> int:
         else:
             datasets = args.datasets or SWEEP_DEFAULT_DATASETS.get(args.task, (args.task,))
             runs = plan_runs(args.task, args.task, datasets, protocols=args.protocols or ("clean",),
-                             variants=args.variants or ("softmax", "bn", "sh", "bn_sh"),
+                             variants=args.variants or PAPER_VARIANTS,
                              data_dir=args.data_dir, **common)
         run_sweep(runs, results, workers=args.workers, threads_per_worker=args.threads)
     if (results / "runs.csv").is_file():
@@ -236,9 +232,8 @@ def _verify(args: argparse.Namespace) -> int:
 def _heads(args: argparse.Namespace) -> int:
     from primal_dual_attention.analysis.redundancy import heads_report
 
-    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     heads_report(args.checkpoints, args.out, samples=args.samples, layer=args.layer,
-                 data_dir=args.data_dir, command=command)
+                 data_dir=args.data_dir, command=command_line())
     print(f"wrote {args.out}/redundancy.csv, redundancy.png and maps.png")
     return 0
 
@@ -256,8 +251,7 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 
     points = run_scaling(args.sizes, args.variants, batch=args.batch, repeats=args.repeats,
                          time_limit_s=args.time_limit, memory=not args.no_memory)
-    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    path = write_scaling(points, Path(args.out), command, args.batch, 8, 32)
+    path = write_scaling(points, Path(args.out), command_line(), args.batch, 8, 32)
     print(path.read_text())
     return 0
 
@@ -278,8 +272,8 @@ def _bench_model(args: argparse.Namespace) -> int:
               f"{cost.train_samples_per_s:10.1f} train/s {cost.infer_samples_per_s:10.1f} infer/s "
               f"{cost.gflops_fwd_per_sample:8.3f} GFLOPs fwd/sample{flops}  peak "
               f"{cost.peak_train_mb if cost.peak_train_mb is None else round(cost.peak_train_mb)} MiB")
-    command = "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    print(f"wrote {write_costs(costs, Path(args.out), command)} and {write_speed_table(Path(args.out))}")
+    out = Path(args.out)
+    print(f"wrote {write_costs(costs, out, command_line())} and {write_speed_table(out)}")
     return 0
 
 
@@ -290,13 +284,12 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pda", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+#: what ``add_subparsers`` returns: each ``_add_*`` function adds one subcommand to it
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
-    bench = commands.add_parser("bench", help="benchmarks")
-    bench_kinds = bench.add_subparsers(dest="kind", required=True)
-    attn = bench_kinds.add_parser("attention", help="time, FLOPs and memory of one attention call")
+
+def _add_bench_attention(kinds: Commands) -> None:
+    attn = kinds.add_parser("attention", help="time, FLOPs and memory of one attention call")
     attn.add_argument("--sizes", type=_sizes, default=(256, 1024, 2048, 4096),
                       help="sequence lengths N, comma separated (default 256,1024,2048,4096)")
     attn.add_argument("--variants", type=_variants, default=tuple(VARIANTS),
@@ -306,11 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     attn.add_argument("--out", default="results/bench", help="output folder")
     attn.set_defaults(func=_bench_attention)
 
-    from primal_dual_attention.analysis.scaling import SCALING_VARIANTS
 
-    scaling = bench_kinds.add_parser("scaling", help="one attention layer per variant as N grows")
+def _add_bench_scaling(kinds: Commands) -> None:
+    scaling = kinds.add_parser("scaling", help="one attention layer per variant as N grows")
     scaling.add_argument("--sizes", type=_sizes, default=(256, 512, 1024, 2048, 4096, 8192))
-    scaling.add_argument("--variants", type=_variants, default=SCALING_VARIANTS)
+    scaling.add_argument("--variants", type=_variants, default=STUDIED_VARIANTS)
     scaling.add_argument("--batch", type=int, default=2)
     scaling.add_argument("--repeats", type=int, default=3)
     scaling.add_argument("--time-limit", type=float, default=4.0,
@@ -319,17 +312,21 @@ def build_parser() -> argparse.ArgumentParser:
     scaling.add_argument("--out", default="results/bench", help="output folder")
     scaling.set_defaults(func=_bench_scaling)
 
-    precision = bench_kinds.add_parser("precision", help="bf16/fp16 autocast vs fp32 per variant")
+
+def _add_bench_precision(kinds: Commands) -> None:
+    precision = kinds.add_parser("precision", help="bf16/fp16 autocast vs fp32 per variant")
     precision.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     precision.add_argument("--precisions", default="fp32,bf16", help="comma separated: fp32,bf16,fp16")
     precision.add_argument("--tokens", type=int, default=1024, help="sequence length")
     precision.add_argument("--compile", action="store_true", help="run the layer through torch.compile")
     precision.set_defaults(func=_bench_precision)
 
-    model = bench_kinds.add_parser("model", help="a task model's throughput, FLOPs and memory per variant")
+
+def _add_bench_model(kinds: Commands) -> None:
+    model = kinds.add_parser("model", help="a task model's throughput, FLOPs and memory per variant")
     model.add_argument("--task", default="image", help="image, uea or an lra-* task")
     model.add_argument("--dataset", default="CIFAR10")
-    model.add_argument("--variants", type=_variants, default=("softmax", "bn", "sh", "bn_sh"))
+    model.add_argument("--variants", type=_variants, default=PAPER_VARIANTS)
     model.add_argument("--batch", type=int, default=128)
     model.add_argument("--repeats", type=int, default=10, help="timed rounds (median per variant)")
     model.add_argument("--modes", type=lambda t: tuple(t.split(",")), default=("eager",),
@@ -342,15 +339,28 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--out", default="results/cifar10", help="folder of cost.csv")
     model.set_defaults(func=_bench_model)
 
+
+def _add_bench(commands: Commands) -> None:
+    bench = commands.add_parser("bench", help="benchmarks")
+    kinds = bench.add_subparsers(dest="kind", required=True)
+    for add in (_add_bench_attention, _add_bench_scaling, _add_bench_precision, _add_bench_model):
+        add(kinds)
+
+
+def _add_train(commands: Commands) -> None:
     train = commands.add_parser("train", help="train one model (options also from --config YAML)")
     _add_config_options(train)
     train.set_defaults(func=_train)
 
+
+def _add_eval(commands: Commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its validation/test split")
     evaluate.add_argument("checkpoint", help="a last.pt or best.pt written by pda train")
     evaluate.add_argument("--data-dir", help="where the data is now, if it moved")
     evaluate.set_defaults(func=_eval)
 
+
+def _add_demo(commands: Commands) -> None:
     demo = commands.add_parser("demo", help="softmax vs BN vs SH vs BN+SH on JapaneseVowels")
     demo.add_argument("--epochs", type=int, default=60, help="epochs per variant (default 60)")
     demo.add_argument("--seed", type=int, default=0)
@@ -359,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
 
+
+def _add_sweep(commands: Commands) -> None:
     sweep = commands.add_parser("sweep", help="resumable sweeps (UEA tables, CIFAR-10, LRA) and reports")
     sweep.add_argument("--task", default="uea", help="uea (default), image, or an lra-* task")
     sweep.add_argument("--table", choices=("main", "extended", "all"), default="main",
@@ -384,12 +396,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--report-only", action="store_true", help="only rebuild README.md")
     sweep.set_defaults(func=_sweep)
 
+
+def _add_verify(commands: Commands) -> None:
     verify = commands.add_parser("verify", help="check attention == SVR expansion, primal == dual")
     verify.add_argument("--checkpoint", default=None, help="take keys/values from this model")
     verify.add_argument("--data-dir", default=None, help="UEA folder for the real-data rows")
     verify.add_argument("--out", default="results/verify", help="output folder")
     verify.set_defaults(func=_verify)
 
+
+def _add_heads(commands: Commands) -> None:
     heads = commands.add_parser("heads", help="head redundancy (js, cos_maps, cos_out) per layer")
     heads.add_argument("checkpoints", nargs="+", help="checkpoints to compare side by side")
     heads.add_argument("--samples", type=int, default=256, help="test series evaluated (default 256)")
@@ -398,9 +414,20 @@ def build_parser() -> argparse.ArgumentParser:
     heads.add_argument("--out", default="results/heads", help="output folder")
     heads.set_defaults(func=_heads)
 
+
+def _add_report(commands: Commands) -> None:
     report = commands.add_parser("report", help="gather results/ into results/README.md")
     report.add_argument("--results", default="results", help="results folder")
     report.set_defaults(func=_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pda`` parser: one function adds each subcommand, in the order ``--help`` lists them."""
+    parser = argparse.ArgumentParser(prog="pda", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_bench, _add_train, _add_eval, _add_demo, _add_sweep, _add_verify, _add_heads,
+                _add_report):
+        add(commands)
     return parser
 
 

@@ -16,7 +16,6 @@ import contextlib
 import csv
 import multiprocessing
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from primal_dual_attention.attention import VARIANTS, AttentionConfig, MultiHeadAttention, get_variant
 from primal_dual_attention.functional import attention, default_head_scales, get_kernel, masked_mean_var
+from primal_dual_attention.utils import machine_description
 
 SPARSE_WINDOW = 64
 BASELINES = ("sdpa", "naive", "bn_query_fold")
@@ -190,16 +190,22 @@ def _status_kib(field_name: str) -> int:
     raise RuntimeError(f"{field_name} not in /proc/self/status")
 
 
+def peak_rss_rise_mib(step: Callable[[], object]) -> float:
+    """Rise of this process's peak resident set (MiB) over its resident set during ``step``
+    (``VmHWM`` is reset through ``/proc/self/clear_refs`` first; run warmed-up steps)."""
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    step()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
 def _peak_memory_worker(case: Case) -> float:
     """Runs in a fresh process: peak RSS increase (MiB) of one forward+backward call."""
     torch.set_num_threads(int(os.environ.get("PDA_BENCH_THREADS", torch.get_num_threads())))
     workload = _workload(case, fused=True)
     _run(workload)
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    _run(workload)
-    return (_status_kib("VmHWM") - before) / 1024
+    return peak_rss_rise_mib(lambda: _run(workload))
 
 
 @contextlib.contextmanager
@@ -227,18 +233,6 @@ def measure_peak_memory(cases: list[Case]) -> dict[Case, float | None]:
     os.environ["PDA_BENCH_THREADS"] = str(torch.get_num_threads())
     with peak_memory_pool() as pool:
         return dict(zip(cases, pool.map(_peak_memory_worker, cases), strict=True))
-
-
-def machine_description() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as info:
-            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return (f"{cpu}; {os.cpu_count()} logical cores, torch {torch.__version__} "
-            f"with {torch.get_num_threads()} threads; Python {platform.python_version()}{gpu}")
 
 
 def run_attention_benchmark(

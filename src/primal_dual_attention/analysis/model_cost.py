@@ -28,11 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from primal_dual_attention.analysis.bench import _status_kib, machine_description, peak_memory_pool
+from primal_dual_attention.analysis.bench import peak_memory_pool, peak_rss_rise_mib
 from primal_dual_attention.attention import fused_paths
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.distributed import resolve_device
 from primal_dual_attention.training.engine import autocast
+from primal_dual_attention.utils import machine_description, synchronise
 
 
 @dataclass
@@ -56,24 +57,19 @@ class ModelCost:
     flop_ratio: float | None = None  # training FLOPs / softmax's
 
 
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _round_robin_seconds(steps: dict[str, Callable[[], None]], device: torch.device, warmup: int,
                          repeats: int) -> dict[str, float]:
     """Median seconds of each step, timed in turn (one of each per round) after ``warmup`` calls."""
     for step in steps.values():
         for _ in range(warmup):
             step()
-    _synchronise(device)
+    synchronise(device)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
             start = time.perf_counter()
             step()
-            _synchronise(device)
+            synchronise(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
@@ -197,11 +193,7 @@ def _cpu_peak_worker(cfg: TrainConfig, batch: int, threads: int) -> float:
     torch.set_num_threads(threads)
     train_step, _ = _prepare(cfg, batch, "cpu").steps("eager")
     train_step()
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")  # resets VmHWM to the current RSS
-    before = _status_kib("VmRSS")
-    train_step()
-    return (_status_kib("VmHWM") - before) / 1024
+    return peak_rss_rise_mib(train_step)
 
 
 def _cpu_peak_in_subprocess(cfg: TrainConfig, batch: int) -> float | None:

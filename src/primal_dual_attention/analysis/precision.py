@@ -16,11 +16,7 @@ import torch
 from primal_dual_attention.attention import VARIANTS, MultiHeadAttention, get_variant
 from primal_dual_attention.training.distributed import resolve_device
 from primal_dual_attention.training.engine import autocast
-
-
-def _synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from primal_dual_attention.utils import synchronise
 
 
 def precision_check(device: str = "auto", precisions=("fp32", "bf16"), *, batch: int = 8,
@@ -49,12 +45,12 @@ def precision_check(device: str = "auto", precisions=("fp32", "bf16"), *, batch:
             for _ in range(2):  # warm-up (and compilation)
                 with autocast(target, precision):
                     run(x, key_padding_mask=mask).float().sum().backward()
-            _synchronise(target)
+            synchronise(target)
             start = time.perf_counter()
             for _ in range(repeats):
                 with autocast(target, precision):
                     run(x, key_padding_mask=mask).float().sum().backward()
-            _synchronise(target)
+            synchronise(target)
             throughput = batch * repeats / (time.perf_counter() - start)
             row = {"variant": variant, "precision": precision, "device": str(target),
                    "sequences_per_s": throughput, "max_rel_deviation": deviation,

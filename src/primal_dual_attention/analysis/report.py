@@ -14,7 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from primal_dual_attention.analysis.uea_report import _complete, _grid, read_runs, summary_statistics
+from primal_dual_attention.analysis.uea_report import (
+    complete_datasets,
+    read_runs,
+    score_grid,
+    summary_statistics,
+)
 from primal_dual_attention.data.uea import PAPER_DATASETS, available_datasets
 
 
@@ -64,8 +69,8 @@ def _accuracy_section(root: Path) -> list[str]:
                 subset = [r for r in rows if r["table"] == table and r["protocol"] == protocol]
                 if not subset:
                     continue
-                datasets, variants, scores = _grid(subset)
-                complete = _complete(datasets, variants, scores, 3)
+                datasets, variants, scores = score_grid(subset)
+                complete = complete_datasets(datasets, variants, scores, 3)
                 if not complete:
                     lines += [f"- {table} table, `{protocol}`: runs in progress, no dataset complete.", ""]
                     continue

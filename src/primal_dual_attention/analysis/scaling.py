@@ -22,12 +22,11 @@ from primal_dual_attention.analysis.bench import (
     SPARSE_WINDOW,
     Case,
     count_gflops,
-    machine_description,
     measure_peak_memory,
     time_cases,
 )
-
-SCALING_VARIANTS = ("softmax", "linear", "sparse", "bn", "sh", "bn_sh", "linear_bn")
+from primal_dual_attention.attention import STUDIED_VARIANTS
+from primal_dual_attention.utils import machine_description
 
 
 @dataclass
@@ -40,7 +39,7 @@ class Point:
     peak_mem_mb: float | None
 
 
-def run_scaling(sizes=(256, 512, 1024, 2048, 4096, 8192), variants=SCALING_VARIANTS, *, batch: int = 2,
+def run_scaling(sizes=(256, 512, 1024, 2048, 4096, 8192), variants=STUDIED_VARIANTS, *, batch: int = 2,
                 heads: int = 8, head_dim: int = 32, repeats: int = 3, time_limit_s: float = 4.0,
                 memory: bool = True, progress: Callable[[str], None] = print) -> list[Point]:
     points: list[Point] = []

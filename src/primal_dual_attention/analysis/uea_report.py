@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from primal_dual_attention.analysis.bench import machine_description
 from primal_dual_attention.attention import VARIANTS
+from primal_dual_attention.utils import machine_description
 
 BASELINE = "softmax"
 
@@ -30,7 +30,8 @@ def read_runs(results_csv: Path) -> list[dict]:
     return rows
 
 
-def _grid(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]]]:
+def score_grid(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]]]:
+    """Datasets (sorted), variants (registry order) and test accuracies in % per (dataset, variant)."""
     scores: dict[tuple[str, str], list[float]] = defaultdict(list)
     for row in rows:
         scores[(row["dataset"], row["variant"])].append(100 * row["test_acc"])
@@ -40,7 +41,7 @@ def _grid(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str],
     return datasets, variants, scores
 
 
-def _complete(datasets, variants, scores, seeds: int) -> list[str]:
+def complete_datasets(datasets, variants, scores, seeds: int) -> list[str]:
     """Datasets on which every variant has all ``seeds`` runs."""
     return [d for d in datasets if all(len(scores.get((d, v), [])) >= seeds for v in variants)]
 
@@ -126,8 +127,8 @@ def cd_diagram(datasets, variants, scores, path: Path) -> bool:
 
 
 def _section(rows, table: str, protocol: str, out_dir: Path, seeds: int) -> list[str]:
-    datasets, variants, scores = _grid(rows)
-    complete = _complete(datasets, variants, scores, seeds)
+    datasets, variants, scores = score_grid(rows)
+    complete = complete_datasets(datasets, variants, scores, seeds)
     stem = f"{table}_{protocol}"
     lines = [f"### {table.capitalize()} table, protocol `{protocol}`", ""]
     lines += accuracy_table(datasets, variants, scores)

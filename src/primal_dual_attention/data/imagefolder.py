@@ -10,11 +10,12 @@ each rank decodes only its share of a global batch (``batch_size / world_size`` 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 
 class ImageFolderSplit:
@@ -37,6 +38,12 @@ class ImageFolderSplit:
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def subset(self, index: torch.Tensor) -> ImageFolderSplit:
+        """The samples ``index`` of this split, with its transforms, sampler and mixing."""
+        part = copy.copy(self)
+        part.dataset = Subset(self.dataset, torch.as_tensor(index, dtype=torch.long).tolist())
+        return part
 
     def _sampler(self, generator: torch.Generator | None):
         from timm.data.distributed_sampler import RepeatAugSampler

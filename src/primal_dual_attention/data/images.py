@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import functools
 import io
-import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from primal_dual_attention.data.common import shared_data
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -27,10 +29,7 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 def default_cifar_zip() -> Path | None:
     """``$PDA_CIFAR_ZIP``, else the shared copy beside the working directory or the repository."""
-    name = Path("shared/data/cifar10/CIFAR-10-images/CIFAR-10-images.zip")
-    candidates = [Path(p) for p in (os.environ.get("PDA_CIFAR_ZIP"),) if p]
-    candidates += [Path.cwd().parent / name, Path(__file__).resolve().parents[3].parent / name]
-    return next((c for c in candidates if c.is_file()), None)
+    return shared_data("cifar10/CIFAR-10-images/CIFAR-10-images.zip", "PDA_CIFAR_ZIP")
 
 
 def read_image_zip(path: str | Path, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -76,6 +75,7 @@ class ImageSplit:
     labels: torch.Tensor
     augment: bool = False
     padding: int = 4
+    per_rank: ClassVar[bool] = False  # every rank slices the same global batches
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from primal_dual_attention.data.common import shared_data, stratified_split
+
 # ----------------------------------------------------------------------------------- splits
 
 
@@ -51,6 +53,8 @@ class TokenSplit(Dataset):
     ``pair`` holds a second sequence per sample (Retrieval); its batches then carry both,
     concatenated along the token axis, and the model splits them at ``max_len``.
     """
+
+    per_rank = False  # every rank slices the same global batches
 
     def __init__(self, tokens: np.ndarray, lengths: np.ndarray, labels: np.ndarray) -> None:
         if not (len(tokens) == len(lengths) == len(labels)):
@@ -285,10 +289,8 @@ def load_listops(data_dir: str | Path | None = None, *, seed: int = 0, sizes=(96
 
 
 def default_imdb_zip() -> Path | None:
-    name = Path("shared/data/imdb/aclImdb/aclImdb.zip")
-    candidates = [Path(p) for p in (os.environ.get("PDA_IMDB_ZIP"),) if p]
-    candidates += [Path.cwd().parent / name, Path(__file__).resolve().parents[3].parent / name]
-    return next((c for c in candidates if c.is_file()), None)
+    """``$PDA_IMDB_ZIP``, else the shared copy beside the working directory or the repository."""
+    return shared_data("imdb/aclImdb/aclImdb.zip", "PDA_IMDB_ZIP")
 
 
 def read_imdb_zip(path: str | Path, split: str, max_len: int = 4096) -> TokenSplit:
@@ -312,8 +314,6 @@ def read_imdb_zip(path: str | Path, split: str, max_len: int = 4096) -> TokenSpl
 
 def load_text(data_dir: str | Path | None = None, *, seed: int = 0, val_fraction: float = 0.1,
               max_len: int = 4096) -> LRAData:
-    from primal_dual_attention.data.uea import stratified_split
-
     path = Path(data_dir) if data_dir is not None else default_imdb_zip()
     if path is None or not path.is_file():
         raise FileNotFoundError("no aclImdb zip found: pass --data-dir or set PDA_IMDB_ZIP")
@@ -343,7 +343,6 @@ def grayscale_tokens(images: torch.Tensor) -> np.ndarray:
 
 def load_image(data_dir: str | Path | None = None, *, seed: int = 0, val_fraction: float = 0.1) -> LRAData:
     from primal_dual_attention.data.images import load_cifar10
-    from primal_dual_attention.data.uea import stratified_split
 
     train_split, test_split, _ = load_cifar10(data_dir)
     splits = []

@@ -11,24 +11,22 @@ valid training time points only; missing values (NaN / ``?``) become 0 after sta
 
 from __future__ import annotations
 
-import math
-import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
+from primal_dual_attention.data.common import shared_data
+
 
 def default_data_dir() -> Path | None:
-    """``$PDA_UEA_DIR``, else ``../shared/data/uea`` from the working directory or from the
-    repository root, whichever exists first; None when there is none (aeon is used then)."""
-    candidates = [Path(p) for p in (os.environ.get("PDA_UEA_DIR"),) if p]
-    candidates += [Path.cwd().parent / "shared" / "data" / "uea",
-                   Path(__file__).resolve().parents[3].parent / "shared" / "data" / "uea"]
-    return next((c for c in candidates if c.is_dir()), None)
+    """``$PDA_UEA_DIR``, else ``../shared/data/uea`` (see :func:`.common.shared_data`); None when
+    there is none (aeon is used then)."""
+    return shared_data("uea", "PDA_UEA_DIR", folder=True)
+
 
 PAPER_DATASETS = (
     "EthanolConcentration", "FaceDetection", "Handwriting", "Heartbeat", "JapaneseVowels",
@@ -48,6 +46,7 @@ class SeriesSplit:
     x: torch.Tensor
     mask: torch.Tensor
     y: torch.Tensor
+    per_rank: ClassVar[bool] = False  # every rank slices the same global batches
 
     def __len__(self) -> int:
         return len(self.y)
@@ -265,20 +264,3 @@ def load_uea(name: str, data_dir: str | Path | None = None) -> UEADataset:
     train, _ = _to_tensors(train_cases, train_y, classes, max_len, mean, std, f"{name} train")
     test, truncated = _to_tensors(test_cases, test_y, classes, max_len, mean, std, f"{name} test")
     return UEADataset(name, train, test, classes, source, truncated)
-
-
-def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (train, holdout) with ``fraction`` of each class held out (at least one per class
-    with two or more members), reproducible from ``seed`` (SPEC.md §4, clean protocol)."""
-    rng = np.random.default_rng(seed)
-    labels_np = labels.numpy()
-    keep, hold = [], []
-    for label in np.unique(labels_np):
-        members = rng.permutation(np.flatnonzero(labels_np == label))
-        count = 0 if len(members) < 2 else max(1, int(math.floor(fraction * len(members) + 0.5)))
-        hold.extend(members[:count])
-        keep.extend(members[count:])
-    if not hold:
-        warnings.warn("clean protocol: no class has two members, the validation split is empty",
-                      stacklevel=2)
-    return np.sort(np.array(keep, dtype=np.int64)), np.sort(np.array(hold, dtype=np.int64))

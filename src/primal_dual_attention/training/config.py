@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,9 +16,10 @@ import yaml
 from primal_dual_attention.training.compilation import COMPILE_CHOICES
 
 if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
     from primal_dual_attention.attention import AttentionConfig
 
-CONFIG_ROOT = Path(__file__).resolve().parents[3] / "configs"
 PROTOCOLS = ("paper", "clean")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "radam")
@@ -196,22 +199,22 @@ def config_from_mapping(values: dict[str, Any], where: str, base: TrainConfig | 
     return TrainConfig(**{**current, **values})
 
 
-def load_yaml_config(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
-    """Read a YAML config file over ``base`` (defaults when None)."""
-    path = Path(path)
+def load_yaml_config(path: str | os.PathLike | Traversable, base: TrainConfig | None = None) -> TrainConfig:
+    """Read a YAML config file (a path or a bundled resource) over ``base`` (defaults when None)."""
+    if isinstance(path, (str, os.PathLike)):
+        path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    with open(path) as handle:
-        try:
-            values = yaml.safe_load(handle) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: not valid YAML ({error})") from None
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({error})") from None
     return config_from_mapping(values, str(path), base)
 
 
-def dataset_config_path(task: str, dataset: str) -> Path:
-    """The bundled per-dataset config, ``configs/<task>/<dataset>.yaml``."""
-    return CONFIG_ROOT / task / f"{dataset}.yaml"
+def dataset_config_path(task: str, dataset: str) -> Traversable:
+    """The per-dataset recipe bundled in the package, ``configs/<task>/<dataset>.yaml``."""
+    return resources.files("primal_dual_attention") / "configs" / task / f"{dataset}.yaml"
 
 
 def canonical_task(task: str, dataset: str) -> tuple[str, str]:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -47,12 +47,20 @@ SINGLE = Context()
 Batch = tuple[Tensor, Tensor | None, Tensor]
 
 
+@runtime_checkable
 class Split(Protocol):
-    """A split the engine can iterate: ``len`` samples, batches of (inputs, mask, labels)."""
+    """What the engine reads from a split: ``len`` samples (all ranks together), batches of
+    (inputs, mask, labels), shuffled by a ``generator`` when given, ``subset`` by sample indices
+    (``steps``, ``max_eval_samples``) and ``per_rank``: False when every rank walks the same
+    global batches and keeps its slice, True when ``batches`` yields only this rank's share."""
+
+    per_rank: bool
 
     def __len__(self) -> int: ...
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]: ...
+
+    def subset(self, index: Tensor) -> Split: ...
 
 
 @dataclass
@@ -95,25 +103,36 @@ class StepSplit:
     of seeded permutations of ``split`` (so a run that stops early has seen no sample twice, and
     the stream depends only on the seed and the round, which keeps resume exact)."""
 
-    split: Any
+    split: Split
     samples: int
     round: int
     seed: int
 
+    @property
+    def per_rank(self) -> bool:
+        return self.split.per_rank
+
     def __len__(self) -> int:
         return self.samples
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+    def _indices(self) -> Tensor:
+        """This round's samples: indices into ``split``."""
         size = len(self.split)
         start, stop = self.round * self.samples, (self.round + 1) * self.samples
         parts = []
         for lap in range(start // size, (stop - 1) // size + 1):
             order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed * 7919 + lap))
             parts.append(order[max(start - lap * size, 0) : min(stop - lap * size, size)])
-        return self.split.subset(torch.cat(parts)).batches(batch_size, generator)
+        return torch.cat(parts)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        return self.split.subset(self._indices()).batches(batch_size, generator)
+
+    def subset(self, index: Tensor) -> Split:
+        return self.split.subset(self._indices()[torch.as_tensor(index, dtype=torch.long)])
 
 
-def limit(split: Any, count: int | None) -> Any:
+def limit(split: Split | None, count: int | None) -> Split | None:
     """``count`` samples of ``split`` drawn by a fixed seed (all when None): ``max_eval_samples``.
     Random, not the first ones: files are often sorted by class."""
     if count is None or split is None or len(split) <= count:
@@ -258,7 +277,7 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
     for step, batch in enumerate(bar):
         _check_finite(batch[0], f"the inputs of epoch {epoch + 1}, batch {step}")
         x, mask, y = _place(split, ctx, batch)
-        global_count = len(y) * ctx.world_size if getattr(split, "per_rank", False) else len(batch[2])
+        global_count = len(y) * ctx.world_size if split.per_rank else len(batch[2])
         with autocast(ctx.device, cfg.precision):
             logits = model(x, mask)
         # soft targets (mixup) already hold their label smoothing
@@ -299,10 +318,10 @@ def _check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None
                          "use another --out-dir or drop --resume")
 
 
-def _place(split: Any, ctx: Context, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor]:
+def _place(split: Split, ctx: Context, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor]:
     """This rank's part of a batch on its device: a slice of a global batch, or the whole batch
     of a ``per_rank`` split (each rank loaded its own share)."""
-    if getattr(split, "per_rank", False):
+    if split.per_rank:
         return tuple(None if t is None else t.to(ctx.device, non_blocking=True) for t in batch)
     return ctx.shard(*batch)
 
@@ -312,16 +331,69 @@ def _is_better(candidate: tuple[float, float], best: tuple[float, float] | None)
     return best is None or candidate[0] > best[0] or (candidate[0] == best[0] and candidate[1] < best[1])
 
 
+@dataclass
+class _Run:
+    """A run's moving parts: built by :func:`_prepare`, advanced one epoch at a time by :func:`fit`."""
+
+    cfg: TrainConfig
+    ctx: Context
+    model: nn.Module  # evaluated and checkpointed
+    train_model: nn.Module  # trained: ``model``, wrapped in DDP and compiled when asked
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    steps_per_epoch: int
+    val: Split | None
+    test: Split
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: tuple[float, float] | None = None
+    start_epoch: int = 0
+    wall_before: float = 0.0  # seconds spent before a resume
+    wall_start: float = 0.0
+    writer: Any = None  # a TensorBoard writer on the main rank, when TensorBoard is installed
+
+    @property
+    def last_path(self) -> Path:
+        return self.cfg.run_dir() / "last.pt"
+
+    @property
+    def best_path(self) -> Path:
+        return self.cfg.run_dir() / "best.pt"
+
+    def wall_seconds(self) -> float:
+        return self.wall_before + time.perf_counter() - self.wall_start
+
+
 def fit(cfg: TrainConfig, task: Task) -> RunResult:
     """Train ``task.model`` under ``cfg`` in ``cfg.run_dir()``; resume from ``last.pt`` if asked."""
+    run = _prepare(cfg, task)
+    if cfg.resume and run.last_path.is_file():
+        _resume(run)
+    if run.ctx.is_main:
+        (cfg.run_dir() / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    run.wall_start = time.perf_counter()
+    run.writer = _tensorboard(cfg.run_dir()) if run.ctx.is_main else None
+    for epoch in range(run.start_epoch, cfg.epochs):
+        row, score = _train_and_evaluate(run, task.train, epoch)
+        improved = _is_better(score, run.best)
+        if improved:
+            run.best = score
+            row["best"] = True
+        run.history.append(row)
+        _save_epoch(run, epoch, row, improved)
+    return _finish(run)
+
+
+def _prepare(cfg: TrainConfig, task: Task) -> _Run:
+    """Threads, process group, run folder, the model on its device, optimizer, schedule, scaler
+    and the evaluation splits (``max_eval_samples``)."""
     if len(task.train) == 0:
         raise ValueError("the training split is empty")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = distributed.init(cfg.device)
-    run_dir = cfg.run_dir()
     if ctx.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.run_dir().mkdir(parents=True, exist_ok=True)
     model = task.model.to(ctx.device)
     train_model: nn.Module = model
     if ctx.distributed:
@@ -337,93 +409,96 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
     val, test = limit(task.val, cfg.max_eval_samples), limit(task.test, cfg.max_eval_samples)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
-    history: list[dict[str, Any]] = []
-    best: tuple[float, float] | None = None
-    start_epoch = 0
-    wall_before = 0.0
-    last_path, best_path = run_dir / "last.pt", run_dir / "best.pt"
-    if cfg.resume and last_path.is_file():
-        state = load_checkpoint(last_path)
-        _check_same_run(state["config"], cfg, last_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):  # absent in checkpoints written before mixed precision
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
-        history, start_epoch = list(state["history"]), state["epoch"] + 1
-        best = None if state["best"] is None else tuple(state["best"])
-        wall_before = state["wall_seconds"]
-    if ctx.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    params = sum(p.numel() for p in model.parameters())
-    wall_start = time.perf_counter()
-    writer = _tensorboard(run_dir) if ctx.is_main else None
+    return _Run(cfg, ctx, model, train_model, optimizer, scheduler, scaler, steps_per_epoch, val, test)
 
-    for epoch in range(start_epoch, cfg.epochs):
-        train = task.train if total_steps is None else StepSplit(
-            task.train, steps_per_epoch * cfg.batch_size, epoch, cfg.seed)
-        train_stats = _train_epoch(train_model, train, cfg, optimizer, scheduler, scaler, epoch, ctx)
-        row: dict[str, Any] = {
-            "epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-            "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
-            "epoch_seconds": train_stats.seconds,
-            "train_samples_per_s": train_stats.samples / max(train_stats.seconds, 1e-9),
-        }
-        monitored = val if cfg.protocol == "clean" else test
-        prefix = "val" if cfg.protocol == "clean" else "test"
-        if monitored is not None and len(monitored):
-            stats = evaluate(model, monitored, cfg.eval_batch_size, ctx, cfg.precision)
-            row[f"{prefix}_loss"], row[f"{prefix}_acc"] = stats.loss, stats.accuracy
-            score = (stats.accuracy, stats.loss)
-        else:  # clean protocol without validation data: keep the last epoch
-            score = (float(epoch), 0.0)
-        if cfg.track_test and prefix == "val":  # for learning curves only, never for selection
-            stats = evaluate(model, test, cfg.eval_batch_size, ctx, cfg.precision)
-            row["test_loss"], row["test_acc"] = stats.loss, stats.accuracy
-        improved = _is_better(score, best)
+
+def _resume(run: _Run) -> None:
+    """Continue from ``last.pt``: weights, optimizer, schedule, scaler, RNG states and history."""
+    state = load_checkpoint(run.last_path)
+    _check_same_run(state["config"], run.cfg, run.last_path)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):  # absent in checkpoints written before mixed precision
+        run.scaler.load_state_dict(state["scaler"])
+    _set_rng_state(state["rng"])
+    run.history, run.start_epoch = list(state["history"]), state["epoch"] + 1
+    run.best = None if state["best"] is None else tuple(state["best"])
+    run.wall_before = state["wall_seconds"]
+
+
+def _train_and_evaluate(run: _Run, train: Split, epoch: int) -> tuple[dict[str, Any], tuple[float, float]]:
+    """One epoch's training and evaluation: its log row and the score that selects the epoch
+    (validation under ``clean``, test under ``paper``)."""
+    cfg = run.cfg
+    if cfg.total_steps() is not None:
+        train = StepSplit(train, run.steps_per_epoch * cfg.batch_size, epoch, cfg.seed)
+    train_stats = _train_epoch(run.train_model, train, cfg, run.optimizer, run.scheduler, run.scaler,
+                               epoch, run.ctx)
+    row: dict[str, Any] = {
+        "epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
+        "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
+        "epoch_seconds": train_stats.seconds,
+        "train_samples_per_s": train_stats.samples / max(train_stats.seconds, 1e-9),
+    }
+    monitored = run.val if cfg.protocol == "clean" else run.test
+    prefix = "val" if cfg.protocol == "clean" else "test"
+    if monitored is not None and len(monitored):
+        stats = evaluate(run.model, monitored, cfg.eval_batch_size, run.ctx, cfg.precision)
+        row[f"{prefix}_loss"], row[f"{prefix}_acc"] = stats.loss, stats.accuracy
+        score = (stats.accuracy, stats.loss)
+    else:  # clean protocol without validation data: keep the last epoch
+        score = (float(epoch), 0.0)
+    if cfg.track_test and prefix == "val":  # for learning curves only, never for selection
+        stats = evaluate(run.model, run.test, cfg.eval_batch_size, run.ctx, cfg.precision)
+        row["test_loss"], row["test_acc"] = stats.loss, stats.accuracy
+    return row, score
+
+
+def _save_epoch(run: _Run, epoch: int, row: dict[str, Any], improved: bool) -> None:
+    """TensorBoard scalars, ``last.pt`` (and ``best.pt`` when ``improved``), ``log.csv``; the
+    main rank writes, every rank waits for it."""
+    if run.writer is not None:
+        for key, value in row.items():
+            if isinstance(value, float):
+                run.writer.add_scalar(key, value, epoch + 1)
+    state = {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
+        "best": run.best,
+        "history": run.history, "rng": _rng_state(), "config": run.cfg.to_dict(),
+        "wall_seconds": run.wall_seconds(),
+    }
+    if run.ctx.is_main:
         if improved:
-            best = score
-            row["best"] = True
-        history.append(row)
-        if writer is not None:
-            for key, value in row.items():
-                if isinstance(value, float):
-                    writer.add_scalar(key, value, epoch + 1)
-        state = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "best": best,
-            "history": history, "rng": _rng_state(), "config": cfg.to_dict(),
-            "wall_seconds": wall_before + time.perf_counter() - wall_start,
-        }
-        if ctx.is_main:
-            if improved:
-                atomic_save(state, best_path)
-            atomic_save(state, last_path)
-            _write_csv(run_dir / "log.csv", history)  # rewritten whole: always matches last.pt
-        ctx.barrier()
+            atomic_save(state, run.best_path)
+        atomic_save(state, run.last_path)
+        _write_csv(run.cfg.run_dir() / "log.csv", run.history)  # rewritten whole: always matches last.pt
+    run.ctx.barrier()
 
+
+def _finish(run: _Run) -> RunResult:
+    """The run's result: the selected epoch and its test accuracy by the protocol (``best.pt``
+    under ``clean``), medians of the epoch timings; ``summary.json`` on the main rank."""
+    cfg, history = run.cfg, run.history
     best_epoch = max(r["epoch"] for r in history if r.get("best"))
     if cfg.protocol == "paper":
         test_accuracy = max(r["test_acc"] for r in history)
     else:
-        best_state = load_checkpoint(best_path)
-        model.load_state_dict(best_state["model"])
-        test_accuracy = evaluate(model, test, cfg.eval_batch_size, ctx, cfg.precision).accuracy
-    epoch_seconds = float(np.median([r["epoch_seconds"] for r in history]))
+        run.model.load_state_dict(load_checkpoint(run.best_path)["model"])
+        test_accuracy = evaluate(run.model, run.test, cfg.eval_batch_size, run.ctx, cfg.precision).accuracy
     result = RunResult(
-        test_accuracy=test_accuracy, best_epoch=best_epoch, epochs=len(history), params=params,
-        epoch_seconds=epoch_seconds,
+        test_accuracy=test_accuracy, best_epoch=best_epoch, epochs=len(history),
+        params=sum(p.numel() for p in run.model.parameters()),
+        epoch_seconds=float(np.median([r["epoch_seconds"] for r in history])),
         train_samples_per_second=float(np.median([r["train_samples_per_s"] for r in history])),
-        wall_seconds=wall_before + time.perf_counter() - wall_start, protocol=cfg.protocol,
-        history=history,
+        wall_seconds=run.wall_seconds(), protocol=cfg.protocol, history=history,
     )
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    if ctx.is_main:
-        (run_dir / "summary.json").write_text(json.dumps(summary | {"config": cfg.to_dict()}, indent=2))
-    if writer is not None:
-        writer.close()
+    if run.ctx.is_main:
+        (cfg.run_dir() / "summary.json").write_text(json.dumps(summary | {"config": cfg.to_dict()}, indent=2))
+    if run.writer is not None:
+        run.writer.close()
     return result
 
 

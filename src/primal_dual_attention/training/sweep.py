@@ -18,15 +18,19 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from primal_dual_attention.attention import PAPER_VARIANTS, STUDIED_VARIANTS, variant_names
 from primal_dual_attention.data.uea import PAPER_DATASETS, available_datasets
 from primal_dual_attention.training.config import (
     TrainConfig,
     bundled_config,
     config_from_mapping,
 )
+from primal_dual_attention.utils import machine_description
 
-MAIN_VARIANTS = ("softmax", "linear", "bn", "sh", "bn_sh", "linear_bn")
-EXTENDED_VARIANTS = ("softmax", "bn", "sh", "bn_sh")
+#: The UEA main table: the studied variants but the sparse window (short series need none).
+MAIN_VARIANTS = variant_names(lambda v: v.name in STUDIED_VARIANTS and not v.sparse)
+#: The UEA extended table: the paper's four.
+EXTENDED_VARIANTS = PAPER_VARIANTS
 SEEDS = (0, 1, 2)
 RUN_COLUMNS = ["table", "dataset", "protocol", "variant", "seed", "epochs", "test_acc", "best_epoch",
                "params", "epoch_seconds", "train_samples_per_s", "wall_seconds", "threads",
@@ -170,8 +174,6 @@ def _worker(runs: list[tuple[str, TrainConfig]], results_dir: Path, threads: int
 def run_sweep(runs: list[tuple[str, TrainConfig]], results_dir: str | Path, workers: int = 1,
               threads_per_worker: int = 1, log=print) -> None:
     """Run every unfinished run; ``workers`` processes share the list round-robin."""
-    from primal_dual_attention.analysis.bench import machine_description
-
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
     machines = results_dir / "machines.txt"

@@ -42,7 +42,8 @@ def build_task(cfg: TrainConfig) -> Task:
 @register_task("uea")
 def build_uea_task(cfg: TrainConfig) -> Task:
     """UEA classification: padded series, the time-series transformer, protocol splits."""
-    from primal_dual_attention.data.uea import load_uea, stratified_split
+    from primal_dual_attention.data.common import stratified_split
+    from primal_dual_attention.data.uea import load_uea
     from primal_dual_attention.models.timeseries import TimeSeriesTransformer
 
     data = load_uea(cfg.dataset, cfg.data_dir)
@@ -64,8 +65,8 @@ def build_image_task(cfg: TrainConfig) -> Task:
     import timm
 
     import primal_dual_attention.timm  # noqa: F401  (registers the models)
+    from primal_dual_attention.data.common import stratified_split
     from primal_dual_attention.data.images import load_cifar10
-    from primal_dual_attention.data.uea import stratified_split
 
     if cfg.dataset.lower() not in ("cifar10", "cifar-10"):
         raise ValueError(f"task 'image' supports dataset 'CIFAR10', got {cfg.dataset!r}")

@@ -1,0 +1,34 @@
+"""Small helpers every layer may use: the machine's description, the command line, device sync."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+
+import torch
+
+
+def machine_description() -> str:
+    """CPU model, cores, torch version and threads, Python version and GPU, on one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f"; GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}; {os.cpu_count()} logical cores, torch {torch.__version__} "
+            f"with {torch.get_num_threads()} threads; Python {platform.python_version()}{gpu}")
+
+
+def command_line() -> str:
+    """This process's ``pda`` command as typed, shell-quoted (for reports to name it)."""
+    return "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def synchronise(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA), so wall-clock timings are complete."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
