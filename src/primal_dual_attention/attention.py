@@ -268,9 +268,12 @@ def attention_layers(model: nn.Module) -> list[MultiHeadAttention]:
 
 @contextlib.contextmanager
 def fused_paths(model: nn.Module, fused: bool) -> Iterator[None]:
-    """Switch every softmax-kernel layer of ``model`` to the fused (SDPA) or the math path for a
-    while (FLOP counting sees only the math path); layers with an exact primal form keep it."""
-    layers = [m for m in attention_layers(model) if not get_kernel(m.config.kernel).has_primal]
+    """Switch every softmax-kernel attention of ``model`` to the fused (SDPA) or the math path for
+    a while (FLOP counting sees only the math path): this library's layers, and any other module
+    with timm's ``fused_attn`` switch (timm's own ``Attention``). Layers with an exact primal form
+    keep it."""
+    layers = [m for m in model.modules() if hasattr(m, "fused_attn") and not (
+        isinstance(m, MultiHeadAttention) and get_kernel(m.config.kernel).has_primal)]
     before = [m.fused_attn for m in layers]
     for layer in layers:
         layer.fused_attn = fused
