@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from primal_dual_attention.causal import causal_forward
 from primal_dual_attention.functional import (
     AttentionOptions,
     HeadGroup,
@@ -164,7 +165,8 @@ class MultiHeadAttention(nn.Module):
     ``(out, weights)`` with ``(B, H, N, N)`` maps when ``need_weights``. For SH variants the
     layer input is pooled once per distinct scale *before* the key/value projections (exact:
     masked average pooling commutes with an affine map, SPEC.md §2), so only the pooled tokens
-    are projected. The ``qkv`` / ``proj`` parameter layout matches timm and
+    are projected. With ``causal=True`` output i is the layer on the prefix 1..i
+    (:mod:`.causal`). The ``qkv`` / ``proj`` parameter layout matches timm and
     ``torch.nn.MultiheadAttention`` (q, k, v rows stacked).
     """
 
@@ -230,6 +232,8 @@ class MultiHeadAttention(nn.Module):
     def forward(
         self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
+        if self.config.causal:
+            return causal_forward(self, x, key_padding_mask, need_weights)
         if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {shape}")

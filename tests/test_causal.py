@@ -1,0 +1,114 @@
+"""Causal variants (SPEC.md §2 "Causal"): output i is the non-causal variant on the prefix 1..i."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import reference_attention
+
+from primal_dual_attention import VARIANTS, AttentionConfig, MultiHeadAttention, attention
+
+DIM, HEADS, N = 16, 4, 11
+SCALES = (2, 1, 3, 2)  # unequal, non-contiguous groups, a scale that does not divide N
+
+
+def config(variant: str, **kwargs) -> AttentionConfig:
+    spec = VARIANTS[variant]
+    if spec.sparse:
+        kwargs.setdefault("window", 2)
+    if spec.multi_scale:
+        kwargs.setdefault("head_scales", SCALES)
+    return AttentionConfig(variant=variant, **kwargs)
+
+
+def padding() -> torch.Tensor:
+    """Right padding, left padding with a hole, and an all-padding sequence."""
+    mask = torch.arange(N)[None, :] >= torch.tensor([N, 8, N, 0])[:, None]
+    mask[2, :3] = True
+    mask[2, 5] = True
+    return mask
+
+
+def qkv(batch: int = 4, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    q, k, v = (torch.randn(batch, HEADS, N, 5, dtype=dtype) for _ in range(3))
+    return q, k + 2.0, v  # keys with a common offset, as after a bias
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("fused", [True, False])
+def test_function_equals_reference_on_every_prefix(variant, fused):
+    """Position p of the causal pass = the loop oracle of tests/reference.py on x_1..x_p."""
+    cfg = config(variant, causal=True, fused=fused)
+    q, k, v = qkv()
+    mask = padding()
+    out = attention(q, k, v, cfg, key_padding_mask=mask)
+    for p in range(N):
+        expected = reference_attention(
+            q[:, :, : p + 1], k[:, :, : p + 1], v[:, :, : p + 1], kernel=cfg.kernel, bn=cfg.bn,
+            head_scales=cfg.head_scales, window=cfg.window, key_padding_mask=mask[:, : p + 1])
+        torch.testing.assert_close(out[:, :, p], expected[:, :, p], rtol=1e-9, atol=1e-11)
+    assert out[3].abs().max() == 0  # an all-padding sequence gives 0, not NaN
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("fused", [True, False])
+def test_module_equals_non_causal_module_on_every_prefix(variant, fused):
+    causal = MultiHeadAttention(DIM, HEADS, config(variant, causal=True, fused=fused)).double().eval()
+    plain = MultiHeadAttention(DIM, HEADS, config(variant, fused=fused)).double().eval()
+    plain.load_state_dict(causal.state_dict())
+    x = torch.randn(4, N, DIM, dtype=torch.float64)
+    mask = padding()
+    out = causal(x, key_padding_mask=mask)
+    for p in range(N):
+        expected = plain(x[:, : p + 1], key_padding_mask=mask[:, : p + 1])[:, p]
+        torch.testing.assert_close(out[:3, p], expected[:3], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_future_tokens_change_nothing_before(variant):
+    layer = MultiHeadAttention(DIM, HEADS, config(variant, causal=True)).double().eval()
+    x = torch.randn(4, N, DIM, dtype=torch.float64)
+    mask = padding()
+    out = layer(x, key_padding_mask=mask)
+    for i in (0, 4, N - 2):
+        changed = x.clone()
+        changed[:, i + 1 :] = 100 * torch.randn_like(changed[:, i + 1 :])
+        flipped = mask.clone()
+        flipped[:, i + 1 :] = ~flipped[:, i + 1 :]
+        torch.testing.assert_close(layer(changed, key_padding_mask=flipped)[:, : i + 1], out[:, : i + 1],
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_maps_queries_at_the_end_and_gradients(variant):
+    """Maps: causal, rows sum to 1 (0 without a key), maps @ v = out; the last T queries alone
+    against all keys give the last T rows; an all-padding sequence has finite (zero) gradients."""
+    cfg = config(variant, causal=True)
+    q, k, v = (t.requires_grad_() for t in qkv())
+    mask = padding()
+    out, maps = attention(q, k, v, cfg, key_padding_mask=mask, need_weights=True)
+    assert maps.shape == (4, HEADS, N, N)
+    assert maps.triu(1).abs().max() == 0
+    sums = maps[:3].sum(-1)  # 1, or 0 where linear BN's one-key features underflow (as non-causal)
+    assert (((sums - 1).abs() < 1e-12) | (sums == 0)).all() and (sums[0, :, -1] > 0).all()
+    torch.testing.assert_close(maps @ v, out)
+    torch.testing.assert_close(attention(q[:, :, -3:], k, v, cfg, key_padding_mask=mask), out[:, :, -3:])
+    attention(q, k, v, cfg, key_padding_mask=mask).sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and t.grad[3].abs().max() == 0
+
+
+def test_causal_refuses_grids_and_bad_queries():
+    with pytest.raises(ValueError, match="1-D sequences"):
+        AttentionConfig(variant="sh", causal=True, grid_size=(4, 4), num_prefix_tokens=1)
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        AttentionConfig(causal="yes")
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="at most as many queries"):
+        attention(torch.randn(4, HEADS, N + 1, 5, dtype=torch.float64), k, v, causal=True)
+
+
+def test_causal_softmax_equals_sdpa_is_causal():
+    q, k, v = qkv()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(attention(q, k, v, causal=True, fused=False), expected)
