@@ -7,6 +7,7 @@ import torch
 from reference import reference_attention
 
 from primal_dual_attention import VARIANTS, AttentionConfig, MultiHeadAttention, attention
+from primal_dual_attention.causal import DecodingCache, cache_bytes_per_token
 
 DIM, HEADS, N = 16, 4, 11
 SCALES = (2, 1, 3, 2)  # unequal, non-contiguous groups, a scale that does not divide N
@@ -112,3 +113,39 @@ def test_causal_softmax_equals_sdpa_is_causal():
     q, k, v = qkv()
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(attention(q, k, v, causal=True, fused=False), expected)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decoding_cache_reproduces_the_full_pass(variant):
+    """fp32: a prompt, then single tokens and a chunk through a DecodingCache = one causal pass."""
+    layer = MultiHeadAttention(DIM, HEADS, config(variant, causal=True)).eval()
+    length = 23
+    x = torch.randn(3, length, DIM)
+    mask = torch.zeros(3, length, dtype=torch.bool)
+    mask[1, :4] = True  # a left-padded prompt
+    mask[2, 6] = True
+    full = layer(x, key_padding_mask=mask)
+    for prompt in (1, 5):
+        cache = DecodingCache()
+        outputs = [layer(x[:, :prompt], key_padding_mask=mask[:, :prompt], cache=cache)]
+        for start, stop in [(t, t + 1) for t in range(prompt, length - 4)] + [(length - 4, length)]:
+            outputs.append(layer(x[:, start:stop], key_padding_mask=mask[:, start:stop], cache=cache))
+        assert cache.length == length
+        torch.testing.assert_close(torch.cat(outputs, 1), full, rtol=0, atol=1e-5)
+
+
+def test_cache_memory_per_token():
+    """SH keeps about sum_h 1/s_h of softmax's keys; linear and sparse keep a constant."""
+    def per_token(variant: str, tokens: int, **kwargs) -> float:
+        layer = MultiHeadAttention(DIM, HEADS, config(variant, causal=True, **kwargs))
+        return cache_bytes_per_token(layer.config, HEADS, DIM // HEADS, tokens)
+
+    softmax = per_token("softmax", 256)
+    assert softmax == pytest.approx(2 * DIM * 4 + 1, rel=0.02)  # k and v in fp32, a validity byte
+    per_head = 2 * (DIM // HEADS) * 4 + 1  # a head of scale s keeps 1/s of this
+    assert per_token("sh", 256, head_scales=(1, 2, 4, 8)) == pytest.approx(per_head * 15 / 8, rel=0.02)
+    assert per_token("bn", 256) == pytest.approx(softmax, rel=0.01)
+    for constant in ("linear", "linear_sh", "sparse"):
+        assert per_token(constant, 512) == pytest.approx(per_token(constant, 256) / 2, rel=0.01)
+    with pytest.raises(ValueError, match="causal layer"):
+        MultiHeadAttention(DIM, HEADS)(torch.randn(1, 3, DIM), cache=DecodingCache())

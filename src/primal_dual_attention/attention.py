@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from primal_dual_attention.causal import causal_forward
+from primal_dual_attention.causal import DecodingCache, causal_forward
 from primal_dual_attention.functional import (
     AttentionOptions,
     HeadGroup,
@@ -166,7 +166,8 @@ class MultiHeadAttention(nn.Module):
     layer input is pooled once per distinct scale *before* the key/value projections (exact:
     masked average pooling commutes with an affine map, SPEC.md §2), so only the pooled tokens
     are projected. With ``causal=True`` output i is the layer on the prefix 1..i
-    (:mod:`.causal`). The ``qkv`` / ``proj`` parameter layout matches timm and
+    (:mod:`.causal`), and ``forward(x_new, cache=cache)`` with a :class:`~.causal.DecodingCache`
+    decodes the next tokens incrementally. The ``qkv`` / ``proj`` parameter layout matches timm and
     ``torch.nn.MultiheadAttention`` (q, k, v rows stacked).
     """
 
@@ -230,10 +231,11 @@ class MultiHeadAttention(nn.Module):
         return torch.cat([self.dim + rows, 2 * self.dim + rows])
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False
+        self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False,
+        cache: DecodingCache | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        if self.config.causal:
-            return causal_forward(self, x, key_padding_mask, need_weights)
+        if self.config.causal or cache is not None:
+            return causal_forward(self, x, key_padding_mask, need_weights, cache)
         if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {shape}")

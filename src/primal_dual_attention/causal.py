@@ -6,8 +6,9 @@ complete windows ``m < p // s`` (window ``m`` holds tokens ``m s .. m s + s - 1`
 *partial* window of ``p``, the valid tokens ``(p // s) s .. p`` (``s = 1``: the key ``p``
 itself). Attention-BN uses the moments of exactly these (pooled) keys; for the softmax kernel
 the key-side centring cancels, so only the queries change, ``q'_p = (q_p - mu_p) / s_p^2``, and
-the keys go to SDPA's causal kernel unchanged (shifted by one constant vector, which also
-cancels). The linear kernel without BN runs its primal form as prefix sums, O(N).
+the keys go to SDPA's causal kernel unchanged (shifted by the first valid key, a constant that
+cancels too and keeps the logits as small as normalising both sides would). The linear kernel
+without BN runs its primal form as prefix sums, O(N).
 
 Queries may be fewer than keys: ``q`` then holds the *last* positions (decoding against the
 keys of a cache). Every function here is pure; the decoding state lives in :class:`DecodingCache`.
@@ -16,7 +17,7 @@ keys of a cache). Every function here is pure; the decoding state lives in :clas
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -71,13 +72,13 @@ def prefix_windows(k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale:
         return F.pad(x, (0, 0, 0, pad)).unflatten(2, (windows, scale)).cumsum(3)
 
     counts = running(weights)
-    sums_k, sums_v = running(k * weights), running(v * weights)
-    inv = 1.0 / counts.clamp_min(1.0)
-    partial_k, partial_v = (sums_k * inv).flatten(2, 3), (sums_v * inv).flatten(2, 3)
+    divisor = counts.clamp_min(1.0)
+    partial_k, partial_v = running(k * weights) / divisor, running(v * weights) / divisor
     return PrefixWindows(
-        scale=scale, keys=sums_k[:, :, :, -1] * inv[:, :, :, -1],
-        values=sums_v[:, :, :, -1] * inv[:, :, :, -1], valid=counts[:, 0, :, -1, 0] > 0,
-        partial_keys=partial_k[:, :, :length], partial_values=partial_v[:, :, :length],
+        scale=scale, keys=partial_k[:, :, :, -1], values=partial_v[:, :, :, -1],
+        valid=counts[:, 0, :, -1, 0] > 0,
+        partial_keys=partial_k.flatten(2, 3)[:, :, :length],
+        partial_values=partial_v.flatten(2, 3)[:, :, :length],
         partial_valid=counts.flatten(2, 3)[:, 0, :length, 0] > 0)
 
 
@@ -94,17 +95,29 @@ def _moments(
     return shift + mean, ((squares + partial.square()) / number - mean.square()).clamp_min(0.0)
 
 
-def prefix_moments(windows: PrefixWindows, shift: Tensor) -> tuple[Tensor, Tensor]:
+def first_valid_key(keys: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """The first valid key ``(B, h, 1, D)`` of each sequence of ``keys`` ``(B, h, M, D)``, and
+    whether there is one ``(B,)`` (none: zeros)."""
+    if keys.shape[2] == 0:
+        return keys.new_zeros(keys.shape[0], keys.shape[1], 1, keys.shape[3]), valid.any(1)
+    index = valid.to(torch.uint8).argmax(1)  # the first maximum
+    first = keys.gather(2, index[:, None, None, None].expand(-1, keys.shape[1], 1, keys.shape[3]))
+    return first * valid.any(1)[:, None, None, None], valid.any(1)
+
+
+def prefix_moments(windows: PrefixWindows) -> tuple[Tensor, Tensor, Tensor]:
     """Mean and biased variance of the keys each position sees (Attention-BN on the prefix),
-    ``(B, h, S, D)`` each. Sums run over ``key - shift`` (``shift``: a constant per head and
-    feature, the first token's key) in at least float32, so the one-pass variance does not lose
-    the moments to a common offset."""
+    ``(B, h, S, D)`` each, and the shift ``(B, h, 1, D)``: sums run over ``key - shift`` in at
+    least float32, with ``shift`` the first valid (pooled) key, so the one-pass variance keeps
+    its precision whatever the keys' common offset. (Before that key's window closes a position
+    sees one key, whose weight is 1 whatever the statistics.)"""
     stat = torch.promote_types(windows.keys.dtype, torch.float32)
-    shift = shift.to(stat)
+    shift = first_valid_key(windows.keys, windows.valid)[0].to(stat)
     weights = windows.valid[:, None, :, None].to(stat)
     centred = (windows.keys.to(stat) - shift) * weights
-    return _moments(windows.before(weights), windows.before(centred), windows.before(centred.square()),
-                    windows.partial_keys, windows.partial_valid[:, None, :, None].to(stat), shift)
+    mean, var = _moments(windows.before(weights), windows.before(centred), windows.before(centred.square()),
+                         windows.partial_keys, windows.partial_valid[:, None, :, None].to(stat), shift)
+    return mean, var, shift
 
 
 def _causal_visible(windows: PrefixWindows, num_queries: int, window: int | None) -> Tensor:
@@ -135,10 +148,9 @@ def _softmax_tokens(
     """Scale-1 softmax heads (also BN and sparse) through one SDPA call with a causal mask."""
     num_queries, length = q.shape[2], k.shape[2]
     if options.bn:
-        shift = k[:, :, :1]
-        mean, var = prefix_moments(prefix_windows(k, v, key_padding_mask, 1), shift)
+        mean, var, shift = prefix_moments(prefix_windows(k, v, key_padding_mask, 1))
         q = _fold_queries(q, _last(mean, num_queries), _last(var, num_queries), options.eps)
-        k = k - shift
+        k = k - shift.to(k.dtype)
     if key_padding_mask is None and options.window is None and num_queries == length:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
     positions = torch.arange(length - num_queries, length, device=q.device)[:, None]
@@ -174,7 +186,7 @@ def _divide(numerator: Tensor, denominator: Tensor) -> Tensor:
 
 def _dual_weights(
     q: Tensor, keys: Tensor, visible: Tensor, partial_keys: Tensor, partial_visible: Tensor,
-    moments: tuple[Tensor, Tensor] | None, shift: Tensor, options: AttentionOptions,
+    moments: tuple[Tensor, Tensor] | None, shift: Tensor | None, options: AttentionOptions,
 ) -> Tensor:
     """Explicit weights ``(B, h, T, M + 1)`` of each query over the closed windows ``keys``
     (``visible``: ``(B, 1, T, M)``) and, last, its partial window (``partial_keys``
@@ -183,6 +195,7 @@ def _dual_weights(
     if options.kernel == "softmax":
         if moments is not None:  # keys shifted by a constant: it cancels and keeps the logits small
             q = _fold_queries(q, *moments, options.eps)
+            shift = shift.to(keys.dtype)
             keys, partial_keys = keys - shift, partial_keys - shift
         logits = torch.cat([q @ keys.transpose(-2, -1), (q * partial_keys).sum(-1, keepdim=True)], -1)
         visible = torch.cat([visible.expand(*logits.shape[:-1], -1),
@@ -249,10 +262,10 @@ def _causal_group(
         primal = _last(windows.before(weights.flatten(-2)), num_queries).unflatten(-1, weights.shape[-2:])
         normaliser = _last(windows.before(phi_k), num_queries)
         return _linear_primal(q, primal, normaliser, partial_keys, partial_values, partial_visible), None
-    shift = k[:, :, :1]
-    moments = None
+    moments = shift = None
     if options.bn:
-        moments = tuple(_last(x, num_queries) for x in prefix_moments(windows, shift))
+        mean, var, shift = prefix_moments(windows)
+        moments = (_last(mean, num_queries), _last(var, num_queries))
     attn = _dual_weights(q, windows.keys, _causal_visible(windows, num_queries, options.window),
                          partial_keys, partial_visible, moments, shift, options)
     maps = attn if dropout_p == 0.0 else F.dropout(attn, dropout_p)
@@ -318,19 +331,235 @@ def merge_heads(parts: list[Tensor], groups: list[HeadGroup]) -> Tensor:
     return merged.index_select(1, torch.argsort(order).to(merged.device))
 
 
+# --------------------------------------------------------------------------------------------
+# incremental decoding
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupState:
+    """The decoding state of one head group (one SH scale) after some tokens.
+
+    Always: ``shift`` ``(B, h, 1, D)``, BN's reference (the first valid closed window's key, 0
+    before), and the sums of
+    the open (partial) window's valid keys and values with their count ``(B, 1, 1, 1)``. Closed
+    windows are kept as ``keys, values`` ``(B, h, M, D)`` and ``valid`` ``(B, M)`` when the kernel
+    needs them (softmax, BN, a sparse window: then only the last ``window``), their BN
+    ``moments`` (count, sums of ``K - shift`` and of its square), and, for the linear kernel
+    without BN, only its primal weights ``primal`` = sum Phi(K) V^T and ``normaliser`` = sum Phi(K).
+    """
+
+    shift: Tensor
+    open_keys: Tensor
+    open_values: Tensor
+    open_count: Tensor
+    keys: Tensor | None = None
+    values: Tensor | None = None
+    valid: Tensor | None = None
+    moments: tuple[Tensor, Tensor, Tensor] | None = None
+    primal: Tensor | None = None
+    normaliser: Tensor | None = None
+
+    def nbytes(self) -> int:
+        tensors = [getattr(self, f.name) for f in fields(self)]
+        tensors = [t for value in tensors if value is not None
+                   for t in (value if isinstance(value, tuple) else (value,))]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class DecodingCache:
+    """The decoding state of one causal attention layer (SPEC.md §2 "Causal").
+
+    Create it empty and hand it to the layer, ``layer(x, cache=cache)``: the first call runs the
+    full causal pass on ``x`` (the prompt) and keeps the state, later calls take the next tokens
+    and update it. Per head group it holds what its variant needs: keys and values (softmax),
+    plus running key moments (BN), closed pooled windows plus the open window's running sums
+    (SH), or the constant primal state ``(sum Phi(k) v^T, sum Phi(k))`` (linear).
+    """
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.groups: list[GroupState] = []
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors held."""
+        return sum(group.nbytes() for group in self.groups)
+
+
+def _keeps_keys(options: AttentionOptions) -> bool:
+    return options.kernel == "softmax" or options.bn or options.window is not None
+
+
+def _close(
+    state: GroupState, keys: Tensor, values: Tensor, valid: Tensor, options: AttentionOptions
+) -> GroupState:
+    """``state`` with the closed windows ``keys, values`` ``(B, h, m, D)`` (``valid`` ``(B, m)``) added."""
+    updates: dict[str, object] = {}
+    weights = valid[:, None, :, None].to(keys.dtype)
+    if _keeps_keys(options):
+        kept = [torch.cat([old, new], dim) for old, new, dim in
+                ((state.keys, keys, 2), (state.values, values, 2), (state.valid, valid, 1))]
+        if options.window is not None:  # a sparse query sees only the last `window` keys
+            kept = [x[:, :, max(x.shape[2] - options.window, 0):] if x.ndim == 4
+                    else x[:, max(x.shape[1] - options.window, 0):] for x in kept]
+        updates.update(keys=kept[0], values=kept[1], valid=kept[2])
+    if options.bn:
+        stat = state.shift.dtype
+        count, total, squares = state.moments
+        first, found = first_valid_key(keys.to(stat), valid)
+        shift = torch.where((count[:, :, :, :1] == 0) & found[:, None, None, None], first, state.shift)
+        centred = (keys.to(stat) - shift) * weights.to(stat)
+        updates["shift"] = shift
+        updates["moments"] = (count + weights.to(stat).sum(2, keepdim=True),
+                              total + centred.sum(2, keepdim=True),
+                              squares + centred.square().sum(2, keepdim=True))
+    elif options.kernel == "linear" and options.window is None:
+        phi = elu_feature_map(keys) * weights
+        updates.update(primal=state.primal + phi.transpose(-2, -1) @ values,
+                       normaliser=state.normaliser + phi.sum(2, keepdim=True))
+    return replace(state, **updates)
+
+
+def _empty_state(k: Tensor, v: Tensor, options: AttentionOptions) -> GroupState:
+    """The state before any token (``k, v``: the first tokens, for shapes and dtypes)."""
+    batch, heads, _, dim = k.shape
+    stat = torch.promote_types(k.dtype, torch.float32)
+    state = GroupState(shift=k.new_zeros(batch, heads, 1, dim, dtype=stat),
+                       open_keys=k.new_zeros(batch, heads, 1, dim),
+                       open_values=v.new_zeros(batch, heads, 1, v.shape[-1]),
+                       open_count=k.new_zeros(batch, 1, 1, 1))
+    if _keeps_keys(options):
+        state = replace(state, keys=k[:, :, :0], values=v[:, :, :0],
+                        valid=torch.zeros(batch, 0, dtype=torch.bool, device=k.device))
+    if options.bn:
+        state = replace(state, moments=(k.new_zeros(batch, 1, 1, 1, dtype=stat),
+                                        k.new_zeros(batch, heads, 1, dim, dtype=stat),
+                                        k.new_zeros(batch, heads, 1, dim, dtype=stat)))
+    elif options.kernel == "linear" and options.window is None:
+        state = replace(state, primal=k.new_zeros(batch, heads, dim, v.shape[-1]),
+                        normaliser=k.new_zeros(batch, heads, 1, dim))
+    return state
+
+
+def _prefill(k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: int,
+             options: AttentionOptions) -> GroupState:
+    """The state after the ``S`` tokens of ``k, v``: ``S // scale`` closed windows, the rest open."""
+    closed = k.shape[2] // scale
+    windows = prefix_windows(k, v, key_padding_mask, scale)
+    state = _close(_empty_state(k, v, options), windows.keys[:, :, :closed], windows.values[:, :, :closed],
+                   windows.valid[:, :closed], options)
+    weights = (k.new_ones(k.shape[0], 1, k.shape[2], 1) if key_padding_mask is None
+               else (~key_padding_mask)[:, None, :, None].to(k.dtype))[:, :, closed * scale:]
+    return replace(state, open_keys=(k[:, :, closed * scale:] * weights).sum(2, keepdim=True),
+                   open_values=(v[:, :, closed * scale:] * weights).sum(2, keepdim=True),
+                   open_count=weights.sum(2, keepdim=True))
+
+
+def _step(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, state: GroupState, scale: int, position: int,
+          options: AttentionOptions) -> tuple[Tensor, GroupState]:
+    """One token at ``position`` (``q, k, v``: ``(B, h, 1, D)``, ``valid``: ``(B,)``): its
+    output from the state, and the state with it added (its window closed when full)."""
+    weight = valid[:, None, None, None].to(k.dtype)
+    state = replace(state, open_keys=state.open_keys + k * weight, open_values=state.open_values + v * weight,
+                    open_count=state.open_count + weight)
+    count = state.open_count.clamp_min(1.0)
+    partial_keys, partial_values = state.open_keys / count, state.open_values / count
+    partial_visible = state.open_count > 0
+    if state.primal is not None:
+        out = _linear_primal(q, state.primal[:, :, None], state.normaliser, partial_keys, partial_values,
+                             partial_visible)
+    else:
+        moments = None
+        if options.bn:
+            moments = _moments(*state.moments, partial_keys, partial_visible.to(state.shift.dtype),
+                               state.shift)
+        attn = _dual_weights(q, state.keys, state.valid[:, None, None, :], partial_keys, partial_visible,
+                             moments, state.shift, options)
+        out = attn[..., :-1] @ state.values + attn[..., -1:] * partial_values
+    if (position + 1) % scale == 0:
+        state = _close(replace(state, open_keys=torch.zeros_like(state.open_keys),
+                               open_values=torch.zeros_like(state.open_values),
+                               open_count=torch.zeros_like(state.open_count)),
+                       partial_keys, partial_values, partial_visible[:, 0, 0], options)
+    return out, state
+
+
+def decode(
+    q: Tensor, k: Tensor, v: Tensor, options: AttentionOptions, cache: DecodingCache,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """Causal attention of ``T`` new tokens after the ``cache.length`` tokens the cache holds;
+    updates ``cache``. ``q, k, v``: ``(B, H, T, D)``; ``key_padding_mask``: ``(B, T)``. An empty
+    cache runs the full causal pass (the prompt) and keeps its state; a filled one steps token by
+    token through :class:`GroupState`, which reproduces the full pass."""
+    _check_causal_qkv(q, k, v)
+    batch, num_heads, length = k.shape[:3]
+    key_padding_mask = check_key_padding_mask(key_padding_mask, batch, length)
+    options.check_input(num_heads, length)
+    groups = head_groups(options.head_scales, num_heads)
+    if q.shape[2] != length:
+        raise ValueError(f"decoding takes one query per new token, got {q.shape[2]} queries and "
+                         f"{length} keys")
+    if cache.length == 0:
+        out = causal_attention(q, k, v, options, key_padding_mask=key_padding_mask)
+        cache.groups = [_prefill(k_g, v_g, key_padding_mask, group.scale, options) for group, k_g, v_g in
+                        zip(groups, split_heads(k, groups), split_heads(v, groups), strict=True)]
+        cache.length = length
+        return out
+    if cache.groups[0].shift.shape[0] != batch:
+        raise ValueError(f"the cache holds {cache.groups[0].shift.shape[0]} sequences, "
+                         f"got a batch of {batch}")
+    valid = torch.ones(batch, length, dtype=torch.bool, device=k.device) if key_padding_mask is None \
+        else ~key_padding_mask
+    parts = [split_heads(x, groups) for x in (q, k, v)]
+    outputs = []
+    for t in range(length):
+        position = cache.length + t
+        token = []
+        for index, group in enumerate(groups):
+            q_g, k_g, v_g = (x[index][:, :, t : t + 1] for x in parts)
+            out, cache.groups[index] = _step(q_g, k_g, v_g, valid[:, t], cache.groups[index], group.scale,
+                                             position, options)
+            token.append(out)
+        outputs.append(merge_heads(token, groups))
+    cache.length += length
+    return torch.cat(outputs, dim=2)
+
+
+def cache_bytes_per_token(options: AttentionOptions, num_heads: int, head_dim: int, num_tokens: int = 1024,
+                          dtype: torch.dtype = torch.float32) -> float:
+    """Bytes per token of one layer's decoding cache for one sequence of ``num_tokens`` tokens
+    (``options`` with its SH scales set, e.g. a layer's ``config``). Softmax keeps ``2 H D``
+    numbers per token, SH about ``sum_h 1/s_h`` of them, linear a constant."""
+    q, k, v = (torch.randn(1, num_heads, num_tokens, head_dim, dtype=dtype) for _ in range(3))
+    cache = DecodingCache()
+    decode(q, k, v, options, cache)
+    return cache.nbytes() / num_tokens
+
+
 def causal_forward(
     layer: MultiHeadAttention, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False,
+    cache: DecodingCache | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """``MultiHeadAttention.forward`` of a causal layer: project, :func:`causal_attention`,
-    project back. (Pooling the input first, as the non-causal SH layer does, would save nothing:
-    every position has its own partial window.)"""
+    """``MultiHeadAttention.forward`` of a causal layer: project, :func:`causal_attention` (or
+    :func:`decode` with a ``cache``), project back. (Pooling the input first, as the non-causal
+    SH layer does, would save nothing: every position has its own partial window.)"""
+    if not layer.config.causal:
+        raise ValueError("a decoding cache needs a causal layer (AttentionConfig(causal=True))")
     if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != layer.dim:
         shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x must have shape (B, N, dim={layer.dim}), got {shape}")
     batch, num_tokens, _ = x.shape
     qkv = layer.qkv(x).view(batch, num_tokens, 3, layer.num_heads, layer.head_dim).permute(2, 0, 3, 1, 4)
-    result = causal_attention(*qkv.unbind(0), layer.config, key_padding_mask=key_padding_mask,
-                              dropout_p=layer.attn_drop if layer.training else 0.0, need_weights=need_weights)
-    out, weights = result if need_weights else (result, None)
+    weights = None
+    if cache is not None:
+        if need_weights:
+            raise ValueError("need_weights is not available while decoding with a cache")
+        out = decode(*qkv.unbind(0), layer.config, cache, key_padding_mask)
+    else:
+        result = causal_attention(*qkv.unbind(0), layer.config, key_padding_mask=key_padding_mask,
+                                  dropout_p=layer.attn_drop if layer.training else 0.0,
+                                  need_weights=need_weights)
+        out, weights = result if need_weights else (result, None)
     out = layer.proj_drop(layer.proj(out.transpose(1, 2).reshape(batch, num_tokens, layer.dim)))
     return (out, weights) if need_weights else out
