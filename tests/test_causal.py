@@ -99,6 +99,17 @@ def test_maps_queries_at_the_end_and_gradients(variant):
         assert torch.isfinite(t.grad).all() and t.grad[3].abs().max() == 0
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients(variant):
+    """float64 gradcheck with padding (the hand-written backward of causal linear BN included)."""
+    cfg = config(variant, causal=True)
+    q, k, v = (torch.randn(2, HEADS, 7, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, :2] = mask[1, 4] = True
+    assert torch.autograd.gradcheck(lambda *t: attention(*t, cfg, key_padding_mask=mask), (q, k, v),
+                                    fast_mode=True)
+
+
 def test_causal_refuses_grids_and_bad_queries():
     with pytest.raises(ValueError, match="1-D sequences"):
         AttentionConfig(variant="sh", causal=True, grid_size=(4, 4), num_prefix_tokens=1)

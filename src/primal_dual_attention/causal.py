@@ -166,22 +166,106 @@ def _softmax_tokens(
 
 
 def _linear_primal(
-    q: Tensor, primal: Tensor, normaliser: Tensor, partial_keys: Tensor, partial_values: Tensor,
+    phi_q: Tensor, numerator: Tensor, denominator: Tensor, partial_keys: Tensor, partial_values: Tensor,
     partial_visible: Tensor,
 ) -> Tensor:
-    """The linear kernel's primal form on each query's closed windows (weights ``primal``
-    ``(B, h, T, D, Dv)`` = sum Phi(K) V^T, ``normaliser`` = sum Phi(K)) plus its partial window:
+    """The linear kernel's primal form: ``numerator`` = Phi(q)^T W and ``denominator`` = Phi(q).z
+    over each query's closed windows, plus its partial window:
     ``(Phi(q)^T W + Phi(q).Phi(P) Pv) / (Phi(q).z + Phi(q).Phi(P))``."""
-    phi_q = elu_feature_map(q)
     partial = (phi_q * elu_feature_map(partial_keys)).sum(-1, keepdim=True) * partial_visible
-    numerator = torch.einsum("bhtd,bhtde->bhte", phi_q, primal) + partial * partial_values
-    return _divide(numerator, (phi_q * normaliser).sum(-1, keepdim=True) + partial)
+    return _divide(numerator + partial * partial_values, denominator + partial)
+
+
+LINEAR_CHUNK = 64
+
+
+def _linear_closed(phi_q: Tensor, windows: PrefixWindows) -> tuple[Tensor, Tensor]:
+    """``Phi(q_p)^T W_p`` and ``Phi(q_p).z_p`` over the closed windows of every position, chunked:
+    chunks of about ``LINEAR_CHUNK`` positions (whole windows) carry the primal state
+    ``W = sum Phi(K) V^T`` from chunk to chunk (prefix sums), and inside a chunk the few
+    windows a query also sees are summed explicitly. O(N D (chunk + Dv)), no ``(N, D, Dv)`` tensor.
+    ``phi_q`` holds all ``S`` positions."""
+    scale, length = windows.scale, phi_q.shape[2]
+    per_chunk = max(1, LINEAR_CHUNK // scale)  # windows per chunk
+    chunks = math.ceil(windows.keys.shape[2] / per_chunk)
+    width = chunks * per_chunk
+
+    def by_chunk(x: Tensor, size: int, total: int) -> Tensor:  # pad the token axis, cut it in chunks
+        return F.pad(x, (0, 0, 0, total - x.shape[2])).unflatten(2, (chunks, size))
+
+    phi_k = by_chunk(elu_feature_map(windows.keys) * windows.valid[:, None, :, None], per_chunk, width)
+    values = by_chunk(windows.values, per_chunk, width)
+    state = F.pad((phi_k.transpose(-2, -1) @ values).cumsum(2), (0, 0, 0, 0, 1, 0))[:, :, :-1]
+    normaliser = F.pad(phi_k.sum(3).cumsum(2), (0, 0, 1, 0))[:, :, :-1, None]  # (B, h, c, 1, D)
+    phi_q = by_chunk(phi_q, per_chunk * scale, width * scale)  # (B, h, c, C, D)
+    local = torch.arange(per_chunk * scale, device=phi_q.device)[:, None] // scale
+    inside = (phi_q @ phi_k.transpose(-2, -1)) * (torch.arange(per_chunk, device=phi_q.device) < local)
+    numerator = phi_q @ state + inside @ values
+    denominator = (phi_q * normaliser).sum(-1, keepdim=True) + inside.sum(-1, keepdim=True)
+    return numerator.flatten(2, 3)[:, :, :length], denominator.flatten(2, 3)[:, :, :length]
 
 
 def _divide(numerator: Tensor, denominator: Tensor) -> Tensor:
     """``numerator / denominator`` with 0 where the denominator is 0 (no visible key): finite
     values *and* gradients, where clamping to a tiny floor would give 0/0 in the backward."""
     return numerator / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+
+
+LINEAR_BN_QUERY_BLOCK = 8
+
+
+def _query_blocks(visible: Tensor) -> list[tuple[int, int, int]]:
+    """``(start, stop, width)``: blocks of queries and the number of leading windows they see."""
+    seen = visible.any(dim=0).any(dim=0)  # (T, M)
+    blocks = []
+    for start in range(0, seen.shape[0], LINEAR_BN_QUERY_BLOCK):
+        stop = min(start + LINEAR_BN_QUERY_BLOCK, seen.shape[0])
+        used = seen[start:stop].any(dim=0).nonzero()
+        blocks.append((start, stop, int(used.max()) + 1 if len(used) else 0))
+    return blocks
+
+
+class _LinearBNSimilarity(torch.autograd.Function):
+    """``S_tm = sum_d a_td Phi(c_tmd)``, ``c_tmd = (K_md - mu_td) r_td``: causal linear BN's
+    similarities, where the keys' features change with every query (O(T M D) elementwise work).
+    Computed in query blocks against the windows each block sees, and recomputed block by
+    block in the backward instead of saving ``(T, M, D)`` intermediates:
+    ``da = sum_m G Phi(c)``, ``dc = G a Phi'(c)``, ``dK = sum_t dc r``, ``dmu = -sum_m dc r``,
+    ``dr = sum_m dc (K - mu)``."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, keys: Tensor, mean: Tensor, inv_std: Tensor, visible: Tensor) -> Tensor:
+        blocks = _query_blocks(visible)
+        out = a.new_zeros(a.shape[:3] + (keys.shape[2],))
+        for start, stop, width in blocks:
+            rows = slice(start, stop)
+            centred = (keys[:, :, None, :width] - mean[:, :, rows, None]) * inv_std[:, :, rows, None]
+            features = elu_feature_map(centred)
+            out[:, :, rows, :width] = torch.einsum("bhtd,bhtmd->bhtm", a[:, :, rows], features)
+        ctx.blocks = blocks
+        ctx.save_for_backward(a, keys, mean, inv_std, visible)
+        return out * visible
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        a, keys, mean, inv_std, visible = ctx.saved_tensors
+        grad = grad * visible
+        grad_a, grad_keys = torch.zeros_like(a), torch.zeros_like(keys)
+        grad_mean, grad_inv = torch.zeros_like(mean), torch.zeros_like(inv_std)
+        for start, stop, width in ctx.blocks:
+            rows = slice(start, stop)
+            difference = keys[:, :, None, :width] - mean[:, :, rows, None]
+            centred = difference * inv_std[:, :, rows, None]
+            features = elu_feature_map(centred)
+            g = grad[:, :, rows, :width]
+            grad_a[:, :, rows] = torch.einsum("bhtm,bhtmd->bhtd", g, features)
+            slope = torch.where(centred > 0, torch.ones_like(features), features)
+            grad_c = g[..., None] * a[:, :, rows, None] * slope
+            grad_keys[:, :, :width] += torch.einsum("bhtmd,bhtd->bhmd", grad_c, inv_std[:, :, rows])
+            grad_mean[:, :, rows] = -grad_c.sum(3) * inv_std[:, :, rows]
+            grad_inv[:, :, rows] = (grad_c * difference).sum(3)
+        return grad_a, grad_keys, grad_mean, grad_inv, None
 
 
 def _dual_weights(
@@ -209,16 +293,17 @@ def _dual_weights(
         mean, var = moments
         inv_std = torch.rsqrt(var + options.eps)
         phi_q = elu_feature_map(((q - mean) * inv_std).to(q.dtype))
-        centred = (keys[:, :, None] - mean[:, :, :, None]) * inv_std[:, :, :, None]
-        phi_k = elu_feature_map(centred.to(q.dtype))
-        similarity = torch.einsum("bhtd,bhtmd->bhtm", phi_q, phi_k)
+        stat = inv_std.dtype
+        similarity = _LinearBNSimilarity.apply(phi_q.to(stat), keys.to(stat), mean, inv_std,
+                                               visible.expand(*phi_q.shape[:3], -1)).to(q.dtype)
         phi_p = elu_feature_map(((partial_keys - mean) * inv_std).to(q.dtype))
     else:
         phi_q = elu_feature_map(q)
         similarity = phi_q @ elu_feature_map(keys).transpose(-2, -1)
         phi_p = elu_feature_map(partial_keys)
     partial = (phi_q * phi_p).sum(-1, keepdim=True) * partial_visible
-    similarity = torch.cat([similarity * visible, partial], -1)
+    similarity = torch.cat([similarity * visible, partial], -1) if moments is None else \
+        torch.cat([similarity, partial], -1)
     return _divide(similarity, similarity.sum(dim=-1, keepdim=True))
 
 
@@ -257,11 +342,10 @@ def _causal_group(
     partial_visible = _last(windows.partial_valid, num_queries)[:, None, :, None]
     if (options.kernel == "linear" and not options.bn and options.window is None and dropout_p == 0.0
             and not explicit):
-        phi_k = elu_feature_map(windows.keys) * windows.valid[:, None, :, None]
-        weights = phi_k[..., :, None] * windows.values[..., None, :]  # (B, h, M, D, Dv)
-        primal = _last(windows.before(weights.flatten(-2)), num_queries).unflatten(-1, weights.shape[-2:])
-        normaliser = _last(windows.before(phi_k), num_queries)
-        return _linear_primal(q, primal, normaliser, partial_keys, partial_values, partial_visible), None
+        phi_q = elu_feature_map(F.pad(q, (0, 0, k.shape[2] - num_queries, 0)))  # at every position
+        numerator, denominator = (_last(x, num_queries) for x in _linear_closed(phi_q, windows))
+        return _linear_primal(_last(phi_q, num_queries), numerator, denominator, partial_keys, partial_values,
+                              partial_visible), None
     moments = shift = None
     if options.bn:
         mean, var, shift = prefix_moments(windows)
@@ -466,8 +550,9 @@ def _step(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, state: GroupState, sca
     partial_keys, partial_values = state.open_keys / count, state.open_values / count
     partial_visible = state.open_count > 0
     if state.primal is not None:
-        out = _linear_primal(q, state.primal[:, :, None], state.normaliser, partial_keys, partial_values,
-                             partial_visible)
+        phi_q = elu_feature_map(q)
+        out = _linear_primal(phi_q, phi_q @ state.primal, (phi_q * state.normaliser).sum(-1, keepdim=True),
+                             partial_keys, partial_values, partial_visible)
     else:
         moments = None
         if options.bn:
