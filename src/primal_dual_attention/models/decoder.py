@@ -89,3 +89,13 @@ class DecoderLM(nn.Module):
                 logits = self(token, None, caches)[:, -1]
         self.train(was_training)
         return torch.cat(tokens, dim=1)
+
+
+class NextTokenLM(DecoderLM):
+    """:class:`DecoderLM` for the training engine: ``(B * N, vocab)`` logits, one row per
+    predicted token (the engine's samples). Same parameters, so its checkpoints load into a
+    :class:`DecoderLM` for generation."""
+
+    def forward(self, tokens: Tensor, key_padding_mask: Tensor | None = None,
+                caches: list[DecodingCache] | None = None) -> Tensor:
+        return super().forward(tokens, key_padding_mask, caches).flatten(0, 1)

@@ -3,9 +3,10 @@
 Protocols (SPEC.md §4): ``paper`` evaluates the test split after every epoch and reports the
 best test accuracy (what the published UEA tables do; optimistic). ``clean`` holds out a
 stratified ``val_fraction`` of the training split, keeps the epoch with the best validation
-accuracy (ties: lower validation loss) in ``best.pt``, and reports that checkpoint's test
-accuracy; the test split is read once, at the end, unless ``track_test`` logs its accuracy per
-epoch for learning curves (it never takes part in the choice of the epoch).
+accuracy (ties: lower validation loss; a language model: the lowest validation loss) in
+``best.pt``, and reports that checkpoint's test accuracy; the test split is read once, at the
+end, unless ``track_test`` logs its accuracy per epoch for learning curves (it never takes part
+in the choice of the epoch).
 
 Checkpoints hold only tensors and plain Python values, so they load with
 ``torch.load(weights_only=True)``; they are written to a temporary file and renamed, so a
@@ -63,6 +64,7 @@ class Task:
     test: Split
     val: Split | None
     description: str
+    select_by_loss: bool = False  # keep the round with the lowest monitored loss (language models)
 
 
 @dataclass
@@ -374,7 +376,7 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
         if monitored is not None and len(monitored):
             stats = evaluate(model, monitored, cfg.eval_batch_size, ctx, cfg.precision)
             row[f"{prefix}_loss"], row[f"{prefix}_acc"] = stats.loss, stats.accuracy
-            score = (stats.accuracy, stats.loss)
+            score = (-stats.loss, -stats.accuracy) if task.select_by_loss else (stats.accuracy, stats.loss)
         else:  # clean protocol without validation data: keep the last epoch
             score = (float(epoch), 0.0)
         if cfg.track_test and prefix == "val":  # for learning curves only, never for selection
