@@ -11,7 +11,8 @@ cancels too and keeps the logits as small as normalising both sides would). The 
 without BN runs its primal form as prefix sums, O(N).
 
 Queries may be fewer than keys: ``q`` then holds the *last* positions (decoding against the
-keys of a cache). Every function here is pure; the decoding state lives in :class:`DecodingCache`.
+keys of a cache). Every function here is pure but :func:`decode`, which updates the
+:class:`DecodingCache` it is given (the per-variant decoding state).
 """
 
 from __future__ import annotations
