@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -32,6 +33,8 @@ FILE_SPLITS = (0.9, 0.05, 0.05)
 class ByteWindows:
     """Windows ``stream[s : s + length + 1]`` for the start offsets ``starts`` (default: every
     ``length`` bytes, non-overlapping). Batches are ``(inputs (B, length), None, targets (B * length,))``."""
+
+    per_rank: ClassVar[bool] = False  # every rank slices the same global batches
 
     def __init__(self, stream: torch.Tensor, length: int, starts: torch.Tensor | None = None) -> None:
         if len(stream) < length + 1:
