@@ -60,3 +60,15 @@ def test_bf16_training_run_is_finite(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     state = last_state(tmp_path)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_compiled_training_runs_under_ddp(tmp_path):
+    """torch.compile (backend ``eager``: dynamo's graph capture without code generation, which
+    keeps the test fast) wraps the DDP model on two ranks (resume: tests/test_uea.py)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = subprocess.run([*torchrun, "-m", "primal_dual_attention.cli", "train", *COMMON, "--compile", "on",
+                          "--compile-backend", "eager", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    state = last_state(tmp_path)
+    assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())

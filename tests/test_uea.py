@@ -138,10 +138,12 @@ def test_two_epochs_on_japanese_vowels_learn(tmp_path):
     assert (cfg.run_dir() / "best.pt").exists() and (cfg.run_dir() / "summary.json").exists()
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("compiled", [{}, {"compile": "on", "compile_backend": "eager"}],
+                         ids=["eager", "compiled"])
+def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, compiled):
     import primal_dual_attention.training.engine as engine
 
-    full = run(tiny_config(tmp_path / "full", epochs=3))
+    full = run(tiny_config(tmp_path / "full", epochs=3, **compiled))
 
     original, calls = engine._train_epoch, []
 
@@ -153,9 +155,9 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine, "_train_epoch", crash_on_third_epoch)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_config(tmp_path / "split", epochs=3))
+        run(tiny_config(tmp_path / "split", epochs=3, **compiled))
     monkeypatch.setattr(engine, "_train_epoch", original)
-    resumed = run(tiny_config(tmp_path / "split", epochs=3, resume=True))
+    resumed = run(tiny_config(tmp_path / "split", epochs=3, resume=True, **compiled))
 
     assert [r["test_acc"] for r in resumed.history] == [r["test_acc"] for r in full.history]
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
