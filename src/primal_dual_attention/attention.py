@@ -227,6 +227,8 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {shape}")
         batch, num_tokens, _ = x.shape
         key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_tokens)
+        if key_padding_mask is not None:  # padded tokens are inert, whatever x holds (SPEC.md §2):
+            x = x.masked_fill(key_padding_mask[..., None], 0.0)  # finite k, v there, no NaN gradient
         config = self.config
         grid = config.check_input(self.num_heads, num_tokens)
         # (B, 3, H, N, hd): q, then k and v side by side, so an SH group pools both in one call

@@ -804,6 +804,9 @@ def attention(
     grid = options.check_input(num_heads, num_keys)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if key_padding_mask is not None:  # padded keys and values are inert, whatever they hold (§2)
+        padded = key_padding_mask[:, None, :, None]
+        k, v = k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0)
 
     groups = head_groups(options.head_scales, num_heads)
     k_parts, v_parts = split_heads(k, groups), split_heads(v, groups)
