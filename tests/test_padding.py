@@ -73,3 +73,24 @@ def test_functional_padded_keys_and_values_are_inert(variant, fused):
         # a padded query's row is padding: the valid rows do not see it
         out_q = attention(poisoned(q, value, 2), k, v, **switches)
         torch.testing.assert_close(out_q[valid], out[valid], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("batch,tokens", [(0, 9), (2, 0), (0, 0)])
+def test_empty_batches_and_sequences_give_empty_outputs(variant, fused, batch, tokens):
+    """Issue 15 item 5: no reshape error on 0 samples or 0 tokens, with or without a mask."""
+    spec = VARIANTS[variant]
+    config = AttentionConfig(variant=variant, window=2 if spec.sparse else None, fused=fused)
+    layer = MultiHeadAttention(16, 4, config)
+    x = torch.randn(batch, tokens, 16, requires_grad=True)
+    for mask in (None, torch.zeros(batch, tokens, dtype=torch.bool)):
+        out, weights = layer(x, key_padding_mask=mask, need_weights=True)
+        assert out.shape == x.shape and weights.shape == (batch, 4, tokens, tokens)
+        assert layer(x, key_padding_mask=mask).shape == x.shape
+        (grad,) = torch.autograd.grad(out.sum(), x)
+        assert grad.shape == x.shape
+        q, k, v = (torch.randn(batch, 4, tokens, 4) for _ in range(3))
+        switches = dict(kernel=spec.kernel, bn=spec.bn, window=config.window, fused=fused,
+                        head_scales=(1, 2, 3, 5) if spec.multi_scale else None)
+        assert attention(q, k, v, key_padding_mask=mask, **switches).shape == q.shape

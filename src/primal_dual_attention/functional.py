@@ -249,7 +249,7 @@ class _BNNormalize(torch.autograd.Function):
         stat = inv_std.dtype
         grad_q_hat, grad_k_hat = grad_q_hat.to(stat), grad_k_hat.to(stat)
         if key_padding_mask is None:
-            weights, count = None, float(k_hat.shape[-2])
+            weights, count = None, float(max(k_hat.shape[-2], 1))
             valid_grad = grad_k_hat
         else:
             weights = _token_weights(key_padding_mask, grad_k_hat)
@@ -294,7 +294,7 @@ class _BNFoldQueries(torch.autograd.Function):
         q_centred, k, mean, inv_var, key_padding_mask = ctx.saved_tensors
         grad = grad.to(inv_var.dtype)
         if key_padding_mask is None:
-            weights, count = None, float(k.shape[-2])
+            weights, count = None, float(max(k.shape[-2], 1))
         else:
             weights = _token_weights(key_padding_mask, inv_var)
             count = weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
@@ -389,7 +389,7 @@ def pool_tokens(
         pooled = window_view(body * weights).sum(dim=window_axes) / counts.clamp_min(1.0)
         if key_padding_mask is not None:
             # counts: (B, 1.., *windows, 1) -> (B, M); a window with no valid token is padding
-            pooled_mask = counts.reshape(counts.shape[0], -1) == 0
+            pooled_mask = counts.flatten(1) == 0
             if num_prefix_tokens:
                 pooled_mask = torch.cat([key_padding_mask[:, :num_prefix_tokens], pooled_mask], dim=1)
     pooled = pooled.flatten(-len(shape) - 1, -2)
