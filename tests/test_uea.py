@@ -121,7 +121,7 @@ def test_longer_sequence_than_positional_embedding_is_rejected():
 
 
 def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
-    values = dict(dataset="JapaneseVowels", dim=32, depth=1, heads=4, mlp_dim=64, epochs=2,
+    values = dict(dataset="JapaneseVowels", protocol="paper", dim=32, depth=1, heads=4, mlp_dim=64, epochs=2,
                   batch_size=16, lr=3e-3, out_dir=str(tmp_path), progress=False, threads=1)
     return replace(TrainConfig(), **(values | overrides)).validate()
 
