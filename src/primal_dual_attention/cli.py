@@ -86,9 +86,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = f.default
-        if kind is bool:
+        if kind in (bool, bool | None):  # None: decided when the run starts (progress: a terminal)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"(default {default})")
+                                help="(default: on a terminal only)" if default is None
+                                else f"(default {default})")
             continue
         parse = {int: int, float: float, str: str, int | None: _optional(int),
                  float | None: _optional(float), str | None: _optional(str),
@@ -171,7 +172,8 @@ def _demo(args: argparse.Namespace) -> int:
     for variant in PAPER_VARIANTS:
         cfg = TrainConfig(**{**base.to_dict(), "variant": variant, "epochs": args.epochs,
                              "protocol": args.protocol, "seed": args.seed, "out_dir": args.out,
-                             "data_dir": args.data_dir, "progress": not args.quiet}).validate()
+                             "data_dir": args.data_dir,
+                             "progress": False if args.quiet else args.progress}).validate()
         seed_everything(cfg.seed)
         task = build_task(cfg)
         if not rows:
@@ -377,6 +379,9 @@ def _add_demo(commands: Commands) -> None:
     demo.add_argument("--data-dir", default=None, help="UEA folder (default: ../shared/data/uea or aeon)")
     demo.add_argument("--out", default="runs/demo", help="run folder")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--progress", action="store_const", const=True, default=None,
+                      help="progress bars even when the output is not a terminal (default: on a "
+                           "terminal only)")
     demo.set_defaults(func=_demo)
 
 

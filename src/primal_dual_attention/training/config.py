@@ -86,7 +86,7 @@ class TrainConfig:
     out_dir: str = "runs"
     resume: bool = False
     threads: int | None = None
-    progress: bool = True
+    progress: bool | None = None  # progress bars: None = only on a terminal, True = always
 
     def validate(self) -> TrainConfig:
         """Check values with a clear error naming the option, the value and what is allowed."""

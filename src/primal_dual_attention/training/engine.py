@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -273,7 +274,8 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
     start = time.perf_counter()
     bar = tqdm(split.batches(cfg.batch_size, generator), total=math.ceil(len(split) / cfg.batch_size),
                desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=not (cfg.progress and ctx.is_main))
+               disable=not ctx.is_main or cfg.progress is False or (
+                   cfg.progress is None and not sys.stderr.isatty()))
     for step, batch in enumerate(bar):
         _check_finite(batch[0], f"the inputs of epoch {epoch + 1}, batch {step}")
         x, mask, y = _place(split, ctx, batch)
