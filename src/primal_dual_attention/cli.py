@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeAlias
@@ -138,7 +139,7 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from primal_dual_attention.training.config import config_from_mapping
-    from primal_dual_attention.training.engine import evaluate, load_checkpoint, seed_everything
+    from primal_dual_attention.training.engine import evaluate, load_checkpoint, load_weights, seed_everything
     from primal_dual_attention.training.tasks import build_task
 
     state = load_checkpoint(args.checkpoint)
@@ -146,7 +147,7 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = config_from_mapping(state["config"] | overrides, f"{args.checkpoint} config").validate()
     seed_everything(cfg.seed)
     task = build_task(cfg)
-    task.model.load_state_dict(state["model"])
+    load_weights(task.model, state, args.checkpoint)
     print(task.description)
     print(f"checkpoint {args.checkpoint}: epoch {state['epoch'] + 1}, variant {cfg.variant}")
     for name, split in (("val", task.val), ("test", task.test)):
@@ -447,13 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; a bad option or input prints ``pda: error: ...`` and exits with 2."""
+    """Entry point; a bad option or input prints ``pda: error: ...`` and exits with 2; a warning
+    prints as one ``pda: warning: ...`` line."""
     args = build_parser().parse_args(argv)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"pda: warning: {message}\n"
     try:
         return args.func(args)
     except (ValueError, OSError) as error:
         print(f"pda: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -180,6 +181,18 @@ def _accepts(annotation: Any, value: Any) -> bool:
     return isinstance(value, annotation)
 
 
+#: a decimal number: PyYAML (YAML 1.1) reads ``1e-3`` (no dot) as this string
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _as_float(annotation: Any, value: Any) -> Any:
+    """``value`` as a float where the option takes a float and the value is a number written as
+    a string (``lr: 1e-3`` in YAML); anything else unchanged, for the type check to judge."""
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()) and _accepts(annotation, 0.5):
+        return float(value)
+    return value
+
+
 def config_from_mapping(values: dict[str, Any], where: str, base: TrainConfig | None = None) -> TrainConfig:
     """Overlay ``values`` on ``base``; reject unknown keys and wrong types, naming them."""
     if not isinstance(values, dict):
@@ -190,6 +203,7 @@ def config_from_mapping(values: dict[str, Any], where: str, base: TrainConfig | 
     unknown = sorted(set(values) - set(types_))
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; valid options: {sorted(types_)}")
+    values = {key: _as_float(types_[key], value) for key, value in values.items()}
     for key, value in values.items():
         if not _accepts(types_[key], value):
             raise ValueError(

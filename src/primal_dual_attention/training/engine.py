@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -191,11 +192,40 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, foreign pickle with arbitrary objects, ...
-        raise ValueError(f"{path} is not a readable primal-dual-attention checkpoint: {error}") from None
+        raise ValueError(f"{path} is not a readable primal-dual-attention checkpoint: "
+                         f"{_unreadable(error)}") from None
     if not isinstance(state, dict) or not {"model", "config", "epoch"} <= set(state):
         raise ValueError(f"{path} is not a primal-dual-attention checkpoint "
                          "(expected keys 'model', 'config', 'epoch')")
     return state
+
+
+def _unreadable(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line and without torch's advice to
+    retry with ``weights_only=False`` (which would run whatever code the file holds)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if found:
+        return f"it holds a Python object ({found.group(1)}), which is never unpickled here"
+    if "zip archive" in str(error) or "central directory" in str(error):
+        return "a truncated or damaged file (its zip archive cannot be read)"
+    return "its bytes are not a file that torch.save wrote"
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """``model.load_state_dict(state["model"])``; a checkpoint of another shape (a model built
+    for other data) is a one-line error naming the first parameter that differs."""
+    own = model.state_dict()
+    for name, tensor in state["model"].items():
+        if name in own and own[name].shape != tensor.shape:
+            raise ValueError(
+                f"{path} does not fit this data: {name} has shape {tuple(tensor.shape)} in the "
+                f"checkpoint but {tuple(own[name].shape)} for the data now loaded (another dataset "
+                "or data folder than the one it was trained on?)")
+    missing, unexpected = own.keys() - state["model"].keys(), state["model"].keys() - own.keys()
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    model.load_state_dict(state["model"])
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -418,7 +448,7 @@ def _resume(run: _Run) -> None:
     """Continue from ``last.pt``: weights, optimizer, schedule, scaler, RNG states and history."""
     state = load_checkpoint(run.last_path)
     _check_same_run(state["config"], run.cfg, run.last_path)
-    run.model.load_state_dict(state["model"])
+    load_weights(run.model, state, run.last_path)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):  # absent in checkpoints written before mixed precision
@@ -427,6 +457,10 @@ def _resume(run: _Run) -> None:
     run.history, run.start_epoch = list(state["history"]), state["epoch"] + 1
     run.best = None if state["best"] is None else tuple(state["best"])
     run.wall_before = state["wall_seconds"]
+    if run.ctx.is_main:
+        where = (f"at epoch {run.start_epoch + 1}/{run.cfg.epochs}" if run.start_epoch < run.cfg.epochs
+                 else f"with all {run.cfg.epochs} epochs done (nothing to train)")
+        print(f"resuming {run.cfg.run_dir()} {where} (last.pt holds epoch {run.start_epoch})")
 
 
 def _train_and_evaluate(run: _Run, train: Split, epoch: int) -> tuple[dict[str, Any], tuple[float, float]]:
