@@ -123,3 +123,38 @@ def test_resume_says_where_it_continues(tmp_path, monkeypatch, capsys):
     cfg = _one_epoch(tmp_path, epochs=3, resume=True)
     assert f"resuming {cfg.run_dir()} at epoch 2/3 (last.pt holds epoch 1)" in capsys.readouterr().out
     assert load_checkpoint(cfg.run_dir() / "last.pt")["epoch"] == 2
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_run_folder_is_never_overwritten(tmp_path, capsys):
+    """Issue 15 item 2: the same options continue (--resume) or refuse; other options get their
+    own folder, or replace the run with an explicit --overwrite; the message says which."""
+    first = _one_epoch(tmp_path)
+    folder = first.run_dir()
+    kept = _files(folder)
+    capsys.readouterr()
+    other = _one_epoch(tmp_path, epochs=2)  # another budget: its own folder
+    assert f"{folder} holds a run with other options (epochs: 1 -> 2); this run goes to {folder}-2" \
+        in capsys.readouterr().out
+    assert _files(folder) == kept and (Path(f"{folder}-2") / "best.pt").is_file()
+    with pytest.raises(ValueError, match=r"seed0 already holds this run \(finished, 1/1 epochs\); "
+                                         r"pass --resume to continue it or --overwrite to start it again"):
+        _one_epoch(tmp_path)
+    _one_epoch(tmp_path, resume=True)
+    assert f"resuming {folder} with all 1 epochs done" in capsys.readouterr().out
+    _one_epoch(tmp_path, epochs=2, resume=True)  # finds its own folder again
+    assert f"resuming {folder}-2 with all 2 epochs done" in capsys.readouterr().out
+    assert _files(folder) == kept
+    _one_epoch(tmp_path, lr=0.01, overwrite=True)
+    assert f"overwriting {folder} (a run with other options: lr: 0.001 -> 0.01)" in capsys.readouterr().out
+    assert load_checkpoint(folder / "last.pt")["config"]["lr"] == 0.01
+    assert load_checkpoint(Path(f"{folder}-2") / "last.pt")["config"]["epochs"] == other.epochs
+    err = one_line_error(capsys, ["train", "--dim", "8", "--depth", "1", "--heads", "2", "--mlp-dim", "8",
+                                  "--epochs", "1", "--batch-size", "64", "--threads", "1", "--lr", "0.01",
+                                  "--out-dir", str(tmp_path)])
+    assert "already holds this run" in err
+    assert one_line_error(capsys, ["train", "--resume", "--overwrite"]).endswith(
+        "resume and overwrite exclude each other: --resume continues a run, --overwrite starts it again\n")

@@ -167,10 +167,13 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3]
 
 
-def test_resume_refuses_a_checkpoint_of_another_budget(tmp_path):
-    run(tiny_config(tmp_path, epochs=1))
-    with pytest.raises(ValueError, match=r"cannot resume .*epochs: 1 -> 2"):
-        run(tiny_config(tmp_path, epochs=2, resume=True))
+def test_resume_never_continues_a_checkpoint_of_another_budget(tmp_path):
+    first = run(tiny_config(tmp_path, epochs=1))
+    second = run(tiny_config(tmp_path, epochs=2, resume=True))  # its own folder, from scratch
+    assert second.run_dir == first.run_dir + "-2" and len(second.history) == 2
+    with pytest.raises(ValueError, match=r"seed0 holds a run with other options \(epochs: 1 -> 2\); "
+                                         "pass --overwrite to replace it or another --run-name"):
+        run(tiny_config(tmp_path, epochs=2, resume=True, run_name="seed0"))
     run(tiny_config(tmp_path, epochs=1, resume=True, threads=2, progress=True))  # running options may differ
 
 

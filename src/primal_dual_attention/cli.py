@@ -129,11 +129,12 @@ def _train(args: argparse.Namespace) -> int:
     say = print if is_main_process() else (lambda *_: None)
     say(task.description)
     say(f"variant={cfg.variant} protocol={cfg.protocol} ({PROTOCOL_NOTES[cfg.protocol]}) "
-        f"seed={cfg.seed} -> {cfg.run_dir()}")
+        f"seed={cfg.seed}")
     result = fit(cfg, task)
     say(f"test accuracy {result.test_accuracy:.4f} (protocol {result.protocol}, best epoch "
           f"{result.best_epoch}/{result.epochs}); {result.params:,} parameters; "
-          f"{result.epoch_seconds:.2f} s/epoch; {result.train_samples_per_second:.0f} samples/s")
+          f"{result.epoch_seconds:.2f} s/epoch; {result.train_samples_per_second:.0f} samples/s; "
+          f"run folder {result.run_dir}")
     return 0
 
 
@@ -173,6 +174,7 @@ def _demo(args: argparse.Namespace) -> int:
     for variant in PAPER_VARIANTS:
         cfg = TrainConfig(**{**base.to_dict(), "variant": variant, "epochs": args.epochs,
                              "protocol": args.protocol, "seed": args.seed, "out_dir": args.out,
+                             "resume": True,  # a second demo reports its finished runs again
                              "data_dir": args.data_dir,
                              "progress": False if args.quiet else args.progress}).validate()
         seed_everything(cfg.seed)

@@ -85,7 +85,9 @@ class TrainConfig:
     # running
     device: str = "auto"
     out_dir: str = "runs"
+    run_name: str | None = None  # the run's folder under <variant>/ (default: seed<k>, seed<k>-2, ...)
     resume: bool = False
+    overwrite: bool = False  # replace the run in the folder instead of refusing or moving on
     threads: int | None = None
     progress: bool | None = None  # progress bars: None = only on a terminal, True = always
 
@@ -104,6 +106,12 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: --resume continues a run, "
+                             "--overwrite starts it again")
+        if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name
+                                          or self.run_name in (".", "..")):
+            raise ValueError(f"run_name must be a plain folder name, got {self.run_name!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         for name in ("drop_path", "random_erase"):
@@ -147,9 +155,10 @@ class TrainConfig:
         return max(self.epochs, round(self.steps * self.budget))
 
     def run_dir(self) -> Path:
-        """``out_dir/<task>/<dataset>/<protocol>/<variant>/seed<k>``."""
+        """``out_dir/<task>/<dataset>/<protocol>/<variant>/<run_name or seed<k>>``; the engine
+        sets ``run_name`` when that folder holds another run (``training.engine.claim_run_dir``)."""
         return (Path(self.out_dir) / self.task / self.dataset / self.protocol / self.variant
-                / f"seed{self.seed}")
+                / (self.run_name or f"seed{self.seed}"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

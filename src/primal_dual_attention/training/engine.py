@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -96,6 +96,7 @@ class RunResult:
     train_samples_per_second: float
     wall_seconds: float
     protocol: str
+    run_dir: str  # the run's own folder (``claim_run_dir``)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -335,19 +336,76 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
                       time.perf_counter() - start)
 
 
-RUNNING_OPTIONS = {"resume", "progress", "out_dir", "threads", "device", "data_dir", "num_workers", "compile",
-                   "compile_backend"}
+RUNNING_OPTIONS = {"resume", "overwrite", "run_name", "progress", "out_dir", "threads", "device", "data_dir",
+                   "num_workers", "compile", "compile_backend"}
+#: what a run writes in its folder (``--overwrite`` removes these and nothing else)
+RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.csv", "summary.json")
 
 
-def _check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint of a different run (another budget, lr, ...) in the same
-    folder: only options that do not change the result may differ."""
+def _changes(saved: dict[str, Any], cfg: TrainConfig) -> str:
+    """The options that change the result and differ from a saved run's, as ``name: old -> new``
+    ('' for the same run: only running options such as threads may differ)."""
     current = cfg.to_dict()
     changed = sorted(k for k in current if k not in RUNNING_OPTIONS and k in saved and saved[k] != current[k])
-    if changed:
-        details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(f"cannot resume {path}: it belongs to a run with other options ({details}); "
-                         "use another --out-dir or drop --resume")
+    return ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+
+
+def _saved_run(folder: Path) -> dict[str, Any] | None:
+    """The config of the run in ``folder`` (``config.yaml``, else ``last.pt``); None when free."""
+    if (folder / "config.yaml").is_file():
+        return yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    if (folder / "last.pt").is_file():
+        return load_checkpoint(folder / "last.pt")["config"]
+    return None
+
+
+def _run_state(folder: Path, saved: dict[str, Any]) -> str:
+    if (folder / "summary.json").is_file():
+        return f"finished, {saved['epochs']}/{saved['epochs']} epochs"
+    if (folder / "last.pt").is_file():
+        return f"stopped after epoch {load_checkpoint(folder / 'last.pt')['epoch'] + 1}/{saved['epochs']}"
+    return "started, no epoch finished"
+
+
+def claim_run_dir(cfg: TrainConfig, say=print) -> tuple[TrainConfig, bool]:
+    """The run's folder, never another run's (issue 15): ``cfg`` with ``run_name`` set, and
+    whether to clear the folder first (``overwrite``). Reads only; ``say`` gets the notices.
+
+    The folder holding a run with the same options is this run's: ``resume`` continues it,
+    ``overwrite`` starts it again, else it is an error saying so. Otherwise the run goes to the
+    first free folder of ``seed<k>``, ``seed<k>-2``, ...; with ``overwrite`` it replaces the
+    run in the first of them. An explicit ``run_name`` is the only candidate.
+    """
+    names = [cfg.run_name] if cfg.run_name else [f"seed{cfg.seed}"] + [
+        f"seed{cfg.seed}-{i}" for i in range(2, 1000)]
+    folders = [cfg.run_dir().parent / name for name in names]
+    others, free = [], None  # (folder, changed options) of the other runs; the first free folder
+    for folder in folders:
+        saved = _saved_run(folder)
+        if saved is None:
+            free = free or folder
+            continue
+        changes = _changes(saved, cfg)
+        if changes:
+            others.append((folder, changes))
+            continue
+        if cfg.overwrite:
+            say(f"overwriting {folder} (the same run, {_run_state(folder, saved)})")
+        elif not cfg.resume:
+            raise ValueError(f"{folder} already holds this run ({_run_state(folder, saved)}); pass "
+                             "--resume to continue it or --overwrite to start it again")
+        return replace(cfg, run_name=folder.name), cfg.overwrite
+    if not others:
+        return replace(cfg, run_name=folders[0].name), False
+    first, changes = others[0]
+    if cfg.overwrite:
+        say(f"overwriting {first} (a run with other options: {changes})")
+        return replace(cfg, run_name=first.name), True
+    if free is None:
+        raise ValueError(f"{first} holds a run with other options ({changes}); pass --overwrite to "
+                         "replace it or another --run-name")
+    say(f"{first} holds a run with other options ({changes}); this run goes to {free}")
+    return replace(cfg, run_name=free.name), False
 
 
 def _place(split: Split, ctx: Context, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -399,12 +457,14 @@ class _Run:
 def fit(cfg: TrainConfig, task: Task) -> RunResult:
     """Train ``task.model`` under ``cfg`` in ``cfg.run_dir()``; resume from ``last.pt`` if asked."""
     run = _prepare(cfg, task)
+    cfg = run.cfg  # with the run's own folder
     if cfg.resume and run.last_path.is_file():
         _resume(run)
-    if run.ctx.is_main:
+    writes = run.ctx.is_main and run.start_epoch < cfg.epochs  # a finished run is only reported
+    if writes:
         (cfg.run_dir() / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run.wall_start = time.perf_counter()
-    run.writer = _tensorboard(cfg.run_dir()) if run.ctx.is_main else None
+    run.writer = _tensorboard(cfg.run_dir()) if writes else None
     for epoch in range(run.start_epoch, cfg.epochs):
         row, score = _train_and_evaluate(run, task.train, epoch)
         improved = _is_better(score, run.best)
@@ -413,7 +473,7 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
             row["best"] = True
         run.history.append(row)
         _save_epoch(run, epoch, row, improved)
-    return _finish(run)
+    return _finish(run, writes)
 
 
 def _prepare(cfg: TrainConfig, task: Task) -> _Run:
@@ -424,8 +484,12 @@ def _prepare(cfg: TrainConfig, task: Task) -> _Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = distributed.init(cfg.device)
+    cfg, clear = claim_run_dir(cfg, print if ctx.is_main else lambda _: None)
+    ctx.barrier()  # every rank has read the folders before the main rank writes
     if ctx.is_main:
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES if clear else ():
+            (cfg.run_dir() / name).unlink(missing_ok=True)
     model = task.model.to(ctx.device)
     train_model: nn.Module = model
     if ctx.distributed:
@@ -446,8 +510,7 @@ def _prepare(cfg: TrainConfig, task: Task) -> _Run:
 
 def _resume(run: _Run) -> None:
     """Continue from ``last.pt``: weights, optimizer, schedule, scaler, RNG states and history."""
-    state = load_checkpoint(run.last_path)
-    _check_same_run(state["config"], run.cfg, run.last_path)
+    state = load_checkpoint(run.last_path)  # of this run: claim_run_dir compared the options
     load_weights(run.model, state, run.last_path)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -513,9 +576,9 @@ def _save_epoch(run: _Run, epoch: int, row: dict[str, Any], improved: bool) -> N
     run.ctx.barrier()
 
 
-def _finish(run: _Run) -> RunResult:
+def _finish(run: _Run, write_summary: bool) -> RunResult:
     """The run's result: the selected epoch and its test accuracy by the protocol (``best.pt``
-    under ``clean``), medians of the epoch timings; ``summary.json`` on the main rank."""
+    under ``clean``), medians of the epoch timings; ``summary.json`` when ``write_summary``."""
     cfg, history = run.cfg, run.history
     best_epoch = max(r["epoch"] for r in history if r.get("best"))
     if cfg.protocol == "paper":
@@ -528,10 +591,10 @@ def _finish(run: _Run) -> RunResult:
         params=sum(p.numel() for p in run.model.parameters()),
         epoch_seconds=float(np.median([r["epoch_seconds"] for r in history])),
         train_samples_per_second=float(np.median([r["train_samples_per_s"] for r in history])),
-        wall_seconds=run.wall_seconds(), protocol=cfg.protocol, history=history,
+        wall_seconds=run.wall_seconds(), protocol=cfg.protocol, run_dir=str(cfg.run_dir()), history=history,
     )
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    if run.ctx.is_main:
+    if write_summary:
         (cfg.run_dir() / "summary.json").write_text(json.dumps(summary | {"config": cfg.to_dict()}, indent=2))
     if run.writer is not None:
         run.writer.close()

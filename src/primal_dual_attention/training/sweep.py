@@ -143,8 +143,8 @@ def _run_one(table: str, cfg: TrainConfig, results_dir: Path) -> dict:
     log_copy = (results_dir / "logs" / cfg.dataset / cfg.protocol / cfg.variant
                 / f"seed{cfg.seed}.csv")
     log_copy.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cfg.run_dir() / "log.csv", log_copy)
-    shutil.copyfile(cfg.run_dir() / "config.yaml", log_copy.with_suffix(".yaml"))
+    shutil.copyfile(Path(result.run_dir) / "log.csv", log_copy)
+    shutil.copyfile(Path(result.run_dir) / "config.yaml", log_copy.with_suffix(".yaml"))
     return {
         "table": table, "dataset": cfg.dataset, "protocol": cfg.protocol, "variant": cfg.variant,
         "seed": cfg.seed, "epochs": cfg.epochs, "test_acc": f"{result.test_accuracy:.6f}",
