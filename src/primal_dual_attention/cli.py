@@ -52,7 +52,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
 
     results = run_attention_benchmark(sizes=args.sizes, variants=args.variants,
                                       repeats=args.repeats, memory=not args.no_memory)
-    csv_path, md_path = write_results(results, Path(args.out), command_line())
+    csv_path, md_path = write_results(results, Path(args.out), args.command)
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}")
     return 0
@@ -209,29 +209,50 @@ SWEEP_DEFAULT_DATASETS = {"image": ("CIFAR10",)}
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    """Run a sweep in its own folder (``--out``), record its command once it finished, and with
+    ``--merge-into`` add its rows to a results folder (issue 15); ``--report-only`` rebuilds a
+    results folder's README from its files alone."""
     from primal_dual_attention.analysis.task_report import write_task_report
-    from primal_dual_attention.training.sweep import plan_runs, plan_sweep, run_sweep
+    from primal_dual_attention.training.sweep import (
+        merge_results,
+        plan_runs,
+        plan_sweep,
+        record_commands,
+        run_key,
+        run_sweep,
+    )
 
-    results = Path(args.results or f"results/{'cifar10' if args.task == 'image' else args.task}")
-    if not args.report_only:
-        results.mkdir(parents=True, exist_ok=True)
-        with open(results / "sweep_commands.txt", "a") as handle:
-            handle.write(command_line() + "\n")
-        common = dict(seeds=args.seeds, epochs=args.epochs, overrides=dict(args.set),
-                      epochs_per_dataset=dict(args.dataset_epochs), out_dir=args.out)
-        runs = []
-        if args.task == "uea":
-            for table in ("main", "extended") if args.table == "all" else (args.table,):
-                runs += plan_sweep(table, args.data_dir, datasets=args.datasets, variants=args.variants,
-                                   protocols=args.protocols or ("paper", "clean"), **common)
-        else:
-            datasets = args.datasets or SWEEP_DEFAULT_DATASETS.get(args.task, (args.task,))
-            runs = plan_runs(args.task, args.task, datasets, protocols=args.protocols or ("clean",),
-                             variants=args.variants or PAPER_VARIANTS,
-                             data_dir=args.data_dir, **common)
-        run_sweep(runs, results, workers=args.workers, threads_per_worker=args.threads)
-    if (results / "runs.csv").is_file():
+    name = "cifar10" if args.task == "image" else args.task
+    if args.report_only:
+        results = Path(args.results or f"results/{name}")
+        if not (results / "runs.csv").is_file():
+            raise FileNotFoundError(f"--results {str(results)!r} holds no runs.csv to report on")
         print(f"wrote {write_task_report(args.task, results)}")
+        return 0
+    if args.results:
+        raise ValueError(f"--results {args.results!r} names the folder --report-only rebuilds; a sweep "
+                         "writes to its own --out folder and adds its rows to a results folder with "
+                         "--merge-into")
+    out = Path(args.out or f"runs/sweep/{name}")
+    common = dict(seeds=args.seeds, epochs=args.epochs, overrides=dict(args.set),
+                  epochs_per_dataset=dict(args.dataset_epochs), out_dir=str(out))
+    runs = []
+    if args.task == "uea":
+        for table in ("main", "extended") if args.table == "all" else (args.table,):
+            runs += plan_sweep(table, args.data_dir, datasets=args.datasets, variants=args.variants,
+                               protocols=args.protocols or ("paper", "clean"), **common)
+    else:
+        datasets = args.datasets or SWEEP_DEFAULT_DATASETS.get(args.task, (args.task,))
+        runs = plan_runs(args.task, args.task, datasets, protocols=args.protocols or ("clean",),
+                         variants=args.variants or PAPER_VARIANTS, data_dir=args.data_dir, **common)
+    run_sweep(runs, out, workers=args.workers, threads_per_worker=args.threads)
+    record_commands(out, [args.command])  # only now: the command finished
+    print(f"wrote {write_task_report(args.task, out)}")
+    if args.merge_into:
+        target = Path(args.merge_into)
+        added = merge_results(out, {run_key(table, cfg) for table, cfg in runs}, target, [args.command],
+                              allow_mixed=args.allow_mixed)
+        print(f"added {added} row(s) to {target / 'runs.csv'}; wrote {write_task_report(args.task, target)}")
     return 0
 
 
@@ -245,7 +266,7 @@ def _heads(args: argparse.Namespace) -> int:
     from primal_dual_attention.analysis.redundancy import heads_report
 
     heads_report(args.checkpoints, args.out, samples=args.samples, layer=args.layer,
-                 data_dir=args.data_dir, command=command_line())
+                 data_dir=args.data_dir, command=args.command)
     print(f"wrote {args.out}/redundancy.csv, redundancy.png and maps.png")
     return 0
 
@@ -263,7 +284,7 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 
     points = run_scaling(args.sizes, args.variants, batch=args.batch, repeats=args.repeats,
                          time_limit_s=args.time_limit, memory=not args.no_memory)
-    path = write_scaling(points, Path(args.out), command_line(), args.batch, 8, 32)
+    path = write_scaling(points, Path(args.out), args.command, args.batch, 8, 32)
     print(path.read_text())
     return 0
 
@@ -285,7 +306,7 @@ def _bench_model(args: argparse.Namespace) -> int:
               f"{cost.gflops_fwd_per_sample:8.3f} GFLOPs fwd/sample{flops}  peak "
               f"{cost.peak_train_mb if cost.peak_train_mb is None else round(cost.peak_train_mb)} MiB")
     out = Path(args.out)
-    print(f"wrote {write_costs(costs, out, command_line())} and {write_speed_table(out)}")
+    print(f"wrote {write_costs(costs, out, args.command)} and {write_speed_table(out)}")
     return 0
 
 
@@ -408,10 +429,20 @@ def _add_sweep(commands: Commands) -> None:
                        help="any pda train option for every run, e.g. --set precision=bf16 (repeatable)")
     sweep.add_argument("--workers", type=int, default=1, help="parallel training processes")
     sweep.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    sweep.add_argument("--out", default="runs/sweep", help="run folders (checkpoints)")
+    sweep.add_argument("--out", default=None,
+                       help="the sweep's own folder: run folders, runs.csv, logs, sweep_commands.txt, "
+                            "README.md (default runs/sweep/uea, runs/sweep/cifar10, ...)")
+    sweep.add_argument("--merge-into", default=None, metavar="RESULTS",
+                       help="once the sweep finished, append its rows, logs and command to this results "
+                            "folder (e.g. results/uea) and rebuild its README; rows already there are kept")
+    sweep.add_argument("--allow-mixed", action="store_true",
+                       help="with --merge-into: also add rows of a table the folder lacks, or of a "
+                            "dataset it holds with another budget (epochs, budget)")
+    sweep.add_argument("--report-only", action="store_true",
+                       help="only rebuild README.md of --results from its runs.csv, logs and costs")
     sweep.add_argument("--results", default=None,
-                       help="runs.csv, logs and README.md (default results/uea, results/cifar10, ...)")
-    sweep.add_argument("--report-only", action="store_true", help="only rebuild README.md")
+                       help="with --report-only: the results folder (default results/uea, "
+                            "results/cifar10, ...)")
     sweep.set_defaults(func=_sweep)
 
 
@@ -453,6 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; a bad option or input prints ``pda: error: ...`` and exits with 2; a warning
     prints as one ``pda: warning: ...`` line."""
     args = build_parser().parse_args(argv)
+    args.command = command_line(argv)  # as typed, for the records that name it
     formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"pda: warning: {message}\n"
     try:
