@@ -158,3 +158,10 @@ def test_a_run_folder_is_never_overwritten(tmp_path, capsys):
     assert "already holds this run" in err
     assert one_line_error(capsys, ["train", "--resume", "--overwrite"]).endswith(
         "resume and overwrite exclude each other: --resume continues a run, --overwrite starts it again\n")
+
+
+def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 3\n  lr: 2\n")
+    err = one_line_error(capsys, ["train", "--config", str(path)])
+    assert f"{path}:2:5: not valid YAML (mapping values are not allowed here)" in err

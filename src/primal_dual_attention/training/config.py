@@ -230,8 +230,10 @@ def load_yaml_config(path: str | os.PathLike | Traversable, base: TrainConfig | 
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error})") from None
+    except yaml.YAMLError as error:  # one line: where, and PyYAML's reason without its excerpt
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
     return config_from_mapping(values, str(path), base)
 
 
