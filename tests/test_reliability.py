@@ -165,3 +165,31 @@ def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path, capsys):
     path.write_text("epochs: 3\n  lr: 2\n")
     err = one_line_error(capsys, ["train", "--config", str(path)])
     assert f"{path}:2:5: not valid YAML (mapping values are not allowed here)" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--protocol", "best"], "protocol must be one of ['paper', 'clean'], got 'best'"),
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--lr", "-1"], "lr must be > 0, got -1.0"),
+    (["--dropout", "1"], "dropout must be in [0, 1), got 1.0"),
+    (["--run-name", "../x"], "run_name must be a plain folder name, got '../x'"),
+    (["--resume", "--overwrite"], "resume and overwrite exclude each other"),
+])
+def test_bad_option_values_are_one_line(capsys, argv, message):
+    assert message in one_line_error(capsys, ["train", *argv])
+
+
+def test_reliability_doc_names_only_tests_that_exist():
+    """docs/reliability.md is the index of these tests: every test it names is there (a cell's
+    ``::name`` continues the file named before it)."""
+    import re
+
+    tests = Path(__file__).parent
+    named, current = [], None
+    for file, name in re.findall(r"`(?:(test_\w+\.py))?::(\w+)`",
+                                 (tests.parent / "docs" / "reliability.md").read_text()):
+        current = file or current
+        named.append((current, name))
+    assert len(named) > 40
+    missing = [f"{f}::{n}" for f, n in named if f"def {n}(" not in (tests / f).read_text()]
+    assert not missing
