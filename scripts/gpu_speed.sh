@@ -8,7 +8,7 @@
 # machine has no ../shared/data); ListOps is generated. UEA needs aeon, which GPU images may
 # lack: its rows are skipped there.
 # Usage: [DATA=.bench_data] [RESULTS=results/speed/gpu] [DEVICE=cuda] [PRECISION=bf16]
-#        [MODES=eager,compile] [REPEATS=20] scripts/gpu_speed.sh
+#        [PYTHON=python3] [MODES=eager,compile] [REPEATS=20] [VARIANTS=softmax,bn,sh,bn_sh] scripts/gpu_speed.sh
 set -uo pipefail
 DATA=${DATA:-.bench_data}
 RESULTS=${RESULTS:-results/speed/gpu}
@@ -16,11 +16,13 @@ DEVICE=${DEVICE:-cuda}
 PRECISION=${PRECISION:-bf16}
 MODES=${MODES:-eager,compile}
 REPEATS=${REPEATS:-20}
-PDA=(python3 -m primal_dual_attention.cli bench model --device "$DEVICE" --modes "$MODES"
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the package, uninstalled (no registry there)
+PDA=("$PYTHON" -m primal_dual_attention.cli bench model --device "$DEVICE" --modes "$MODES"
      --set precision="$PRECISION")
 export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 start=$(date +%s)
-python3 -c "import aeon" 2>/dev/null && uea=1 || uea=0
+"$PYTHON" -c "import aeon" 2>/dev/null && uea=1 || uea=0
 
 # name | pda bench model arguments
 MODELS=(
@@ -35,10 +37,18 @@ if [[ $uea == 1 ]]; then
 fi
 
 warm=$(mktemp -d)
+# generate the ListOps sample once, before many processes would write its cache at the same time
+"${PDA[@]}" ${MODELS[3]#*|} --variants softmax --modes eager --repeats 1 --no-memory --out "$warm/data" \
+  > "$warm/data.log" 2>&1 || tail -n 5 "$warm/data.log"
+IFS=, read -r -a variants <<< "${VARIANTS:-softmax,bn,sh,bn_sh}"
 for entry in "${MODELS[@]}"; do
   name=${entry%%|*}; args=${entry#*|}
-  # shellcheck disable=SC2086
-  "${PDA[@]}" $args --repeats 1 --out "$warm/$name" > "$warm/$name.log" 2>&1 &
+  for variant in "${variants[@]}"; do  # one compile per process, all at once
+    # shellcheck disable=SC2086
+    TORCHINDUCTOR_COMPILE_THREADS=2 OMP_NUM_THREADS=1 \
+      "${PDA[@]}" $args --variants "$variant" --repeats 1 --no-memory --out "$warm/$name-$variant" \
+      > "$warm/$name-$variant.log" 2>&1 &
+  done
 done
 wait
 echo "compile cache filled in $(( $(date +%s) - start )) s"
@@ -46,7 +56,8 @@ for entry in "${MODELS[@]}"; do
   name=${entry%%|*}; args=${entry#*|}
   echo "== $name"
   # shellcheck disable=SC2086
-  "${PDA[@]}" $args --repeats "$REPEATS" --out "$RESULTS" || { echo "$name failed:"; tail -5 "$warm/$name.log"; }
+  "${PDA[@]}" $args --variants "${VARIANTS:-softmax,bn,sh,bn_sh}" --repeats "$REPEATS" --out "$RESULTS" \
+    || { echo "$name failed:"; tail -n 5 "$warm/$name"-*.log; }
 done
 cat "$RESULTS/speed.md"
 echo "done in $(( $(date +%s) - start )) s"

@@ -1,8 +1,8 @@
 """Write the small real-data folder that ``scripts/gpu_speed.sh`` reads on a machine without
-``../shared/data``: a CIFAR-10 zip subset (100 train and 20 test images per class, the JPEGs of
+``../shared/data``: a CIFAR-10 zip subset (40 train and 10 test images per class, the JPEGs of
 the shared zip), an ImageFolder tree of the same images for the DeiT model (timm resizes them
 to 224x224), and the ``.ts`` files of two UEA sets. Speed does not depend on which images are
-used; the subset only makes the folder small enough to travel (about 5 MB).
+used; the subset only makes the folder small enough to travel (about 6 MB).
 
 Usage: python scripts/make_bench_data.py [OUT=.bench_data] [SHARED=../shared/data]
 """
@@ -14,7 +14,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-PER_CLASS = {"train": 100, "test": 20}
+PER_CLASS = {"train": 40, "test": 10}
+UEA = ("JapaneseVowels", "UWaveGestureLibrary")
 
 
 def main(out: Path, shared: Path) -> None:
@@ -35,7 +36,7 @@ def main(out: Path, shared: Path) -> None:
             folder = out / "imagefolder" / ("val" if split == "test" else "train") / label
             folder.mkdir(parents=True, exist_ok=True)
             (folder / Path(name).name).write_bytes(data)
-    for dataset in ("JapaneseVowels", "UWaveGestureLibrary"):
+    for dataset in UEA:
         shutil.copytree(shared / "uea" / dataset, out / "uea" / dataset, dirs_exist_ok=True)
     print(f"wrote {out}: {sum(taken.values())} images, 2 UEA sets")
 

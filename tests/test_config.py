@@ -18,6 +18,7 @@ from primal_dual_attention.attention import (
     fused_paths,
 )
 from primal_dual_attention.functional import KERNELS, attention, get_kernel
+from primal_dual_attention.models.decoder import DecoderBlock, DecoderLM
 from primal_dual_attention.models.encoder import EncoderBlock, TransformerEncoder
 from primal_dual_attention.models.lra import LRAClassifier
 from primal_dual_attention.models.timeseries import TimeSeriesTransformer
@@ -27,7 +28,8 @@ ATTENTION_FIELDS = {f.name for f in fields(AttentionConfig)}
 
 
 def _constructors():
-    yield from (MultiHeadAttention, EncoderBlock, TransformerEncoder, TimeSeriesTransformer, LRAClassifier)
+    yield from (MultiHeadAttention, EncoderBlock, TransformerEncoder, TimeSeriesTransformer, LRAClassifier,
+                DecoderBlock, DecoderLM)
     try:
         from primal_dual_attention.timm import TimmAttention
     except ImportError:

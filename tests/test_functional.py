@@ -249,3 +249,15 @@ def test_banded_sparse_gradcheck():
     mask = ragged_mask(1, 13, [10])
     assert torch.autograd.gradcheck(
         lambda q, k, v: attention(q, k, v, window=2, key_padding_mask=mask), (q, k, v))
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "linear"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_all_padding_sequence_has_zero_output_and_finite_gradients(kernel, fused):
+    q, k, v = (torch.randn(2, 2, 5, 4, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 5, dtype=torch.bool)
+    mask[1] = True
+    out = attention(q, k, v, kernel=kernel, bn=True, key_padding_mask=mask, fused=fused)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert out[1].abs().max() == 0
+    assert all(torch.isfinite(g).all() for g in grads)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "primal_dual_attention"
 #: bottom to top; a module may import from its own layer and the layers below it
-LAYERS = (("utils",), ("functional",), ("primal", "attention"), ("models", "timm", "data"), ("training",),
+LAYERS = (("utils",), ("functional", "causal"), ("primal", "attention"), ("models", "timm", "hf", "data"),
+          ("training",),
           ("analysis",), ("cli",))
 LAYER = {name: level for level, names in enumerate(LAYERS) for name in names}
 

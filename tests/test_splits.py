@@ -15,6 +15,7 @@ from test_uea import toy_dataset
 from primal_dual_attention.cli import main
 from primal_dual_attention.data.images import ImageSplit
 from primal_dual_attention.data.lra import PairSplit, TokenSplit
+from primal_dual_attention.data.text import ByteWindows
 from primal_dual_attention.data.uea import SeriesSplit
 from primal_dual_attention.training.engine import Split, StepSplit, load_checkpoint
 
@@ -46,6 +47,8 @@ SPLITS = {
                                             np.array([4, 3, 2, 1, 4, 3, 2, 1]), LABELS.numpy()),
     "StepSplit": lambda tmp_path: StepSplit(_series(), samples=8, round=1, seed=3),
     "ImageFolderSplit": _imagefolder,
+    # one-byte windows: each sample's target is the next byte, so targets line up with samples
+    "ByteWindows": lambda tmp_path: ByteWindows(torch.arange(9, dtype=torch.uint8), 1),
 }
 
 
@@ -63,12 +66,20 @@ def test_every_split_implements_the_protocol(tmp_path, name):
     assert sorted(shuffled.tolist()) == sorted(labels.tolist())
 
 
+def _text_file(path: Path) -> Path:
+    path.write_text("The film was long, and the ending was worth the wait. " * 200)
+    return path
+
+
 TASKS = {
     "uea": lambda tmp: ["--task", "uea", "--dataset", "Toy", "--data-dir",
                         str(toy_dataset(tmp / "uea")), "--batch-size", "2", "--max-eval-samples", "1"],
     "image": lambda tmp: ["--task", "image", "--dataset", "CIFAR10", "--data-dir",
                           str(write_zip(tmp / "c.zip")), "--batch-size", "4", "--max-eval-samples", "2"],
     "lra": lambda tmp: ["--task", "lra-pathfinder", "--batch-size", "4", "--max-eval-samples", "3"],
+    "lm": lambda tmp: ["--task", "lm", "--data-file", str(_text_file(tmp / "t.txt")), "--dim", "16",
+                       "--depth", "1", "--heads", "2", "--mlp-dim", "16", "--batch-size", "2",
+                       "--max-eval-samples", "2"],
     "imagenet": lambda tmp: ["--config", "configs/imagenet/deit_tiny_softmax.yaml", "--data-dir",
                              str(fake_imagefolder(tmp / "inet")), *SMOKE, "--max-eval-samples", "3"],
 }

@@ -76,3 +76,13 @@ def test_unsupported_options_are_refused():
         timm.create_model("vit_cifar_bn", pretrained=True)
     with pytest.raises(ValueError, match="variant 'sh'"):
         timm.create_model("vit_cifar_bn", attention=AttentionConfig(variant="sh"))
+
+
+def test_flop_counting_switches_timm_attention_to_its_math_path_too():
+    from primal_dual_attention.attention import fused_paths
+
+    ours = timm.create_model("deit_tiny_patch16_224_bn", img_size=32, depth=1)
+    theirs = timm.create_model("deit_tiny_patch16_224", img_size=32, depth=1)
+    with fused_paths(ours, False), fused_paths(theirs, False):
+        assert not ours.blocks[0].attn.fused_attn and not theirs.blocks[0].attn.fused_attn
+    assert ours.blocks[0].attn.fused_attn and theirs.blocks[0].attn.fused_attn

@@ -13,6 +13,7 @@ from primal_dual_attention.attention import (
     MultiHeadAttention,
     get_variant,
 )
+from primal_dual_attention.causal import DecodingCache
 from primal_dual_attention.functional import KERNELS, AttentionOptions, attention
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "AttentionConfig",
     "AttentionOptions",
     "AttentionVariant",
+    "DecodingCache",
     "MultiHeadAttention",
     "attention",
     "functional",

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 from torch import Tensor, nn
 
+from primal_dual_attention.causal import DecodingCache, causal_attention, decode
 from primal_dual_attention.functional import (
     AttentionOptions,
     HeadGroup,
@@ -164,7 +165,9 @@ class MultiHeadAttention(nn.Module):
     ``(out, weights)`` with ``(B, H, N, N)`` maps when ``need_weights``. One projection makes
     q, k and v for every head, as in softmax attention; each SH head group then pools its keys
     and values together in one call (SPEC.md §2), which keeps the number of dispatched
-    operations, the cost of a small model, close to softmax's. The ``qkv`` / ``proj``
+    operations, the cost of a small model, close to softmax's. With ``causal=True`` output i is
+    the layer on the prefix 1..i (:mod:`.causal`), and ``forward(x_new, cache=cache)`` with a
+    :class:`~.causal.DecodingCache` decodes the next tokens incrementally. The ``qkv`` / ``proj``
     parameter layout matches timm and ``torch.nn.MultiheadAttention`` (q, k, v rows stacked).
     """
 
@@ -220,8 +223,11 @@ class MultiHeadAttention(nn.Module):
         self.config = replace(self.config, fused=fused)
 
     def forward(
-        self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False
+        self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False,
+        cache: DecodingCache | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
+        if self.config.causal or cache is not None:
+            return self._causal_forward(x, key_padding_mask, need_weights, cache)
         if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {shape}")
@@ -254,6 +260,31 @@ class MultiHeadAttention(nn.Module):
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, num_tokens, self.dim)))
         return (out, weights) if need_weights else out
 
+    def _causal_forward(self, x: Tensor, key_padding_mask: Tensor | None, need_weights: bool,
+                        cache: DecodingCache | None) -> Tensor | tuple[Tensor, Tensor]:
+        """The forward of a causal layer: project, :func:`.causal.causal_attention` (or
+        :func:`.causal.decode` with a ``cache``), project back. (Pooling the input first, as the
+        non-causal SH layer does, would save nothing: every position has its own partial window.)"""
+        if not self.config.causal:
+            raise ValueError("a decoding cache needs a causal layer (AttentionConfig(causal=True))")
+        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
+            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {shape}")
+        batch, num_tokens, _ = x.shape
+        qkv = self.qkv(x).view(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        weights = None
+        if cache is not None:
+            if need_weights:
+                raise ValueError("need_weights is not available while decoding with a cache")
+            out = decode(*qkv.unbind(0), self.config, cache, key_padding_mask)
+        else:
+            result = causal_attention(*qkv.unbind(0), self.config, key_padding_mask=key_padding_mask,
+                                      dropout_p=self.attn_drop if self.training else 0.0,
+                                      need_weights=need_weights)
+            out, weights = result if need_weights else (result, None)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, num_tokens, self.dim)))
+        return (out, weights) if need_weights else out
+
     def extra_repr(self) -> str:
         parts = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"variant={self.variant!r}"]
         defaults = AttentionConfig(variant=self.variant).for_heads(self.num_heads)
@@ -270,9 +301,12 @@ def attention_layers(model: nn.Module) -> list[MultiHeadAttention]:
 
 @contextlib.contextmanager
 def fused_paths(model: nn.Module, fused: bool) -> Iterator[None]:
-    """Switch every softmax-kernel layer of ``model`` to the fused (SDPA) or the math path for a
-    while (FLOP counting sees only the math path); layers with an exact primal form keep it."""
-    layers = [m for m in attention_layers(model) if not get_kernel(m.config.kernel).has_primal]
+    """Switch every softmax-kernel attention of ``model`` to the fused (SDPA) or the math path for
+    a while (FLOP counting sees only the math path): this library's layers, and any other module
+    with timm's ``fused_attn`` switch (timm's own ``Attention``). Layers with an exact primal form
+    keep it."""
+    layers = [m for m in model.modules() if hasattr(m, "fused_attn") and not (
+        isinstance(m, MultiHeadAttention) and get_kernel(m.config.kernel).has_primal)]
     before = [m.fused_attn for m in layers]
     for layer in layers:
         layer.fused_attn = fused

@@ -138,7 +138,8 @@ class AttentionOptions:
     one pooling factor per head (None: no pooling); ``window``: sparse local attention,
     ``|i - j| <= window``; ``grid_size``: pool SH keys on a 2-D ``(Hg, Wg)`` token grid;
     ``num_prefix_tokens``: leading tokens never pooled; ``eps``: Attention-BN's variance floor;
-    ``fused``: SDPA / the primal form (False: the explicit math path, the tests' reference).
+    ``fused``: SDPA / the primal form (False: the explicit math path, the tests' reference);
+    ``causal``: output i is the variant applied to the prefix 1..i (:mod:`.causal`, 1-D only).
 
     Values are checked on construction (one message per mistake); what depends on the input
     (heads, tokens) by :meth:`check_input`. A new switch is one field here and its use below.
@@ -152,10 +153,11 @@ class AttentionOptions:
     num_prefix_tokens: int = 0
     eps: float = 1e-5
     fused: bool = True
+    causal: bool = False
 
     def __post_init__(self) -> None:
         get_kernel(self.kernel)
-        for name in ("bn", "fused"):
+        for name in ("bn", "fused", "causal"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         normalised = {
@@ -174,6 +176,10 @@ class AttentionOptions:
             raise ValueError(
                 "window (sparse attention) cannot be combined with head_scales > 1: pooled keys "
                 f"have no token positions; got window={self.window}, head_scales={self.head_scales}")
+        if self.causal and (self.grid_size is not None or self.num_prefix_tokens):
+            raise ValueError(
+                "causal attention is defined on 1-D sequences (a prefix of a 2-D grid is not a grid); "
+                f"got grid_size={self.grid_size}, num_prefix_tokens={self.num_prefix_tokens}")
 
     def switches(self) -> dict[str, object]:
         """The fields as keywords (to rebuild or extend the options)."""
@@ -485,6 +491,13 @@ def _softmax_weights(q: Tensor, k: Tensor, visible: Tensor | None) -> Tensor:
     return weights
 
 
+def _nonzero(normaliser: Tensor) -> Tensor:
+    """The linear kernel's normaliser ``Phi(q) . sum_j Phi(k_j)`` is positive whenever a key is
+    visible (``Phi > 0``) and 0 when none is; 1 there makes the output 0 and its gradient 0, where a
+    tiny floor would give 0 / 0 = NaN in the backward pass."""
+    return normaliser + (normaliser == 0)
+
+
 def _linear_log_kernel(x: Tensor, y: Tensor) -> Tensor:
     return torch.log(elu_feature_map(x) @ elu_feature_map(y).transpose(-2, -1))
 
@@ -495,7 +508,7 @@ def _linear_weights(q: Tensor, k: Tensor, visible: Tensor | None) -> Tensor:
     if visible is not None:
         similarity = similarity * visible
     normaliser = similarity.sum(dim=-1, keepdim=True)
-    return similarity / normaliser.clamp_min(torch.finfo(similarity.dtype).tiny)
+    return similarity / _nonzero(normaliser)
 
 
 def _softmax_fused(
@@ -525,7 +538,7 @@ def _linear_fused(
     kv = phi_k.transpose(-2, -1) @ v  # (B, H, D, Dv): the primal weights W^T
     z = phi_k.sum(dim=-2, keepdim=True)  # (B, H, 1, D)
     normaliser = (phi_q * z).sum(dim=-1, keepdim=True)
-    return (phi_q @ kv) / normaliser.clamp_min(torch.finfo(normaliser.dtype).tiny)
+    return (phi_q @ kv) / _nonzero(normaliser)
 
 
 @dataclass(frozen=True)
@@ -789,7 +802,9 @@ def attention(
         q, k, v: ``(B, H, N, D)`` projected queries, keys and values (``v`` may differ in D).
         options: the switches as one :class:`AttentionOptions`; or give them as keywords
             (``kernel="linear", bn=True, head_scales=..., window=..., grid_size=...,
-            num_prefix_tokens=..., eps=..., fused=...``), which override ``options``' fields.
+            num_prefix_tokens=..., eps=..., fused=..., causal=...``), which override ``options``'
+            fields. With ``causal`` (SPEC.md §2 "Causal") ``q`` may be shorter than ``k``: its
+            queries are the last positions (decoding with a cache of the earlier keys).
         key_padding_mask: ``(B, N)`` bool, True marks padding.
         dropout_p: dropout on the attention weights (pass 0.0 in eval mode).
         need_weights: also return the ``(B, H, N, N)`` attention maps (pooled heads spread back).
@@ -798,6 +813,11 @@ def attention(
         ``(B, H, N, Dv)``, or ``(out, weights)`` when ``need_weights``.
     """
     options = with_switches(options, switches)
+    if options.causal:
+        from primal_dual_attention.causal import causal_attention
+
+        return causal_attention(q, k, v, options, key_padding_mask=key_padding_mask,
+                                dropout_p=dropout_p, need_weights=need_weights)
     _check_qkv(q, k, v)
     batch, num_heads, num_keys = k.shape[0], k.shape[1], k.shape[2]
     key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_keys)

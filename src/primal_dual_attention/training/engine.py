@@ -3,9 +3,10 @@
 Protocols (SPEC.md §4): ``paper`` evaluates the test split after every epoch and reports the
 best test accuracy (what the published UEA tables do; optimistic). ``clean`` holds out a
 stratified ``val_fraction`` of the training split, keeps the epoch with the best validation
-accuracy (ties: lower validation loss) in ``best.pt``, and reports that checkpoint's test
-accuracy; the test split is read once, at the end, unless ``track_test`` logs its accuracy per
-epoch for learning curves (it never takes part in the choice of the epoch).
+accuracy (ties: lower validation loss; a language model: the lowest validation loss) in
+``best.pt``, and reports that checkpoint's test accuracy; the test split is read once, at the
+end, unless ``track_test`` logs its accuracy per epoch for learning curves (it never takes part
+in the choice of the epoch).
 
 Checkpoints hold only tensors and plain Python values, so they load with
 ``torch.load(weights_only=True)``; they are written to a temporary file and renamed, so a
@@ -74,6 +75,7 @@ class Task:
     test: Split
     val: Split | None
     description: str
+    select_by_loss: bool = False  # keep the round with the lowest monitored loss (language models)
 
 
 @dataclass
@@ -435,6 +437,7 @@ class _Run:
     steps_per_epoch: int
     val: Split | None
     test: Split
+    select_by_loss: bool
     history: list[dict[str, Any]] = field(default_factory=list)
     best: tuple[float, float] | None = None
     start_epoch: int = 0
@@ -505,7 +508,8 @@ def _prepare(cfg: TrainConfig, task: Task) -> _Run:
     val, test = limit(task.val, cfg.max_eval_samples), limit(task.test, cfg.max_eval_samples)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
-    return _Run(cfg, ctx, model, train_model, optimizer, scheduler, scaler, steps_per_epoch, val, test)
+    return _Run(cfg, ctx, model, train_model, optimizer, scheduler, scaler, steps_per_epoch, val, test,
+                task.select_by_loss)
 
 
 def _resume(run: _Run) -> None:
@@ -545,7 +549,7 @@ def _train_and_evaluate(run: _Run, train: Split, epoch: int) -> tuple[dict[str, 
     if monitored is not None and len(monitored):
         stats = evaluate(run.model, monitored, cfg.eval_batch_size, run.ctx, cfg.precision)
         row[f"{prefix}_loss"], row[f"{prefix}_acc"] = stats.loss, stats.accuracy
-        score = (stats.accuracy, stats.loss)
+        score = (-stats.loss, -stats.accuracy) if run.select_by_loss else (stats.accuracy, stats.loss)
     else:  # clean protocol without validation data: keep the last epoch
         score = (float(epoch), 0.0)
     if cfg.track_test and prefix == "val":  # for learning curves only, never for selection

@@ -164,3 +164,28 @@ def build_imagenet_task(cfg: TrainConfig) -> Task:
     return Task(model=model, train=train, test=val, val=None,
                 description=f"ImageFolder {cfg.data_dir}: {len(train)} train / {len(val)} val images, "
                             f"{len(train.classes)} classes, {name}")
+
+
+LM_DEFAULT_LENGTH = 256
+
+
+@register_task("lm")
+def build_lm_task(cfg: TrainConfig) -> Task:
+    """Byte-level language model (``--dataset imdb``: the IMDb review text; ``--data-file``: any
+    UTF-8 file) with :class:`~primal_dual_attention.models.decoder.DecoderLM` over windows of
+    ``max_len`` bytes (default 256). Validation loss picks the checkpoint; loss is nats per byte."""
+    from primal_dual_attention.data.text import VOCAB_SIZE, load_imdb_text, load_text_file
+    from primal_dual_attention.models.decoder import NextTokenLM
+
+    length = cfg.max_len or LM_DEFAULT_LENGTH
+    if cfg.data_file is not None:
+        data = load_text_file(cfg.data_file, length)
+    elif cfg.dataset.lower() == "imdb":
+        data = load_imdb_text(cfg.data_dir, length)
+    else:
+        raise ValueError(f"task 'lm' reads dataset 'imdb' or a --data-file, got dataset {cfg.dataset!r}")
+    model = NextTokenLM(VOCAB_SIZE, length, dim=cfg.dim, depth=cfg.depth, num_heads=cfg.heads,
+                        mlp_dim=cfg.mlp_dim, dropout=cfg.dropout, attention=cfg.attention())
+    val = data.val if cfg.protocol == "clean" else None
+    return Task(model=model, train=data.train, test=data.test, val=val, description=data.description,
+                select_by_loss=True)

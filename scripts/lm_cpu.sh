@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The byte-level IMDb LM table of issue 14 on one CPU thread: softmax, bn, sh, bn_sh, linear,
+# linear_bn x seeds 0 1 2, equal parameters and steps (configs/lm/imdb.yaml, whose `steps` the
+# timing probe results/lm/probe.md chose before any training), clean protocol.
+# Resumable: a run with lm_eval.json is done and skipped; an interrupted one continues from its
+# last.pt (--resume). Each finished run is copied under results/lm and the report rewritten.
+# The five fast variants run first (every seed), then causal linear BN, whose O(N^2 D) elementwise
+# work makes a step several times slower (probe.md gives both durations).
+# Usage: [PY=.venv/bin/python] [OUT=runs/lm] [VARIANTS="..."] [SLOW="linear_bn"] [SEEDS="0 1 2"]
+#        scripts/lm_cpu.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=${OUT:-runs/lm}
+RESULTS=${RESULTS:-results/lm}
+VARIANTS=${VARIANTS:-"softmax bn sh bn_sh linear"}
+SLOW=${SLOW:-"linear_bn"}
+SEEDS=${SEEDS:-"0 1 2"}
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+mkdir -p "$RESULTS"
+echo "scripts/lm_cpu.sh  # VARIANTS=\"$VARIANTS\" SLOW=\"$SLOW\" SEEDS=\"$SEEDS\"; per run:" > "$RESULTS/commands.txt"
+echo "$PY -m primal_dual_attention.cli train --task lm --dataset imdb --variant V --seed S --out-dir $OUT --threads 1 --resume --no-progress" >> "$RESULTS/commands.txt"
+echo "$PY -m primal_dual_attention.analysis.lm_report evaluate $OUT/lm/imdb/clean/V/seedS --threads 1" >> "$RESULTS/commands.txt"
+echo "$PY -m primal_dual_attention.analysis.lm_report report --runs $OUT --out $RESULTS" >> "$RESULTS/commands.txt"
+for pass in "$VARIANTS" "$SLOW"; do
+    for seed in $SEEDS; do
+    for variant in $pass; do
+        run="$OUT/lm/imdb/clean/$variant/seed$seed"
+        [[ -f "$run/lm_eval.json" ]] && continue
+        echo "$(date '+%F %T') $variant seed $seed"
+        "$PY" -m primal_dual_attention.cli train --task lm --dataset imdb --variant "$variant" --seed "$seed" \
+            --out-dir "$OUT" --threads 1 --resume --no-progress
+        "$PY" -m primal_dual_attention.analysis.lm_report evaluate "$run" --threads 1
+        "$PY" -m primal_dual_attention.analysis.lm_report report --runs "$OUT" --out "$RESULTS"
+    done
+    done
+done

@@ -1,0 +1,101 @@
+"""A small decoder-only language model whose attention is any causal primal-dual variant."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from primal_dual_attention.attention import AttentionConfig, attention_config
+from primal_dual_attention.causal import DecodingCache
+from primal_dual_attention.models.encoder import EncoderBlock
+
+
+class DecoderBlock(EncoderBlock):
+    """A pre-norm :class:`EncoderBlock` whose attention is causal (SPEC.md §2 "Causal"); its
+    forward takes the layer's :class:`DecodingCache` while generating."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_dim: int, *,
+                 attention: AttentionConfig | str | None = None, **block_kwargs) -> None:
+        causal = replace(attention_config(attention), causal=True)
+        super().__init__(dim, num_heads, mlp_dim, attention=causal, norm="pre", **block_kwargs)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None,
+                cache: DecodingCache | None = None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), key_padding_mask=key_padding_mask, cache=cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+class DecoderLM(nn.Module):
+    """Token embedding + learned positions, ``depth`` causal pre-norm blocks, a final LayerNorm
+    and an LM head tied to the embedding. ``forward(tokens)`` gives ``(B, N, vocab)`` logits of
+    the next token at every position; :meth:`generate` samples with per-layer decoding caches."""
+
+    def __init__(self, vocab_size: int, max_len: int, *, dim: int = 128, depth: int = 2,
+                 num_heads: int = 4, mlp_dim: int = 256, dropout: float = 0.1,
+                 attention: AttentionConfig | str | None = None) -> None:
+        super().__init__()
+        self.max_len = max_len
+        self.embed = nn.Embedding(vocab_size, dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dim))
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(dim, num_heads, mlp_dim, attention=attention, dropout=dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    @property
+    def attention(self) -> AttentionConfig:
+        return self.blocks[0].attn.config
+
+    def forward(self, tokens: Tensor, key_padding_mask: Tensor | None = None,
+                caches: list[DecodingCache] | None = None) -> Tensor:
+        """``tokens`` ``(B, N)``; with ``caches`` (one per block) they follow the tokens the caches hold."""
+        start = 0 if caches is None else caches[0].length
+        if start + tokens.shape[1] > self.max_len:
+            raise ValueError(f"positions {start}..{start + tokens.shape[1] - 1} exceed "
+                             f"max_len={self.max_len}")
+        x = self.drop(self.embed(tokens) + self.pos_embed[:, start : start + tokens.shape[1]])
+        for index, block in enumerate(self.blocks):
+            x = block(x, key_padding_mask, None if caches is None else caches[index])
+        return self.norm(x) @ self.embed.weight.T
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, *, key_padding_mask: Tensor | None = None,
+                 temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """``prompt`` ``(B, T)`` (left padding marked in ``key_padding_mask``) followed by
+        ``max_new_tokens`` sampled tokens; ``temperature=0`` is greedy. Each step feeds one token
+        through the caches (:class:`DecodingCache`), so a step costs O(cache), not O(length)."""
+        was_training = self.training
+        self.eval()
+        caches = [DecodingCache() for _ in self.blocks]
+        logits = self(prompt, key_padding_mask, caches)[:, -1]
+        tokens = [prompt]
+        for step in range(max_new_tokens):
+            if temperature == 0:
+                token = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+            tokens.append(token)
+            if step + 1 < max_new_tokens:
+                logits = self(token, None, caches)[:, -1]
+        self.train(was_training)
+        return torch.cat(tokens, dim=1)
+
+
+class NextTokenLM(DecoderLM):
+    """:class:`DecoderLM` for the training engine: ``(B * N, vocab)`` logits, one row per
+    predicted token (the engine's samples). Same parameters, so its checkpoints load into a
+    :class:`DecoderLM` for generation."""
+
+    def forward(self, tokens: Tensor, key_padding_mask: Tensor | None = None,
+                caches: list[DecodingCache] | None = None) -> Tensor:
+        return super().forward(tokens, key_padding_mask, caches).flatten(0, 1)

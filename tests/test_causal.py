@@ -1,0 +1,162 @@
+"""Causal variants (SPEC.md §2 "Causal"): output i is the non-causal variant on the prefix 1..i."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import reference_attention
+
+from primal_dual_attention import VARIANTS, AttentionConfig, MultiHeadAttention, attention
+from primal_dual_attention.causal import DecodingCache, cache_bytes_per_token
+
+DIM, HEADS, N = 16, 4, 11
+SCALES = (2, 1, 3, 2)  # unequal, non-contiguous groups, a scale that does not divide N
+
+
+def config(variant: str, **kwargs) -> AttentionConfig:
+    spec = VARIANTS[variant]
+    if spec.sparse:
+        kwargs.setdefault("window", 2)
+    if spec.multi_scale:
+        kwargs.setdefault("head_scales", SCALES)
+    return AttentionConfig(variant=variant, **kwargs)
+
+
+def padding() -> torch.Tensor:
+    """Right padding, left padding with a hole, and an all-padding sequence."""
+    mask = torch.arange(N)[None, :] >= torch.tensor([N, 8, N, 0])[:, None]
+    mask[2, :3] = True
+    mask[2, 5] = True
+    return mask
+
+
+def qkv(batch: int = 4, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
+    q, k, v = (torch.randn(batch, HEADS, N, 5, dtype=dtype) for _ in range(3))
+    return q, k + 2.0, v  # keys with a common offset, as after a bias
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("fused", [True, False])
+def test_function_equals_reference_on_every_prefix(variant, fused):
+    """Position p of the causal pass = the loop oracle of tests/reference.py on x_1..x_p."""
+    cfg = config(variant, causal=True, fused=fused)
+    q, k, v = qkv()
+    mask = padding()
+    out = attention(q, k, v, cfg, key_padding_mask=mask)
+    for p in range(N):
+        expected = reference_attention(
+            q[:, :, : p + 1], k[:, :, : p + 1], v[:, :, : p + 1], kernel=cfg.kernel, bn=cfg.bn,
+            head_scales=cfg.head_scales, window=cfg.window, key_padding_mask=mask[:, : p + 1])
+        torch.testing.assert_close(out[:, :, p], expected[:, :, p], rtol=1e-9, atol=1e-11)
+    assert out[3].abs().max() == 0  # an all-padding sequence gives 0, not NaN
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("fused", [True, False])
+def test_module_equals_non_causal_module_on_every_prefix(variant, fused):
+    causal = MultiHeadAttention(DIM, HEADS, config(variant, causal=True, fused=fused)).double().eval()
+    plain = MultiHeadAttention(DIM, HEADS, config(variant, fused=fused)).double().eval()
+    plain.load_state_dict(causal.state_dict())
+    x = torch.randn(4, N, DIM, dtype=torch.float64)
+    mask = padding()
+    out = causal(x, key_padding_mask=mask)
+    for p in range(N):
+        expected = plain(x[:, : p + 1], key_padding_mask=mask[:, : p + 1])[:, p]
+        torch.testing.assert_close(out[:3, p], expected[:3], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_future_tokens_change_nothing_before(variant):
+    layer = MultiHeadAttention(DIM, HEADS, config(variant, causal=True)).double().eval()
+    x = torch.randn(4, N, DIM, dtype=torch.float64)
+    mask = padding()
+    out = layer(x, key_padding_mask=mask)
+    for i in (0, 4, N - 2):
+        changed = x.clone()
+        changed[:, i + 1 :] = 100 * torch.randn_like(changed[:, i + 1 :])
+        flipped = mask.clone()
+        flipped[:, i + 1 :] = ~flipped[:, i + 1 :]
+        torch.testing.assert_close(layer(changed, key_padding_mask=flipped)[:, : i + 1], out[:, : i + 1],
+                                   rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_maps_queries_at_the_end_and_gradients(variant):
+    """Maps: causal, rows sum to 1 (0 without a key), maps @ v = out; the last T queries alone
+    against all keys give the last T rows; an all-padding sequence has finite (zero) gradients."""
+    cfg = config(variant, causal=True)
+    q, k, v = (t.requires_grad_() for t in qkv())
+    mask = padding()
+    out, maps = attention(q, k, v, cfg, key_padding_mask=mask, need_weights=True)
+    assert maps.shape == (4, HEADS, N, N)
+    assert maps.triu(1).abs().max() == 0
+    sums = maps[:3].sum(-1)  # 1, or 0 where linear BN's one-key features underflow (as non-causal)
+    assert (((sums - 1).abs() < 1e-12) | (sums == 0)).all() and (sums[0, :, -1] > 0).all()
+    torch.testing.assert_close(maps @ v, out)
+    torch.testing.assert_close(attention(q[:, :, -3:], k, v, cfg, key_padding_mask=mask), out[:, :, -3:])
+    attention(q, k, v, cfg, key_padding_mask=mask).sum().backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all() and t.grad[3].abs().max() == 0
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_gradients(variant):
+    """float64 gradcheck with padding (the hand-written backward of causal linear BN included)."""
+    cfg = config(variant, causal=True)
+    q, k, v = (torch.randn(2, HEADS, 7, 3, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, :2] = mask[1, 4] = True
+    assert torch.autograd.gradcheck(lambda *t: attention(*t, cfg, key_padding_mask=mask), (q, k, v),
+                                    fast_mode=True)
+
+
+def test_causal_refuses_grids_and_bad_queries():
+    with pytest.raises(ValueError, match="1-D sequences"):
+        AttentionConfig(variant="sh", causal=True, grid_size=(4, 4), num_prefix_tokens=1)
+    with pytest.raises(TypeError, match="causal must be True or False"):
+        AttentionConfig(causal="yes")
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="at most as many queries"):
+        attention(torch.randn(4, HEADS, N + 1, 5, dtype=torch.float64), k, v, causal=True)
+
+
+def test_causal_softmax_equals_sdpa_is_causal():
+    q, k, v = qkv()
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(attention(q, k, v, causal=True, fused=False), expected)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_decoding_cache_reproduces_the_full_pass(variant):
+    """fp32: a prompt, then single tokens and a chunk through a DecodingCache = one causal pass."""
+    layer = MultiHeadAttention(DIM, HEADS, config(variant, causal=True)).eval()
+    length = 23
+    x = torch.randn(3, length, DIM)
+    mask = torch.zeros(3, length, dtype=torch.bool)
+    mask[1, :4] = True  # a left-padded prompt
+    mask[2, 6] = True
+    full = layer(x, key_padding_mask=mask)
+    for prompt in (1, 5):
+        cache = DecodingCache()
+        outputs = [layer(x[:, :prompt], key_padding_mask=mask[:, :prompt], cache=cache)]
+        for start, stop in [(t, t + 1) for t in range(prompt, length - 4)] + [(length - 4, length)]:
+            outputs.append(layer(x[:, start:stop], key_padding_mask=mask[:, start:stop], cache=cache))
+        assert cache.length == length
+        torch.testing.assert_close(torch.cat(outputs, 1), full, rtol=0, atol=1e-5)
+
+
+def test_cache_memory_per_token():
+    """SH keeps about sum_h 1/s_h of softmax's keys; linear and sparse keep a constant."""
+    def per_token(variant: str, tokens: int, **kwargs) -> float:
+        layer = MultiHeadAttention(DIM, HEADS, config(variant, causal=True, **kwargs))
+        return cache_bytes_per_token(layer.config, HEADS, DIM // HEADS, tokens)
+
+    softmax = per_token("softmax", 256)
+    assert softmax == pytest.approx(2 * DIM * 4 + 1, rel=0.02)  # k and v in fp32, a validity byte
+    per_head = 2 * (DIM // HEADS) * 4 + 1  # a head of scale s keeps 1/s of this
+    assert per_token("sh", 256, head_scales=(1, 2, 4, 8)) == pytest.approx(per_head * 15 / 8, rel=0.02)
+    assert per_token("bn", 256) == pytest.approx(softmax, rel=0.01)
+    for constant in ("linear", "linear_sh", "sparse"):
+        assert per_token(constant, 512) == pytest.approx(per_token(constant, 256) / 2, rel=0.01)
+    with pytest.raises(ValueError, match="causal layer"):
+        MultiHeadAttention(DIM, HEADS)(torch.randn(1, 3, DIM), cache=DecodingCache())

@@ -1,0 +1,77 @@
+"""The byte-level LM task: data splits, a short run chosen by validation loss, its evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+
+import pytest
+import torch
+
+from primal_dual_attention.analysis.lm_report import evaluate_run, write_report
+from primal_dual_attention.data.text import ByteWindows, load_imdb_text, load_text_file
+from primal_dual_attention.training.config import TrainConfig
+from primal_dual_attention.training.engine import fit
+from primal_dual_attention.training.tasks import build_task
+
+
+def test_byte_windows_batches_predict_the_next_byte():
+    stream = torch.arange(50, dtype=torch.uint8)
+    windows = ByteWindows(stream, 8)
+    assert len(windows) == 6  # starts 0, 8, ..., 40: every window has its 9th byte
+    x, mask, y = next(windows.subset(torch.tensor([1, 3])).batches(2))
+    assert mask is None and x.shape == (2, 8) and y.shape == (16,)
+    assert torch.equal(y.view(2, 8), x + 1) and int(x[1, 0]) == 24
+    with pytest.raises(ValueError, match="no window"):
+        ByteWindows(stream[:5], 8)
+
+
+def test_imdb_text_from_the_zip(tmp_path):
+    path = tmp_path / "aclImdb.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        for split in ("train", "test"):
+            for label in ("pos", "neg", "unsup"):
+                for i in range(60):
+                    review = f"{split} {label} review {i}. " * 3
+                    archive.writestr(f"aclImdb/{split}/{label}/{i}_1.txt", review)
+    data = load_imdb_text(path, 16)
+    assert b"unsup" not in bytes(data.train.stream.tolist()) + bytes(data.test.stream.tolist())
+    assert b"test pos review" in bytes(data.test.stream.tolist())
+    assert len(data.val.stream) < len(data.train.stream) / 20  # 2 % of the train reviews
+    assert "train/val/test" in data.description
+
+
+def test_lm_run_selects_by_validation_loss_and_evaluates(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200 + "é ü ß " * 50)
+    assert len(load_text_file(text, 32).test) > 0
+    cfg = TrainConfig(task="lm", dataset="tiny", data_file=str(text), variant="bn_sh", protocol="clean",
+                      max_len=32, dim=16, depth=1, heads=4, mlp_dim=32, dropout=0.0, optimizer="adamw",
+                      lr=3e-3, batch_size=8, eval_batch_size=16, steps=12, epochs=3,
+                      out_dir=str(tmp_path / "runs"), progress=False, threads=1).validate()
+    result = fit(cfg, build_task(cfg))
+    losses = [row["val_loss"] for row in result.history]
+    assert result.best_epoch == 1 + losses.index(min(losses))
+    evaluation = evaluate_run(cfg.run_dir(), test_windows=8)
+    assert evaluation["val_bpb"] == pytest.approx(min(losses) / math.log(2))
+    assert 0 < evaluation["test_bpb"] < 8.5 and evaluation["cache_bytes_per_token"] > 0
+    assert json.loads((cfg.run_dir() / "lm_eval.json").read_text())["variant"] == "bn_sh"
+    with pytest.raises(ValueError, match="'imdb' or a --data-file"):
+        build_task(TrainConfig(task="lm", dataset="other"))
+
+
+def test_report_from_copied_runs(tmp_path):
+    out = tmp_path / "results"
+    for variant, bpb in (("softmax", (2.0, 2.1)), ("bn", (1.5, 1.52))):
+        folder = out / "runs" / variant
+        folder.mkdir(parents=True)
+        for seed, value in enumerate(bpb):
+            (folder / f"seed{seed}.json").write_text(json.dumps({
+                "variant": variant, "seed": seed, "steps": 10, "context": 8, "params": 100, "test_bpb": value,
+                "val_bpb": value, "test_bytes": 64, "train_tokens_per_s": 1.0, "generate_tokens_per_s": 2.0,
+                "cache_bytes_per_token": 3.0, "samples": [{"prompt": "a", "continuation": "b"}]}))
+            (folder / f"seed{seed}.csv").write_text("epoch,val_loss\n1,2.0\n2,1.5\n")
+    text = write_report(out).read_text()
+    assert "| bn | 2 | 1.5100 ± 0.0141 |" in text and "better than softmax" in text
+    assert (out / "val_bpb.png").is_file()
