@@ -34,9 +34,10 @@ def _grads(tensors, out: torch.Tensor, *params) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("fused", [True, False])
-def test_module_padded_tokens_are_inert(variant, fused):
+@pytest.mark.parametrize("causal", [False, True])
+def test_module_padded_tokens_are_inert(variant, fused, causal):
     config = AttentionConfig(variant=variant, window=2 if VARIANTS[variant].sparse else None,
-                             fused=fused)
+                             fused=fused, causal=causal)
     layer = MultiHeadAttention(16, 4, config).double()
     x = torch.randn(2, N, 16, dtype=torch.float64, requires_grad=True)
     out = layer(x, key_padding_mask=MASK)
@@ -54,10 +55,11 @@ def test_module_padded_tokens_are_inert(variant, fused):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("fused", [True, False])
-def test_functional_padded_keys_and_values_are_inert(variant, fused):
+@pytest.mark.parametrize("causal", [False, True])
+def test_functional_padded_keys_and_values_are_inert(variant, fused, causal):
     spec = VARIANTS[variant]
     switches = dict(kernel=spec.kernel, bn=spec.bn, head_scales=(1, 2, 3, 5) if spec.multi_scale else None,
-                    window=2 if spec.sparse else None, fused=fused, key_padding_mask=MASK)
+                    window=2 if spec.sparse else None, fused=fused, causal=causal, key_padding_mask=MASK)
     q, k, v = (torch.randn(2, 4, N, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     out = attention(q, k, v, **switches)
     reference = _grads([q, k, v], out)
@@ -77,11 +79,12 @@ def test_functional_padded_keys_and_values_are_inert(variant, fused):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("batch,tokens", [(0, 9), (2, 0), (0, 0)])
-def test_empty_batches_and_sequences_give_empty_outputs(variant, fused, batch, tokens):
+def test_empty_batches_and_sequences_give_empty_outputs(variant, fused, causal, batch, tokens):
     """Issue 15 item 5: no reshape error on 0 samples or 0 tokens, with or without a mask."""
     spec = VARIANTS[variant]
-    config = AttentionConfig(variant=variant, window=2 if spec.sparse else None, fused=fused)
+    config = AttentionConfig(variant=variant, window=2 if spec.sparse else None, fused=fused, causal=causal)
     layer = MultiHeadAttention(16, 4, config)
     x = torch.randn(batch, tokens, 16, requires_grad=True)
     for mask in (None, torch.zeros(batch, tokens, dtype=torch.bool)):
@@ -91,6 +94,6 @@ def test_empty_batches_and_sequences_give_empty_outputs(variant, fused, batch, t
         (grad,) = torch.autograd.grad(out.sum(), x)
         assert grad.shape == x.shape
         q, k, v = (torch.randn(batch, 4, tokens, 4) for _ in range(3))
-        switches = dict(kernel=spec.kernel, bn=spec.bn, window=config.window, fused=fused,
+        switches = dict(kernel=spec.kernel, bn=spec.bn, window=config.window, fused=fused, causal=causal,
                         head_scales=(1, 2, 3, 5) if spec.multi_scale else None)
         assert attention(q, k, v, key_padding_mask=mask, **switches).shape == q.shape

@@ -813,20 +813,20 @@ def attention(
         ``(B, H, N, Dv)``, or ``(out, weights)`` when ``need_weights``.
     """
     options = with_switches(options, switches)
+    _check_qkv(q, k, v)
+    batch, num_heads, num_keys = k.shape[0], k.shape[1], k.shape[2]
+    key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_keys)
+    if key_padding_mask is not None:  # padded keys and values are inert, whatever they hold (§2)
+        padded = key_padding_mask[:, None, :, None]
+        k, v = k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0)
     if options.causal:
         from primal_dual_attention.causal import causal_attention
 
         return causal_attention(q, k, v, options, key_padding_mask=key_padding_mask,
                                 dropout_p=dropout_p, need_weights=need_weights)
-    _check_qkv(q, k, v)
-    batch, num_heads, num_keys = k.shape[0], k.shape[1], k.shape[2]
-    key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_keys)
     grid = options.check_input(num_heads, num_keys)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-    if key_padding_mask is not None:  # padded keys and values are inert, whatever they hold (§2)
-        padded = key_padding_mask[:, None, :, None]
-        k, v = k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0)
 
     groups = head_groups(options.head_scales, num_heads)
     k_parts, v_parts = split_heads(k, groups), split_heads(v, groups)
