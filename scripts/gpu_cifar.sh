@@ -29,7 +29,7 @@ if [[ -n "${EPOCHS:-}" ]]; then
 else
 probe=$(mktemp -d)
 "${PDA[@]}" sweep --task image --epochs 1 --set precision="$PRECISION" --set device="$DEVICE" \
-    --workers "$WORKERS" --results "$probe" --out "$probe/runs"
+    --workers "$WORKERS" --out "$probe"
 epochs=$(python3 - "$probe/runs.csv" "$start" "$TIME_LIMIT" "$MAX_EPOCHS" <<'PY'
 import csv, sys, time
 rows = list(csv.DictReader(open(sys.argv[1])))
@@ -38,8 +38,8 @@ left = float(sys.argv[3]) - (time.time() - float(sys.argv[2])) - 30  # process s
 print(max(1, min(int(sys.argv[4]), int(0.85 * left / per_epoch))))
 PY
 )
-echo "probe: $(cut -d, -f4,12 "$probe/runs.csv" | tr '\n' ' ') -> $epochs epochs per run"
+echo "probe: $(cut -d, -f4,13 "$probe/runs.csv" | tr '\n' ' ') -> $epochs epochs per run"
 fi
 "${PDA[@]}" sweep --task image --epochs "$epochs" --set precision="$PRECISION" --set device="$DEVICE" \
-    --workers "$WORKERS" --results "$RESULTS" --out runs/sweep_gpu
+    --workers "$WORKERS" --out runs/sweep_gpu --merge-into "$RESULTS"
 echo "done in $(( $(date +%s) - start )) s"

@@ -6,7 +6,7 @@
 set -euo pipefail
 PDA=${PDA:-pda}
 V=softmax,linear,bn,sh,bn_sh
-common=(--task lra --variants "$V" --seeds 0 --workers 2 --threads 1 --results results/lra --out runs/lra)
+common=(--task lra --variants "$V" --seeds 0 --workers 2 --threads 1 --out runs/lra --merge-into results/lra)
 $PDA sweep "${common[@]}" --datasets listops --set budget=0.02 --set epochs=4 --set max_eval_samples=256
 $PDA sweep "${common[@]}" --datasets text --set budget=0.001 --set epochs=4 --set max_eval_samples=128
 $PDA sweep "${common[@]}" --datasets image --set budget=0.00034 --set epochs=4 --set max_eval_samples=256

@@ -82,10 +82,10 @@ def test_image_sweep_report_and_cost_bench(tmp_path):
             return list(csv.DictReader(handle))
 
     path = write_zip(tmp_path / "c.zip", (("train", 5), ("test", 2)))
-    results = tmp_path / "results"
+    results = tmp_path / "runs"  # the sweep's own folder
     sweep = ["sweep", "--task", "image", "--data-dir", str(path), "--seeds", "0",
              "--variants", "softmax,sh", "--epochs", "2", "--set", "batch_size=4",
-             "--set", "eval_batch_size=8", "--results", str(results), "--out", str(tmp_path / "runs")]
+             "--set", "eval_batch_size=8", "--out", str(results)]
     assert main(sweep) == 0
     rows = read(results / "runs.csv")
     assert [(r["variant"], r["epochs"], r["protocol"]) for r in rows] == [
@@ -101,7 +101,7 @@ def test_image_sweep_report_and_cost_bench(tmp_path):
     report = (results / "README.md").read_text()
     assert "| softmax |" in report and "| sh |" in report and "(n=1)" in report
     assert (results / "accuracy_CIFAR10.png").is_file()
-    assert "worker(s)" in (results / "machines.txt").read_text()
+    assert all("worker(s)" in row["machine"] for row in read(results / "runs.csv"))
 
 
 def test_bad_sweep_override_is_a_clear_error(capsys):

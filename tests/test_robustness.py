@@ -17,7 +17,7 @@ import torch
 from primal_dual_attention.training.engine import atomic_save, load_checkpoint
 
 TINY = ["--dataset", "JapaneseVowels", "--dim", "16", "--depth", "1", "--heads", "2", "--mlp-dim", "32",
-        "--batch-size", "32", "--threads", "1", "--no-progress", "--variant", "bn_sh"]
+        "--batch-size", "32", "--threads", "1", "--no-progress", "--variant", "bn_sh", "--protocol", "paper"]
 
 
 def train(out: Path, *extra: str) -> subprocess.Popen:

@@ -121,7 +121,7 @@ def test_longer_sequence_than_positional_embedding_is_rejected():
 
 
 def tiny_config(tmp_path: Path, **overrides) -> TrainConfig:
-    values = dict(dataset="JapaneseVowels", dim=32, depth=1, heads=4, mlp_dim=64, epochs=2,
+    values = dict(dataset="JapaneseVowels", protocol="paper", dim=32, depth=1, heads=4, mlp_dim=64, epochs=2,
                   batch_size=16, lr=3e-3, out_dir=str(tmp_path), progress=False, threads=1)
     return replace(TrainConfig(), **(values | overrides)).validate()
 
@@ -169,10 +169,13 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, compiled):
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3]
 
 
-def test_resume_refuses_a_checkpoint_of_another_budget(tmp_path):
-    run(tiny_config(tmp_path, epochs=1))
-    with pytest.raises(ValueError, match=r"cannot resume .*epochs: 1 -> 2"):
-        run(tiny_config(tmp_path, epochs=2, resume=True))
+def test_resume_never_continues_a_checkpoint_of_another_budget(tmp_path):
+    first = run(tiny_config(tmp_path, epochs=1))
+    second = run(tiny_config(tmp_path, epochs=2, resume=True))  # its own folder, from scratch
+    assert second.run_dir == first.run_dir + "-2" and len(second.history) == 2
+    with pytest.raises(ValueError, match=r"seed0 holds a run with other options \(epochs: 1 -> 2\); "
+                                         "pass --overwrite to replace it or another --run-name"):
+        run(tiny_config(tmp_path, epochs=2, resume=True, run_name="seed0"))
     run(tiny_config(tmp_path, epochs=1, resume=True, threads=2, progress=True))  # running options may differ
 
 

@@ -226,13 +226,15 @@ class MultiHeadAttention(nn.Module):
         self, x: Tensor, key_padding_mask: Tensor | None = None, need_weights: bool = False,
         cache: DecodingCache | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        if self.config.causal or cache is not None:
-            return self._causal_forward(x, key_padding_mask, need_weights, cache)
         if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {shape}")
         batch, num_tokens, _ = x.shape
         key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_tokens)
+        if key_padding_mask is not None:  # padded tokens are inert, whatever x holds (SPEC.md §2):
+            x = x.masked_fill(key_padding_mask[..., None], 0.0)  # finite k, v there, no NaN gradient
+        if self.config.causal or cache is not None:
+            return self._causal_forward(x, key_padding_mask, need_weights, cache)
         config = self.config
         grid = config.check_input(self.num_heads, num_tokens)
         # (B, 3, H, N, hd): q, then k and v side by side, so an SH group pools both in one call
@@ -265,10 +267,7 @@ class MultiHeadAttention(nn.Module):
         non-causal SH layer does, would save nothing: every position has its own partial window.)"""
         if not self.config.causal:
             raise ValueError("a decoding cache needs a causal layer (AttentionConfig(causal=True))")
-        if not isinstance(x, Tensor) or x.ndim != 3 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must have shape (B, N, dim={self.dim}), got {shape}")
-        batch, num_tokens, _ = x.shape
+        batch, num_tokens, _ = x.shape  # checked by forward
         qkv = self.qkv(x).view(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         weights = None
         if cache is not None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeAlias
 
 from primal_dual_attention.attention import PAPER_VARIANTS, STUDIED_VARIANTS, VARIANTS
+from primal_dual_attention.training.config import PROTOCOLS, TrainConfig
 from primal_dual_attention.utils import command_line
 
 
@@ -50,7 +52,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
 
     results = run_attention_benchmark(sizes=args.sizes, variants=args.variants,
                                       repeats=args.repeats, memory=not args.no_memory)
-    csv_path, md_path = write_results(results, Path(args.out), command_line())
+    csv_path, md_path = write_results(results, Path(args.out), args.command)
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}")
     return 0
@@ -85,9 +87,10 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         default = f.default
-        if kind is bool:
+        if kind in (bool, bool | None):  # None: decided when the run starts (progress: a terminal)
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                                help=f"(default {default})")
+                                help="(default: on a terminal only)" if default is None
+                                else f"(default {default})")
             continue
         parse = {int: int, float: float, str: str, int | None: _optional(int),
                  float | None: _optional(float), str | None: _optional(str),
@@ -125,17 +128,19 @@ def _train(args: argparse.Namespace) -> int:
     task = build_task(cfg)
     say = print if is_main_process() else (lambda *_: None)
     say(task.description)
-    say(f"variant={cfg.variant} protocol={cfg.protocol} seed={cfg.seed} -> {cfg.run_dir()}")
+    say(f"variant={cfg.variant} protocol={cfg.protocol} ({PROTOCOL_NOTES[cfg.protocol]}) "
+        f"seed={cfg.seed}")
     result = fit(cfg, task)
     say(f"test accuracy {result.test_accuracy:.4f} (protocol {result.protocol}, best epoch "
           f"{result.best_epoch}/{result.epochs}); {result.params:,} parameters; "
-          f"{result.epoch_seconds:.2f} s/epoch; {result.train_samples_per_second:.0f} samples/s")
+          f"{result.epoch_seconds:.2f} s/epoch; {result.train_samples_per_second:.0f} samples/s; "
+          f"run folder {result.run_dir}")
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
     from primal_dual_attention.training.config import config_from_mapping
-    from primal_dual_attention.training.engine import evaluate, load_checkpoint, seed_everything
+    from primal_dual_attention.training.engine import evaluate, load_checkpoint, load_weights, seed_everything
     from primal_dual_attention.training.tasks import build_task
 
     state = load_checkpoint(args.checkpoint)
@@ -143,7 +148,7 @@ def _eval(args: argparse.Namespace) -> int:
     cfg = config_from_mapping(state["config"] | overrides, f"{args.checkpoint} config").validate()
     seed_everything(cfg.seed)
     task = build_task(cfg)
-    task.model.load_state_dict(state["model"])
+    load_weights(task.model, state, args.checkpoint)
     print(task.description)
     print(f"checkpoint {args.checkpoint}: epoch {state['epoch'] + 1}, variant {cfg.variant}")
     for name, split in (("val", task.val), ("test", task.test)):
@@ -153,8 +158,13 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+PROTOCOL_NOTES = {"clean": "20% of train held out to choose the epoch; test read once",
+                  "paper": "epoch chosen on the test split, optimistic (SPEC.md §4)"}
+
+
 def _demo(args: argparse.Namespace) -> int:
-    """Softmax, BN, SH and BN+SH on JapaneseVowels, clean protocol, one short budget each."""
+    """Softmax, BN, SH and BN+SH on JapaneseVowels, one short budget each (protocol ``clean`` by
+    default, SPEC.md §4)."""
     from primal_dual_attention.training.config import TrainConfig, dataset_config_path, load_yaml_config
     from primal_dual_attention.training.engine import fit, seed_everything
     from primal_dual_attention.training.tasks import build_task
@@ -163,14 +173,16 @@ def _demo(args: argparse.Namespace) -> int:
     rows = []
     for variant in PAPER_VARIANTS:
         cfg = TrainConfig(**{**base.to_dict(), "variant": variant, "epochs": args.epochs,
-                             "protocol": "clean", "seed": args.seed, "out_dir": args.out,
-                             "data_dir": args.data_dir, "progress": not args.quiet}).validate()
+                             "protocol": args.protocol, "seed": args.seed, "out_dir": args.out,
+                             "resume": True,  # a second demo reports its finished runs again
+                             "data_dir": args.data_dir,
+                             "progress": False if args.quiet else args.progress}).validate()
         seed_everything(cfg.seed)
         task = build_task(cfg)
         if not rows:
             print(task.description)
-            print(f"{args.epochs} epochs per variant, clean protocol (20% of train held out for "
-                  f"model selection), seed {args.seed}\n")
+            print(f"{args.epochs} epochs per variant, protocol {args.protocol} "
+                  f"({PROTOCOL_NOTES[args.protocol]}), seed {args.seed}\n")
         result = fit(cfg, task)
         rows.append((variant, result))
         print(f"  {variant:8} test accuracy {result.test_accuracy:.4f}  "
@@ -197,29 +209,50 @@ SWEEP_DEFAULT_DATASETS = {"image": ("CIFAR10",)}
 
 
 def _sweep(args: argparse.Namespace) -> int:
+    """Run a sweep in its own folder (``--out``), record its command once it finished, and with
+    ``--merge-into`` add its rows to a results folder (issue 15); ``--report-only`` rebuilds a
+    results folder's README from its files alone."""
     from primal_dual_attention.analysis.task_report import write_task_report
-    from primal_dual_attention.training.sweep import plan_runs, plan_sweep, run_sweep
+    from primal_dual_attention.training.sweep import (
+        merge_results,
+        plan_runs,
+        plan_sweep,
+        record_commands,
+        run_key,
+        run_sweep,
+    )
 
-    results = Path(args.results or f"results/{'cifar10' if args.task == 'image' else args.task}")
-    if not args.report_only:
-        results.mkdir(parents=True, exist_ok=True)
-        with open(results / "sweep_commands.txt", "a") as handle:
-            handle.write(command_line() + "\n")
-        common = dict(seeds=args.seeds, epochs=args.epochs, overrides=dict(args.set),
-                      epochs_per_dataset=dict(args.dataset_epochs), out_dir=args.out)
-        runs = []
-        if args.task == "uea":
-            for table in ("main", "extended") if args.table == "all" else (args.table,):
-                runs += plan_sweep(table, args.data_dir, datasets=args.datasets, variants=args.variants,
-                                   protocols=args.protocols or ("paper", "clean"), **common)
-        else:
-            datasets = args.datasets or SWEEP_DEFAULT_DATASETS.get(args.task, (args.task,))
-            runs = plan_runs(args.task, args.task, datasets, protocols=args.protocols or ("clean",),
-                             variants=args.variants or PAPER_VARIANTS,
-                             data_dir=args.data_dir, **common)
-        run_sweep(runs, results, workers=args.workers, threads_per_worker=args.threads)
-    if (results / "runs.csv").is_file():
+    name = "cifar10" if args.task == "image" else args.task
+    if args.report_only:
+        results = Path(args.results or f"results/{name}")
+        if not (results / "runs.csv").is_file():
+            raise FileNotFoundError(f"--results {str(results)!r} holds no runs.csv to report on")
         print(f"wrote {write_task_report(args.task, results)}")
+        return 0
+    if args.results:
+        raise ValueError(f"--results {args.results!r} names the folder --report-only rebuilds; a sweep "
+                         "writes to its own --out folder and adds its rows to a results folder with "
+                         "--merge-into")
+    out = Path(args.out or f"runs/sweep/{name}")
+    common = dict(seeds=args.seeds, epochs=args.epochs, overrides=dict(args.set),
+                  epochs_per_dataset=dict(args.dataset_epochs), out_dir=str(out))
+    runs = []
+    if args.task == "uea":
+        for table in ("main", "extended") if args.table == "all" else (args.table,):
+            runs += plan_sweep(table, args.data_dir, datasets=args.datasets, variants=args.variants,
+                               protocols=args.protocols or ("paper", "clean"), **common)
+    else:
+        datasets = args.datasets or SWEEP_DEFAULT_DATASETS.get(args.task, (args.task,))
+        runs = plan_runs(args.task, args.task, datasets, protocols=args.protocols or ("clean",),
+                         variants=args.variants or PAPER_VARIANTS, data_dir=args.data_dir, **common)
+    run_sweep(runs, out, workers=args.workers, threads_per_worker=args.threads)
+    record_commands(out, [args.command])  # only now: the command finished
+    print(f"wrote {write_task_report(args.task, out)}")
+    if args.merge_into:
+        target = Path(args.merge_into)
+        added = merge_results(out, {run_key(table, cfg) for table, cfg in runs}, target, [args.command],
+                              allow_mixed=args.allow_mixed)
+        print(f"added {added} row(s) to {target / 'runs.csv'}; wrote {write_task_report(args.task, target)}")
     return 0
 
 
@@ -233,7 +266,7 @@ def _heads(args: argparse.Namespace) -> int:
     from primal_dual_attention.analysis.redundancy import heads_report
 
     heads_report(args.checkpoints, args.out, samples=args.samples, layer=args.layer,
-                 data_dir=args.data_dir, command=command_line())
+                 data_dir=args.data_dir, command=args.command)
     print(f"wrote {args.out}/redundancy.csv, redundancy.png and maps.png")
     return 0
 
@@ -251,7 +284,7 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 
     points = run_scaling(args.sizes, args.variants, batch=args.batch, repeats=args.repeats,
                          time_limit_s=args.time_limit, memory=not args.no_memory)
-    path = write_scaling(points, Path(args.out), command_line(), args.batch, 8, 32)
+    path = write_scaling(points, Path(args.out), args.command, args.batch, 8, 32)
     print(path.read_text())
     return 0
 
@@ -273,7 +306,7 @@ def _bench_model(args: argparse.Namespace) -> int:
               f"{cost.gflops_fwd_per_sample:8.3f} GFLOPs fwd/sample{flops}  peak "
               f"{cost.peak_train_mb if cost.peak_train_mb is None else round(cost.peak_train_mb)} MiB")
     out = Path(args.out)
-    print(f"wrote {write_costs(costs, out, command_line())} and {write_speed_table(out)}")
+    print(f"wrote {write_costs(costs, out, args.command)} and {write_speed_table(out)}")
     return 0
 
 
@@ -364,9 +397,15 @@ def _add_demo(commands: Commands) -> None:
     demo = commands.add_parser("demo", help="softmax vs BN vs SH vs BN+SH on JapaneseVowels")
     demo.add_argument("--epochs", type=int, default=60, help="epochs per variant (default 60)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--protocol", choices=PROTOCOLS, default=TrainConfig.protocol,
+                      help=f"default {TrainConfig.protocol}: {PROTOCOL_NOTES['clean']}; paper: "
+                           f"{PROTOCOL_NOTES['paper']}")
     demo.add_argument("--data-dir", default=None, help="UEA folder (default: ../shared/data/uea or aeon)")
     demo.add_argument("--out", default="runs/demo", help="run folder")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo.add_argument("--progress", action="store_const", const=True, default=None,
+                      help="progress bars even when the output is not a terminal (default: on a "
+                           "terminal only)")
     demo.set_defaults(func=_demo)
 
 
@@ -390,10 +429,20 @@ def _add_sweep(commands: Commands) -> None:
                        help="any pda train option for every run, e.g. --set precision=bf16 (repeatable)")
     sweep.add_argument("--workers", type=int, default=1, help="parallel training processes")
     sweep.add_argument("--threads", type=int, default=1, help="torch threads per worker")
-    sweep.add_argument("--out", default="runs/sweep", help="run folders (checkpoints)")
+    sweep.add_argument("--out", default=None,
+                       help="the sweep's own folder: run folders, runs.csv, logs, sweep_commands.txt, "
+                            "README.md (default runs/sweep/uea, runs/sweep/cifar10, ...)")
+    sweep.add_argument("--merge-into", default=None, metavar="RESULTS",
+                       help="once the sweep finished, append its rows, logs and command to this results "
+                            "folder (e.g. results/uea) and rebuild its README; rows already there are kept")
+    sweep.add_argument("--allow-mixed", action="store_true",
+                       help="with --merge-into: also add rows of a table the folder lacks, or of a "
+                            "dataset it holds with another budget (epochs, budget)")
+    sweep.add_argument("--report-only", action="store_true",
+                       help="only rebuild README.md of --results from its runs.csv, logs and costs")
     sweep.add_argument("--results", default=None,
-                       help="runs.csv, logs and README.md (default results/uea, results/cifar10, ...)")
-    sweep.add_argument("--report-only", action="store_true", help="only rebuild README.md")
+                       help="with --report-only: the results folder (default results/uea, "
+                            "results/cifar10, ...)")
     sweep.set_defaults(func=_sweep)
 
 
@@ -432,13 +481,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; a bad option or input prints ``pda: error: ...`` and exits with 2."""
+    """Entry point; a bad option or input prints ``pda: error: ...`` and exits with 2; a warning
+    prints as one ``pda: warning: ...`` line."""
     args = build_parser().parse_args(argv)
+    args.command = command_line(argv)  # as typed, for the records that name it
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: f"pda: warning: {message}\n"
     try:
         return args.func(args)
     except (ValueError, OSError) as error:
         print(f"pda: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

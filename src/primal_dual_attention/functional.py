@@ -255,7 +255,7 @@ class _BNNormalize(torch.autograd.Function):
         stat = inv_std.dtype
         grad_q_hat, grad_k_hat = grad_q_hat.to(stat), grad_k_hat.to(stat)
         if key_padding_mask is None:
-            weights, count = None, float(k_hat.shape[-2])
+            weights, count = None, float(max(k_hat.shape[-2], 1))
             valid_grad = grad_k_hat
         else:
             weights = _token_weights(key_padding_mask, grad_k_hat)
@@ -300,7 +300,7 @@ class _BNFoldQueries(torch.autograd.Function):
         q_centred, k, mean, inv_var, key_padding_mask = ctx.saved_tensors
         grad = grad.to(inv_var.dtype)
         if key_padding_mask is None:
-            weights, count = None, float(k.shape[-2])
+            weights, count = None, float(max(k.shape[-2], 1))
         else:
             weights = _token_weights(key_padding_mask, inv_var)
             count = weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
@@ -395,7 +395,7 @@ def pool_tokens(
         pooled = window_view(body * weights).sum(dim=window_axes) / counts.clamp_min(1.0)
         if key_padding_mask is not None:
             # counts: (B, 1.., *windows, 1) -> (B, M); a window with no valid token is padding
-            pooled_mask = counts.reshape(counts.shape[0], -1) == 0
+            pooled_mask = counts.flatten(1) == 0
             if num_prefix_tokens:
                 pooled_mask = torch.cat([key_padding_mask[:, :num_prefix_tokens], pooled_mask], dim=1)
     pooled = pooled.flatten(-len(shape) - 1, -2)
@@ -813,14 +813,17 @@ def attention(
         ``(B, H, N, Dv)``, or ``(out, weights)`` when ``need_weights``.
     """
     options = with_switches(options, switches)
+    _check_qkv(q, k, v)
+    batch, num_heads, num_keys = k.shape[0], k.shape[1], k.shape[2]
+    key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_keys)
+    if key_padding_mask is not None:  # padded keys and values are inert, whatever they hold (§2)
+        padded = key_padding_mask[:, None, :, None]
+        k, v = k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0)
     if options.causal:
         from primal_dual_attention.causal import causal_attention
 
         return causal_attention(q, k, v, options, key_padding_mask=key_padding_mask,
                                 dropout_p=dropout_p, need_weights=need_weights)
-    _check_qkv(q, k, v)
-    batch, num_heads, num_keys = k.shape[0], k.shape[1], k.shape[2]
-    key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_keys)
     grid = options.check_input(num_heads, num_keys)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")

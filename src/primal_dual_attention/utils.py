@@ -6,6 +6,7 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Sequence
 
 import torch
 
@@ -23,9 +24,10 @@ def machine_description() -> str:
             f"with {torch.get_num_threads()} threads; Python {platform.python_version()}{gpu}")
 
 
-def command_line() -> str:
-    """This process's ``pda`` command as typed, shell-quoted (for reports to name it)."""
-    return "pda " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The ``pda`` command as typed (``argv``, default this process's), shell-quoted (for reports
+    to name it)."""
+    return "pda " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
 def synchronise(device: torch.device) -> None:

@@ -113,14 +113,14 @@ def model_redundancy(model: nn.Module, batches) -> list[dict[str, float]]:
 
 def _checkpoint_model(path: str, data_dir: str | None):
     from primal_dual_attention.training.config import config_from_mapping
-    from primal_dual_attention.training.engine import load_checkpoint, seed_everything
+    from primal_dual_attention.training.engine import load_checkpoint, load_weights, seed_everything
     from primal_dual_attention.training.tasks import build_task
 
     state = load_checkpoint(path)
     cfg = config_from_mapping(state["config"] | ({"data_dir": data_dir} if data_dir else {}), path)
     seed_everything(cfg.seed)
     task = build_task(cfg)
-    task.model.load_state_dict(state["model"])
+    load_weights(task.model, state, path)
     return cfg, task
 
 

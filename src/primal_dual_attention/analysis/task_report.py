@@ -10,13 +10,18 @@ never to choose an epoch. Every number printed is computed from those files.
 from __future__ import annotations
 
 import csv
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from primal_dual_attention.analysis.uea_report import BASELINE, read_runs, write_uea_report
+from primal_dual_attention.analysis.uea_report import (
+    BASELINE,
+    finished_span,
+    machines,
+    read_runs,
+    write_uea_report,
+)
 from primal_dual_attention.attention import VARIANTS
 
 TITLES = {"image": "CIFAR-10 with timm ViTs (`vit_cifar_*`)", "lra": "Long Range Arena (LRA)"}
@@ -169,13 +174,12 @@ def write_sweep_report(results_dir: str | Path, title: str) -> Path:
         "",
         "- Sweep commands (`sweep_commands.txt`): "
         + ("; ".join(f"`{c}`" for c in _lines_of(results_dir / "sweep_commands.txt")) or "not recorded"),
-        "- Training machine(s) (`machines.txt`): "
-        + ("; ".join(_lines_of(results_dir / "machines.txt")) or "not recorded"),
+        f"- Training machine(s), recorded with the runs: {machines(rows)}",
         "- Cost commands (`cost_commands.txt`): "
         + ("; ".join(f"`{c}`" for c in _lines_of(results_dir / "cost_commands.txt")) or "none"),
         f"- Total training wall time of the runs: {sum(r['wall_seconds'] for r in rows) / 3600:.2f} h "
         "(runs shared the machine; the throughput columns come from `cost.csv`, measured alone)",
-        f"- Generated: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- Runs finished: {finished_span(rows)}",
         "",
     ]
     by_dataset: dict[str, list[dict]] = defaultdict(list)

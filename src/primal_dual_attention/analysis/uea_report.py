@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import csv
 import math
-import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from primal_dual_attention.attention import VARIANTS
-from primal_dual_attention.utils import machine_description
 
 BASELINE = "softmax"
 
@@ -28,6 +26,19 @@ def read_runs(results_csv: Path) -> list[dict]:
         for key in ("epoch_seconds", "train_samples_per_s", "wall_seconds"):
             row[key] = float(row[key])
     return rows
+
+
+def machines(rows: list[dict]) -> str:
+    """The machines recorded with the runs (``runs.csv``), each with its number of runs, in the
+    order they first appear: the report credits the hardware that made the numbers."""
+    counts = Counter(row.get("machine") or "not recorded" for row in rows)
+    return "; ".join(f"{machine} ({count} runs)" for machine, count in counts.items())
+
+
+def finished_span(rows: list[dict]) -> str:
+    """When the first and the last run finished (UTC), from ``runs.csv``."""
+    stamps = sorted(row["finished_at"] for row in rows)
+    return f"{stamps[0]} to {stamps[-1]}" if stamps else "no run"
 
 
 def score_grid(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]]]:
@@ -210,9 +221,9 @@ def write_uea_report(results_dir: str | Path, seeds: int = 3) -> Path:
         "",
         "- Sweep commands (each run once or resumed; `sweep_commands.txt`): "
         + ("; ".join(f"`{c}`" for c in commands) or "not recorded"),
-        f"- Machine: {machine_description()}",
+        f"- Machine(s), recorded with the runs: {machines(rows)}",
         f"- Total training wall time of the runs: {sum(r['wall_seconds'] for r in rows) / 3600:.2f} h",
-        f"- Generated: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- Runs finished: {finished_span(rows)}",
         "- Protocols (SPEC §4): `paper` reports the best test accuracy over epochs (what the "
         "published UEA tables do; optimistic); `clean` selects the epoch on a stratified 20 % "
         "validation split of the training data and reports its test accuracy.",

@@ -206,7 +206,7 @@ def default_model_and_batch(checkpoint: str | None, data_dir: str | None):
         dataset_config_path,
         load_yaml_config,
     )
-    from primal_dual_attention.training.engine import load_checkpoint, seed_everything
+    from primal_dual_attention.training.engine import load_checkpoint, load_weights, seed_everything
     from primal_dual_attention.training.tasks import build_task
 
     if checkpoint:
@@ -220,7 +220,7 @@ def default_model_and_batch(checkpoint: str | None, data_dir: str | None):
     seed_everything(cfg.seed)
     task = build_task(cfg)
     if state is not None:
-        task.model.load_state_dict(state["model"])
+        load_weights(task.model, state, checkpoint)
     x, mask, _ = next(task.test.batches(8))
     return task.model, x, mask, source
 

@@ -11,6 +11,7 @@ valid training time points only; missing values (NaN / ``?``) become 0 after sta
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,12 +199,40 @@ def read_ts(path: str | Path) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
     return [np.asarray(case, dtype=np.float64) for case in data], labels, class_values
 
 
-def _aeon_split(name: str, split: str) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
-    """A split from aeon: its shipped copy, else its download (needs internet)."""
+def _aeon_names() -> set[str]:
+    """The classification datasets aeon ships or can download by name."""
+    import aeon.datasets
+    from aeon.datasets.tsc_datasets import tsc_zenodo
+
+    shipped = Path(aeon.datasets.__file__).parent / "data"
+    return set(tsc_zenodo) | {p.name for p in shipped.iterdir() if p.is_dir()}
+
+
+def _not_found(name: str, data_dir: str | Path | None, reason: str) -> FileNotFoundError:
+    """Where a dataset was looked for, why aeon did not give it, and the closest names."""
+    local = (f"{data_dir}/{name}/ and {data_dir}/" if data_dir is not None
+             else "no local UEA folder ($PDA_UEA_DIR or ../shared/data/uea exists)")
+    names = set(available_datasets(data_dir)) | _aeon_names()
+    close = [] if name in names else difflib.get_close_matches(name, sorted(names), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return FileNotFoundError(
+        f"UEA dataset {name!r} not found: looked in {local} for {name}_TRAIN.ts / {name}_TEST.ts, "
+        f"then in aeon, which {reason}{hint} (--data-dir FOLDER reads FOLDER/{name}/)")
+
+
+def _aeon_split(name: str, split: str,
+                data_dir: str | Path | None) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """A split from aeon: its shipped copy, else its download (needs internet); a dataset it
+    does not have is a :func:`_not_found` error."""
     from aeon.datasets import load_classification
 
-    data, labels, meta = load_classification(name, split=split, return_metadata=True,
-                                             load_equal_length=False)
+    if name not in _aeon_names():
+        raise _not_found(name, data_dir, "neither ships nor downloads a dataset of that name")
+    try:
+        data, labels, meta = load_classification(name, split=split, return_metadata=True,
+                                                 load_equal_length=False)
+    except (OSError, ValueError) as error:  # no internet, a failed download
+        raise _not_found(name, data_dir, f"could not download it ({str(error).splitlines()[0]})") from None
     class_values = list(meta.get("class_values") or sorted(set(labels.tolist())))
     return [np.asarray(case, dtype=np.float64) for case in data], labels, class_values
 
@@ -245,8 +274,8 @@ def load_uea(name: str, data_dir: str | Path | None = None) -> UEADataset:
             raise FileNotFoundError(
                 f"data_dir={str(data_dir)!r} holds no {name}_TRAIN.ts / {name}_TEST.ts "
                 f"(looked in {data_dir}/{name}/ and {data_dir}/)")
-        train_cases, train_y, classes = _aeon_split(name, "train")
-        test_cases, test_y, _ = _aeon_split(name, "test")
+        train_cases, train_y, classes = _aeon_split(name, "train", data_dir)
+        test_cases, test_y, _ = _aeon_split(name, "test", data_dir)
         source = "aeon"
     if not train_cases:
         raise ValueError(f"{name}: the training split is empty")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -38,7 +39,7 @@ class TrainConfig:
     head_scales: list[int] | None = None
     window: int | None = None
     seed: int = 0
-    protocol: str = "paper"
+    protocol: str = "clean"  # SPEC.md §4; "paper" picks the epoch on the test split (optimistic)
     val_fraction: float = 0.2
     track_test: bool = False  # clean protocol: also log test accuracy per epoch (plots only)
     max_len: int | None = None  # LRA: sequence length (default: the task's published one)
@@ -85,9 +86,11 @@ class TrainConfig:
     # running
     device: str = "auto"
     out_dir: str = "runs"
+    run_name: str | None = None  # the run's folder under <variant>/ (default: seed<k>, seed<k>-2, ...)
     resume: bool = False
+    overwrite: bool = False  # replace the run in the folder instead of refusing or moving on
     threads: int | None = None
-    progress: bool = True
+    progress: bool | None = None  # progress bars: None = only on a terminal, True = always
 
     def validate(self) -> TrainConfig:
         """Check values with a clear error naming the option, the value and what is allowed."""
@@ -104,6 +107,12 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: --resume continues a run, "
+                             "--overwrite starts it again")
+        if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name
+                                          or self.run_name in (".", "..")):
+            raise ValueError(f"run_name must be a plain folder name, got {self.run_name!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         for name in ("drop_path", "random_erase"):
@@ -147,9 +156,10 @@ class TrainConfig:
         return max(self.epochs, round(self.steps * self.budget))
 
     def run_dir(self) -> Path:
-        """``out_dir/<task>/<dataset>/<protocol>/<variant>/seed<k>``."""
+        """``out_dir/<task>/<dataset>/<protocol>/<variant>/<run_name or seed<k>>``; the engine
+        sets ``run_name`` when that folder holds another run (``training.engine.claim_run_dir``)."""
         return (Path(self.out_dir) / self.task / self.dataset / self.protocol / self.variant
-                / f"seed{self.seed}")
+                / (self.run_name or f"seed{self.seed}"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,6 +191,18 @@ def _accepts(annotation: Any, value: Any) -> bool:
     return isinstance(value, annotation)
 
 
+#: a decimal number: PyYAML (YAML 1.1) reads ``1e-3`` (no dot) as this string
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _as_float(annotation: Any, value: Any) -> Any:
+    """``value`` as a float where the option takes a float and the value is a number written as
+    a string (``lr: 1e-3`` in YAML); anything else unchanged, for the type check to judge."""
+    if isinstance(value, str) and NUMBER.fullmatch(value.strip()) and _accepts(annotation, 0.5):
+        return float(value)
+    return value
+
+
 def config_from_mapping(values: dict[str, Any], where: str, base: TrainConfig | None = None) -> TrainConfig:
     """Overlay ``values`` on ``base``; reject unknown keys and wrong types, naming them."""
     if not isinstance(values, dict):
@@ -191,6 +213,7 @@ def config_from_mapping(values: dict[str, Any], where: str, base: TrainConfig | 
     unknown = sorted(set(values) - set(types_))
     if unknown:
         raise ValueError(f"{where}: unknown option(s) {unknown}; valid options: {sorted(types_)}")
+    values = {key: _as_float(types_[key], value) for key, value in values.items()}
     for key, value in values.items():
         if not _accepts(types_[key], value):
             raise ValueError(
@@ -208,8 +231,10 @@ def load_yaml_config(path: str | os.PathLike | Traversable, base: TrainConfig | 
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error})") from None
+    except yaml.YAMLError as error:  # one line: where, and PyYAML's reason without its excerpt
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ValueError(f"{where}: not valid YAML ({getattr(error, 'problem', None) or error})") from None
     return config_from_mapping(values, str(path), base)
 
 

@@ -23,10 +23,12 @@ import json
 import math
 import os
 import random
+import re
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -96,6 +98,7 @@ class RunResult:
     train_samples_per_second: float
     wall_seconds: float
     protocol: str
+    run_dir: str  # the run's own folder (``claim_run_dir``)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -192,11 +195,40 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, foreign pickle with arbitrary objects, ...
-        raise ValueError(f"{path} is not a readable primal-dual-attention checkpoint: {error}") from None
+        raise ValueError(f"{path} is not a readable primal-dual-attention checkpoint: "
+                         f"{_unreadable(error)}") from None
     if not isinstance(state, dict) or not {"model", "config", "epoch"} <= set(state):
         raise ValueError(f"{path} is not a primal-dual-attention checkpoint "
                          "(expected keys 'model', 'config', 'epoch')")
     return state
+
+
+def _unreadable(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in one line and without torch's advice to
+    retry with ``weights_only=False`` (which would run whatever code the file holds)."""
+    found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if found:
+        return f"it holds a Python object ({found.group(1)}), which is never unpickled here"
+    if "zip archive" in str(error) or "central directory" in str(error):
+        return "a truncated or damaged file (its zip archive cannot be read)"
+    return "its bytes are not a file that torch.save wrote"
+
+
+def load_weights(model: nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """``model.load_state_dict(state["model"])``; a checkpoint of another shape (a model built
+    for other data) is a one-line error naming the first parameter that differs."""
+    own = model.state_dict()
+    for name, tensor in state["model"].items():
+        if name in own and own[name].shape != tensor.shape:
+            raise ValueError(
+                f"{path} does not fit this data: {name} has shape {tuple(tensor.shape)} in the "
+                f"checkpoint but {tuple(own[name].shape)} for the data now loaded (another dataset "
+                "or data folder than the one it was trained on?)")
+    missing, unexpected = own.keys() - state["model"].keys(), state["model"].keys() - own.keys()
+    if missing or unexpected:
+        raise ValueError(f"{path} does not fit this model: missing {sorted(missing)[:3]}, "
+                         f"unexpected {sorted(unexpected)[:3]}")
+    model.load_state_dict(state["model"])
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -275,7 +307,8 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
     start = time.perf_counter()
     bar = tqdm(split.batches(cfg.batch_size, generator), total=math.ceil(len(split) / cfg.batch_size),
                desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-               disable=not (cfg.progress and ctx.is_main))
+               disable=not ctx.is_main or cfg.progress is False or (
+                   cfg.progress is None and not sys.stderr.isatty()))
     for step, batch in enumerate(bar):
         _check_finite(batch[0], f"the inputs of epoch {epoch + 1}, batch {step}")
         x, mask, y = _place(split, ctx, batch)
@@ -305,19 +338,76 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
                       time.perf_counter() - start)
 
 
-RUNNING_OPTIONS = {"resume", "progress", "out_dir", "threads", "device", "data_dir", "num_workers", "compile",
-                   "compile_backend"}
+RUNNING_OPTIONS = {"resume", "overwrite", "run_name", "progress", "out_dir", "threads", "device", "data_dir",
+                   "num_workers", "compile", "compile_backend"}
+#: what a run writes in its folder (``--overwrite`` removes these and nothing else)
+RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.csv", "summary.json")
 
 
-def _check_same_run(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    """Refuse to resume a checkpoint of a different run (another budget, lr, ...) in the same
-    folder: only options that do not change the result may differ."""
+def _changes(saved: dict[str, Any], cfg: TrainConfig) -> str:
+    """The options that change the result and differ from a saved run's, as ``name: old -> new``
+    ('' for the same run: only running options such as threads may differ)."""
     current = cfg.to_dict()
     changed = sorted(k for k in current if k not in RUNNING_OPTIONS and k in saved and saved[k] != current[k])
-    if changed:
-        details = ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
-        raise ValueError(f"cannot resume {path}: it belongs to a run with other options ({details}); "
-                         "use another --out-dir or drop --resume")
+    return ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+
+
+def _saved_run(folder: Path) -> dict[str, Any] | None:
+    """The config of the run in ``folder`` (``config.yaml``, else ``last.pt``); None when free."""
+    if (folder / "config.yaml").is_file():
+        return yaml.safe_load((folder / "config.yaml").read_text()) or {}
+    if (folder / "last.pt").is_file():
+        return load_checkpoint(folder / "last.pt")["config"]
+    return None
+
+
+def _run_state(folder: Path, saved: dict[str, Any]) -> str:
+    if (folder / "summary.json").is_file():
+        return f"finished, {saved['epochs']}/{saved['epochs']} epochs"
+    if (folder / "last.pt").is_file():
+        return f"stopped after epoch {load_checkpoint(folder / 'last.pt')['epoch'] + 1}/{saved['epochs']}"
+    return "started, no epoch finished"
+
+
+def claim_run_dir(cfg: TrainConfig, say=print) -> tuple[TrainConfig, bool]:
+    """The run's folder, never another run's (issue 15): ``cfg`` with ``run_name`` set, and
+    whether to clear the folder first (``overwrite``). Reads only; ``say`` gets the notices.
+
+    The folder holding a run with the same options is this run's: ``resume`` continues it,
+    ``overwrite`` starts it again, else it is an error saying so. Otherwise the run goes to the
+    first free folder of ``seed<k>``, ``seed<k>-2``, ...; with ``overwrite`` it replaces the
+    run in the first of them. An explicit ``run_name`` is the only candidate.
+    """
+    names = [cfg.run_name] if cfg.run_name else [f"seed{cfg.seed}"] + [
+        f"seed{cfg.seed}-{i}" for i in range(2, 1000)]
+    folders = [cfg.run_dir().parent / name for name in names]
+    others, free = [], None  # (folder, changed options) of the other runs; the first free folder
+    for folder in folders:
+        saved = _saved_run(folder)
+        if saved is None:
+            free = free or folder
+            continue
+        changes = _changes(saved, cfg)
+        if changes:
+            others.append((folder, changes))
+            continue
+        if cfg.overwrite:
+            say(f"overwriting {folder} (the same run, {_run_state(folder, saved)})")
+        elif not cfg.resume:
+            raise ValueError(f"{folder} already holds this run ({_run_state(folder, saved)}); pass "
+                             "--resume to continue it or --overwrite to start it again")
+        return replace(cfg, run_name=folder.name), cfg.overwrite
+    if not others:
+        return replace(cfg, run_name=folders[0].name), False
+    first, changes = others[0]
+    if cfg.overwrite:
+        say(f"overwriting {first} (a run with other options: {changes})")
+        return replace(cfg, run_name=first.name), True
+    if free is None:
+        raise ValueError(f"{first} holds a run with other options ({changes}); pass --overwrite to "
+                         "replace it or another --run-name")
+    say(f"{first} holds a run with other options ({changes}); this run goes to {free}")
+    return replace(cfg, run_name=free.name), False
 
 
 def _place(split: Split, ctx: Context, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -370,12 +460,14 @@ class _Run:
 def fit(cfg: TrainConfig, task: Task) -> RunResult:
     """Train ``task.model`` under ``cfg`` in ``cfg.run_dir()``; resume from ``last.pt`` if asked."""
     run = _prepare(cfg, task)
+    cfg = run.cfg  # with the run's own folder
     if cfg.resume and run.last_path.is_file():
         _resume(run)
-    if run.ctx.is_main:
+    writes = run.ctx.is_main and run.start_epoch < cfg.epochs  # a finished run is only reported
+    if writes:
         (cfg.run_dir() / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run.wall_start = time.perf_counter()
-    run.writer = _tensorboard(cfg.run_dir()) if run.ctx.is_main else None
+    run.writer = _tensorboard(cfg.run_dir()) if writes else None
     for epoch in range(run.start_epoch, cfg.epochs):
         row, score = _train_and_evaluate(run, task.train, epoch)
         improved = _is_better(score, run.best)
@@ -384,7 +476,7 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
             row["best"] = True
         run.history.append(row)
         _save_epoch(run, epoch, row, improved)
-    return _finish(run)
+    return _finish(run, writes)
 
 
 def _prepare(cfg: TrainConfig, task: Task) -> _Run:
@@ -395,8 +487,12 @@ def _prepare(cfg: TrainConfig, task: Task) -> _Run:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = distributed.init(cfg.device)
+    cfg, clear = claim_run_dir(cfg, print if ctx.is_main else lambda _: None)
+    ctx.barrier()  # every rank has read the folders before the main rank writes
     if ctx.is_main:
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
+        for name in RUN_FILES if clear else ():
+            (cfg.run_dir() / name).unlink(missing_ok=True)
     model = task.model.to(ctx.device)
     train_model: nn.Module = model
     if ctx.distributed:
@@ -418,9 +514,8 @@ def _prepare(cfg: TrainConfig, task: Task) -> _Run:
 
 def _resume(run: _Run) -> None:
     """Continue from ``last.pt``: weights, optimizer, schedule, scaler, RNG states and history."""
-    state = load_checkpoint(run.last_path)
-    _check_same_run(state["config"], run.cfg, run.last_path)
-    run.model.load_state_dict(state["model"])
+    state = load_checkpoint(run.last_path)  # of this run: claim_run_dir compared the options
+    load_weights(run.model, state, run.last_path)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):  # absent in checkpoints written before mixed precision
@@ -429,6 +524,10 @@ def _resume(run: _Run) -> None:
     run.history, run.start_epoch = list(state["history"]), state["epoch"] + 1
     run.best = None if state["best"] is None else tuple(state["best"])
     run.wall_before = state["wall_seconds"]
+    if run.ctx.is_main:
+        where = (f"at epoch {run.start_epoch + 1}/{run.cfg.epochs}" if run.start_epoch < run.cfg.epochs
+                 else f"with all {run.cfg.epochs} epochs done (nothing to train)")
+        print(f"resuming {run.cfg.run_dir()} {where} (last.pt holds epoch {run.start_epoch})")
 
 
 def _train_and_evaluate(run: _Run, train: Split, epoch: int) -> tuple[dict[str, Any], tuple[float, float]]:
@@ -481,9 +580,9 @@ def _save_epoch(run: _Run, epoch: int, row: dict[str, Any], improved: bool) -> N
     run.ctx.barrier()
 
 
-def _finish(run: _Run) -> RunResult:
+def _finish(run: _Run, write_summary: bool) -> RunResult:
     """The run's result: the selected epoch and its test accuracy by the protocol (``best.pt``
-    under ``clean``), medians of the epoch timings; ``summary.json`` on the main rank."""
+    under ``clean``), medians of the epoch timings; ``summary.json`` when ``write_summary``."""
     cfg, history = run.cfg, run.history
     best_epoch = max(r["epoch"] for r in history if r.get("best"))
     if cfg.protocol == "paper":
@@ -496,10 +595,10 @@ def _finish(run: _Run) -> RunResult:
         params=sum(p.numel() for p in run.model.parameters()),
         epoch_seconds=float(np.median([r["epoch_seconds"] for r in history])),
         train_samples_per_second=float(np.median([r["train_samples_per_s"] for r in history])),
-        wall_seconds=run.wall_seconds(), protocol=cfg.protocol, history=history,
+        wall_seconds=run.wall_seconds(), protocol=cfg.protocol, run_dir=str(cfg.run_dir()), history=history,
     )
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
-    if run.ctx.is_main:
+    if write_summary:
         (cfg.run_dir() / "summary.json").write_text(json.dumps(summary | {"config": cfg.to_dict()}, indent=2))
     if run.writer is not None:
         run.writer.close()

@@ -1,9 +1,12 @@
 """Resumable sweeps: the UEA main and extended tables (SPEC.md §4), CIFAR-10 and LRA.
 
-A sweep is a list of runs (dataset x protocol x variant x seed) of one task. Finished runs are
-rows of ``<results>/runs.csv`` and are skipped; an interrupted run continues from its ``last.pt``.
-Rows are appended under a file lock, so several worker processes (``--workers``) can share one
-sweep, and a sweep can be stopped and continued in a later session.
+A sweep is a list of runs (dataset x protocol x variant x seed) of one task, run in the sweep's
+own folder: run folders, ``runs.csv`` (one row per finished run, with the machine it ran on),
+``logs/`` and ``sweep_commands.txt`` (the commands that finished). Finished runs are skipped;
+an interrupted run continues from its ``last.pt``. Rows are appended under a file lock, so
+several worker processes (``--workers``) can share one sweep, and a sweep can be stopped and
+continued in a later session. :func:`merge_results` adds a finished sweep's rows to a committed
+results folder, append-only (issue 15).
 """
 
 from __future__ import annotations
@@ -32,13 +35,20 @@ MAIN_VARIANTS = variant_names(lambda v: v.name in STUDIED_VARIANTS and not v.spa
 #: The UEA extended table: the paper's four.
 EXTENDED_VARIANTS = PAPER_VARIANTS
 SEEDS = (0, 1, 2)
-RUN_COLUMNS = ["table", "dataset", "protocol", "variant", "seed", "epochs", "test_acc", "best_epoch",
-               "params", "epoch_seconds", "train_samples_per_s", "wall_seconds", "threads",
-               "finished_at"]
+RUN_COLUMNS = ["table", "dataset", "protocol", "variant", "seed", "epochs", "budget", "test_acc",
+               "best_epoch", "params", "epoch_seconds", "train_samples_per_s", "wall_seconds", "threads",
+               "finished_at", "machine"]
+KEY_COLUMNS = ("table", "dataset", "protocol", "variant", "seed", "epochs", "budget")
 
 
-def run_key(cfg: TrainConfig) -> tuple[str, str, str, str, str]:
-    return (cfg.dataset, cfg.protocol, cfg.variant, str(cfg.seed), str(cfg.epochs))
+def run_key(table: str, cfg: TrainConfig) -> tuple[str, ...]:
+    """What identifies a run's row: table, dataset, protocol, variant, seed and budget (epochs,
+    budget)."""
+    return (table, cfg.dataset, cfg.protocol, cfg.variant, str(cfg.seed), str(cfg.epochs), f"{cfg.budget:g}")
+
+
+def row_key(row: dict[str, str]) -> tuple[str, ...]:
+    return tuple(row[column] for column in KEY_COLUMNS)
 
 
 def plan_runs(
@@ -111,15 +121,23 @@ def plan_sweep(
                      overrides=overrides, out_dir=out_dir)
 
 
-def finished_runs(results_csv: Path) -> set[tuple[str, ...]]:
+def read_rows(results_csv: Path) -> list[dict[str, str]]:
+    """The rows of a ``runs.csv`` as written (none when there is no file); a file of another
+    layout is an error naming its columns."""
     if not results_csv.is_file():
-        return set()
+        return []
     with open(results_csv, newline="") as handle:
-        return {(r["dataset"], r["protocol"], r["variant"], r["seed"], r["epochs"])
-                for r in csv.DictReader(handle)}
+        reader = csv.DictReader(handle)
+        if reader.fieldnames != RUN_COLUMNS:
+            raise ValueError(f"{results_csv} has the columns {reader.fieldnames}, expected {RUN_COLUMNS}")
+        return list(reader)
 
 
-def _append_row(results_csv: Path, row: dict) -> None:
+def finished_runs(results_csv: Path) -> set[tuple[str, ...]]:
+    return {row_key(r) for r in read_rows(results_csv)}
+
+
+def _append_rows(results_csv: Path, rows: Sequence[dict]) -> None:
     results_csv.parent.mkdir(parents=True, exist_ok=True)
     with open(results_csv, "a", newline="") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -127,12 +145,83 @@ def _append_row(results_csv: Path, row: dict) -> None:
             writer = csv.DictWriter(handle, fieldnames=RUN_COLUMNS)
             if handle.tell() == 0:
                 writer.writeheader()
-            writer.writerow(row)
+            writer.writerows(rows)
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _run_one(table: str, cfg: TrainConfig, results_dir: Path) -> dict:
+def record_commands(folder: Path, commands: Sequence[str]) -> None:
+    """Append to ``sweep_commands.txt`` the finished commands it does not list yet."""
+    path = folder / "sweep_commands.txt"
+    known = path.read_text().splitlines() if path.is_file() else []
+    new = [c for c in dict.fromkeys(commands) if c not in known]
+    if new:
+        with open(path, "a") as handle:
+            handle.write("".join(c + "\n" for c in new))
+
+
+def _log_files(row: dict[str, str]) -> list[Path]:
+    """A run's per-epoch log and config under ``logs/``, relative to the results folder."""
+    stem = Path("logs") / row["dataset"] / row["protocol"] / row["variant"] / f"seed{row['seed']}"
+    return [stem.with_suffix(".csv"), stem.with_suffix(".yaml")]
+
+
+def _mixed(rows: Sequence[dict[str, str]], existing: Sequence[dict[str, str]]) -> list[str]:
+    """Why rows do not belong with ``existing`` ones: a table they lack, or a dataset they hold
+    in that table with another budget (epochs, budget)."""
+    tables = sorted({r["table"] for r in existing})
+    budgets: dict[tuple[str, str], set[str]] = {}
+    for row in existing:
+        budgets.setdefault((row["table"], row["dataset"]), set()).add(f"epochs {row['epochs']}, budget "
+                                                                       f"{row['budget']}")
+    problems = []
+    for row in rows:
+        budget = f"epochs {row['epochs']}, budget {row['budget']}"
+        held = budgets.get((row["table"], row["dataset"]), {budget})
+        if row["table"] not in tables:
+            problems.append(f"table {row['table']!r} (it holds {tables})")
+        elif budget not in held:
+            problems.append(f"{row['dataset']} in table {row['table']!r} with {budget} (it holds "
+                            f"{'; '.join(sorted(held))})")
+    return list(dict.fromkeys(problems))
+
+
+def merge_results(source: Path, keys: set[tuple[str, ...]], target: Path, commands: Sequence[str], *,
+                  allow_mixed: bool = False) -> int:
+    """Append to ``target`` (a committed results folder) the rows of ``source`` whose key is in
+    ``keys``, their logs and the ``commands`` that made them; return how many rows were added.
+
+    Append-only: rows already there are kept, never replaced, and a log file that exists is
+    never written over. Rows of a table ``target`` does not hold, or of a dataset it holds with
+    another budget, are refused unless ``allow_mixed``. Everything is checked before anything
+    is written.
+    """
+    existing, finished = read_rows(target / "runs.csv"), read_rows(source / "runs.csv")
+    missing = len(keys - {row_key(r) for r in finished})
+    if missing:
+        raise ValueError(f"{source}: {missing} planned run(s) have no row; finish the sweep before merging")
+    have = {row_key(r) for r in existing}
+    rows = [r for r in finished if row_key(r) in keys and row_key(r) not in have]
+    problems = [] if allow_mixed or not existing else _mixed(rows, existing)
+    if problems:
+        raise ValueError(f"--merge-into {target}: rows of another table or budget: {'; '.join(problems)}; "
+                         "pass --allow-mixed to add them anyway")
+    clashes = [str(target / f) for r in rows for f in _log_files(r) if (target / f).exists()]
+    if clashes:
+        raise ValueError(f"--merge-into {target}: {clashes[0]} exists (a run of another budget); "
+                         "merge into another folder")
+    for row in rows:
+        for name in _log_files(row):
+            if (source / name).is_file():
+                (target / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / name, target / name)
+    if rows:
+        _append_rows(target / "runs.csv", rows)
+    record_commands(target, commands)
+    return len(rows)
+
+
+def _run_one(table: str, cfg: TrainConfig, results_dir: Path, machine: str) -> dict:
     import torch
 
     from primal_dual_attention.training.engine import fit, seed_everything
@@ -143,53 +232,52 @@ def _run_one(table: str, cfg: TrainConfig, results_dir: Path) -> dict:
     log_copy = (results_dir / "logs" / cfg.dataset / cfg.protocol / cfg.variant
                 / f"seed{cfg.seed}.csv")
     log_copy.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cfg.run_dir() / "log.csv", log_copy)
-    shutil.copyfile(cfg.run_dir() / "config.yaml", log_copy.with_suffix(".yaml"))
+    shutil.copyfile(Path(result.run_dir) / "log.csv", log_copy)
+    shutil.copyfile(Path(result.run_dir) / "config.yaml", log_copy.with_suffix(".yaml"))
     return {
         "table": table, "dataset": cfg.dataset, "protocol": cfg.protocol, "variant": cfg.variant,
-        "seed": cfg.seed, "epochs": cfg.epochs, "test_acc": f"{result.test_accuracy:.6f}",
+        "seed": cfg.seed, "epochs": cfg.epochs, "budget": f"{cfg.budget:g}",
+        "test_acc": f"{result.test_accuracy:.6f}",
         "best_epoch": result.best_epoch, "params": result.params,
         "epoch_seconds": f"{result.epoch_seconds:.4f}",
         "train_samples_per_s": f"{result.train_samples_per_second:.1f}",
         "wall_seconds": f"{result.wall_seconds:.1f}", "threads": torch.get_num_threads(),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine,
     }
 
 
-def _worker(runs: list[tuple[str, TrainConfig]], results_dir: Path, threads: int, log) -> None:
+def _worker(runs: list[tuple[str, TrainConfig]], results_dir: Path, threads: int, machine: str,
+            log) -> None:
     import torch
 
     torch.set_num_threads(threads)
     results_csv = results_dir / "runs.csv"
     for table, cfg in runs:
-        if run_key(cfg) in finished_runs(results_csv):
+        if run_key(table, cfg) in finished_runs(results_csv):
             continue
         start = time.perf_counter()
-        row = _run_one(table, cfg, results_dir)
-        _append_row(results_csv, row)
+        row = _run_one(table, cfg, results_dir, machine)
+        _append_rows(results_csv, [row])
         log(f"{cfg.dataset:>26} {cfg.protocol:5} {cfg.variant:12} seed {cfg.seed}: "
             f"acc {float(row['test_acc']):.4f} ({time.perf_counter() - start:.0f} s)")
 
 
 def run_sweep(runs: list[tuple[str, TrainConfig]], results_dir: str | Path, workers: int = 1,
               threads_per_worker: int = 1, log=print) -> None:
-    """Run every unfinished run; ``workers`` processes share the list round-robin."""
+    """Run every unfinished run; ``workers`` processes share the list round-robin. Each row
+    records the machine it ran on (with the workers and threads), for the reports."""
     results_dir = Path(results_dir)
     results_dir.mkdir(parents=True, exist_ok=True)
-    machines = results_dir / "machines.txt"
     machine = f"{machine_description()}; {workers} worker(s) x {threads_per_worker} thread(s)"
-    if machine not in (machines.read_text().splitlines() if machines.is_file() else []):
-        with open(machines, "a") as handle:
-            handle.write(machine + "\n")
-    todo = [(t, c) for t, c in runs if run_key(c) not in finished_runs(results_dir / "runs.csv")]
+    todo = [(t, c) for t, c in runs if run_key(t, c) not in finished_runs(results_dir / "runs.csv")]
     log(f"{len(runs)} runs planned, {len(runs) - len(todo)} already finished, {len(todo)} to run "
         f"with {workers} worker(s)")
     if workers <= 1:
-        _worker(todo, results_dir, threads_per_worker, log)
+        _worker(todo, results_dir, threads_per_worker, machine, log)
         return
     context = multiprocessing.get_context("spawn")
     processes = [context.Process(target=_worker, args=(todo[i::workers], results_dir,
-                                                         threads_per_worker, print))
+                                                         threads_per_worker, machine, print))
                  for i in range(workers)]
     for process in processes:
         process.start()

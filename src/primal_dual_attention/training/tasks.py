@@ -5,6 +5,7 @@ Each task is one small registered function, so the CLI, the sweep and the tests 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 from primal_dual_attention.models.vision import CIFAR, DEIT
@@ -34,6 +35,15 @@ def check_task(cfg: TrainConfig) -> None:
         cfg.attention().for_heads(heads)
 
 
+def warn_long_scales(cfg: TrainConfig, length: int) -> None:
+    """Warn (once: Python shows a warning once per message) when an SH scale exceeds the
+    sequence: such a head pools every key into one (SPEC.md §2, Attention-SH)."""
+    too_long = [s for s in cfg.head_scales or () if s > length]
+    if too_long:
+        warnings.warn(f"head_scales {too_long} exceed the sequence length {length}: such a head pools every "
+                      "key into one", stacklevel=2)
+
+
 def build_task(cfg: TrainConfig) -> Task:
     check_task(cfg)
     return TASKS[cfg.task](cfg)
@@ -47,6 +57,7 @@ def build_uea_task(cfg: TrainConfig) -> Task:
     from primal_dual_attention.models.timeseries import TimeSeriesTransformer
 
     data = load_uea(cfg.dataset, cfg.data_dir)
+    warn_long_scales(cfg, data.max_len)
     train, val = data.train, None
     if cfg.protocol == "clean":
         keep, hold = stratified_split(data.train.y, cfg.val_fraction, cfg.seed)
@@ -115,6 +126,7 @@ def build_lra_task(cfg: TrainConfig) -> Task:
     if name in ("listops", "text", "retrieval"):
         kwargs["max_len"] = max_len
     data = LOADERS[name](cfg.data_dir, **kwargs)
+    warn_long_scales(cfg, data.max_len)
     model = LRAClassifier(data.vocab_size, data.num_classes, data.max_len, dim=cfg.dim, depth=cfg.depth,
                           num_heads=cfg.heads, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
                           attention=cfg.attention(), dual=name == "retrieval")

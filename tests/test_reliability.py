@@ -1,0 +1,195 @@
+"""Bad input and honest defaults of the ``pda`` command (issue 15); docs/reliability.md is the
+index of these tests."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from test_uea import toy_dataset, write_ts
+
+from primal_dual_attention.cli import build_parser, main, resolve_config
+from primal_dual_attention.training import engine
+from primal_dual_attention.training.config import TrainConfig, load_yaml_config
+from primal_dual_attention.training.engine import fit, load_checkpoint, seed_everything
+from primal_dual_attention.training.tasks import build_task
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def test_clean_is_the_default_protocol_of_train_and_demo():
+    assert resolve_config(build_parser().parse_args(["train"])).protocol == "clean"
+    assert resolve_config(build_parser().parse_args(["train", "--protocol", "paper"])).protocol == "paper"
+    demo = build_parser().parse_args(["demo"])
+    assert demo.protocol == "clean"
+    assert "default protocol is `clean`" in README.read_text()
+
+
+def _one_epoch(tmp_path: Path, **options) -> TrainConfig:
+    """A tiny JapaneseVowels run (one epoch unless ``options`` say otherwise)."""
+    values = dict(dim=8, depth=1, heads=2, mlp_dim=8, epochs=1, batch_size=64, out_dir=str(tmp_path),
+                  threads=1)
+    cfg = replace(TrainConfig(), **(values | options)).validate()
+    seed_everything(0)
+    fit(cfg, build_task(cfg))
+    return cfg
+
+
+def test_progress_bars_only_on_a_terminal_unless_forced(tmp_path, capsys):
+    """Issue 15 item 6: a log file gets no bars (pytest's stderr is not a terminal)."""
+    assert build_parser().parse_args(["train"]).__dict__.get("progress") is None
+    assert resolve_config(build_parser().parse_args(["train"])).progress is None
+    _one_epoch(tmp_path / "auto")
+    assert "epoch 1/1" not in capsys.readouterr().err
+    _one_epoch(tmp_path / "forced", progress=True)
+    assert "epoch 1/1" in capsys.readouterr().err
+    assert resolve_config(build_parser().parse_args(["train", "--progress"])).progress is True
+    assert build_parser().parse_args(["demo", "--progress"]).progress is True
+
+
+def one_line_error(capsys, argv: list[str]) -> str:
+    """``pda argv`` fails with exit status 2 and one line on stderr, which is returned."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pda: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_eval_on_data_of_another_shape_is_one_line(tmp_path, capsys):
+    """Issue 15 item 4: a swapped data folder, not a 15-line size-mismatch traceback."""
+    cfg = _one_epoch(tmp_path / "runs", dataset="Toy", data_dir=str(toy_dataset(tmp_path / "a")),
+                     batch_size=2)
+    other = tmp_path / "b" / "Toy"
+    other.mkdir(parents=True)
+    for split in ("TRAIN", "TEST"):
+        write_ts(other / f"Toy_{split}.ts", ["1,2,3,4:4,5,6,7:a", "2,3,4,5:5,6,7,8:b"] * 2, equal=False)
+    err = one_line_error(capsys, ["eval", str(cfg.run_dir() / "best.pt"), "--data-dir", str(other.parent)])
+    assert "pos_embed" in err and "(1, 3, 8)" in err and "(1, 4, 8)" in err and "data" in err
+
+
+def test_yaml_numbers_in_exponent_form_are_floats(tmp_path):
+    """Issue 15 item 7: PyYAML reads ``1e-3`` (no dot) as a string; it is a float here."""
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1e-3\nweight_decay: 5E-2\ndropout: .1\n")
+    cfg = load_yaml_config(path)
+    assert (cfg.lr, cfg.weight_decay, cfg.dropout) == (1e-3, 5e-2, 0.1)
+    assert resolve_config(build_parser().parse_args(["train", "--config", str(path)])).lr == 1e-3
+    for bad in ("lr: fast\n", "lr: nan\n", "epochs: 1e3\n"):
+        path.write_text(bad)
+        with pytest.raises(ValueError, match="must be of type"):
+            load_yaml_config(path)
+
+
+def test_unknown_dataset_says_where_it_looked(capsys):
+    err = one_line_error(capsys, ["train", "--dataset", "JapaneseVowel", "--epochs", "1"])
+    assert "JapaneseVowel" in err and "looked in" in err and "aeon" in err
+    assert "tsc_zenodo" not in err and "JapaneseVowels" in err  # a close name is suggested
+
+
+def test_head_scales_longer_than_the_sequence_warn_once(tmp_path):
+    """JapaneseVowels' training series have at most 26 steps: a scale of 64 pools them into one key."""
+    cfg = replace(TrainConfig(), variant="sh", dim=8, heads=2, head_scales=[1, 64],
+                  out_dir=str(tmp_path)).validate()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_task(cfg)
+    assert [str(w.message) for w in caught if "head_scales" in str(w.message)] == [
+        "head_scales [64] exceed the sequence length 26: such a head pools every key into one"]
+
+
+def test_random_bytes_checkpoint_error_gives_no_unsafe_advice(tmp_path, capsys):
+    path = tmp_path / "best.pt"
+    path.write_bytes(bytes(range(256)) * 40)
+    err = one_line_error(capsys, ["eval", str(path)])
+    assert "best.pt is not a readable" in err and "weights_only" not in err
+
+
+def test_resume_says_where_it_continues(tmp_path, monkeypatch, capsys):
+    original, calls = engine._train_epoch, []
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_train_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        _one_epoch(tmp_path, epochs=3)
+    monkeypatch.setattr(engine, "_train_epoch", original)
+    capsys.readouterr()
+    cfg = _one_epoch(tmp_path, epochs=3, resume=True)
+    assert f"resuming {cfg.run_dir()} at epoch 2/3 (last.pt holds epoch 1)" in capsys.readouterr().out
+    assert load_checkpoint(cfg.run_dir() / "last.pt")["epoch"] == 2
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+def test_a_run_folder_is_never_overwritten(tmp_path, capsys):
+    """Issue 15 item 2: the same options continue (--resume) or refuse; other options get their
+    own folder, or replace the run with an explicit --overwrite; the message says which."""
+    first = _one_epoch(tmp_path)
+    folder = first.run_dir()
+    kept = _files(folder)
+    capsys.readouterr()
+    other = _one_epoch(tmp_path, epochs=2)  # another budget: its own folder
+    assert f"{folder} holds a run with other options (epochs: 1 -> 2); this run goes to {folder}-2" \
+        in capsys.readouterr().out
+    assert _files(folder) == kept and (Path(f"{folder}-2") / "best.pt").is_file()
+    with pytest.raises(ValueError, match=r"seed0 already holds this run \(finished, 1/1 epochs\); "
+                                         r"pass --resume to continue it or --overwrite to start it again"):
+        _one_epoch(tmp_path)
+    _one_epoch(tmp_path, resume=True)
+    assert f"resuming {folder} with all 1 epochs done" in capsys.readouterr().out
+    _one_epoch(tmp_path, epochs=2, resume=True)  # finds its own folder again
+    assert f"resuming {folder}-2 with all 2 epochs done" in capsys.readouterr().out
+    assert _files(folder) == kept
+    _one_epoch(tmp_path, lr=0.01, overwrite=True)
+    assert f"overwriting {folder} (a run with other options: lr: 0.001 -> 0.01)" in capsys.readouterr().out
+    assert load_checkpoint(folder / "last.pt")["config"]["lr"] == 0.01
+    assert load_checkpoint(Path(f"{folder}-2") / "last.pt")["config"]["epochs"] == other.epochs
+    err = one_line_error(capsys, ["train", "--dim", "8", "--depth", "1", "--heads", "2", "--mlp-dim", "8",
+                                  "--epochs", "1", "--batch-size", "64", "--threads", "1", "--lr", "0.01",
+                                  "--out-dir", str(tmp_path)])
+    assert "already holds this run" in err
+    assert one_line_error(capsys, ["train", "--resume", "--overwrite"]).endswith(
+        "resume and overwrite exclude each other: --resume continues a run, --overwrite starts it again\n")
+
+
+def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 3\n  lr: 2\n")
+    err = one_line_error(capsys, ["train", "--config", str(path)])
+    assert f"{path}:2:5: not valid YAML (mapping values are not allowed here)" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--protocol", "best"], "protocol must be one of ['paper', 'clean'], got 'best'"),
+    (["--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["--lr", "-1"], "lr must be > 0, got -1.0"),
+    (["--dropout", "1"], "dropout must be in [0, 1), got 1.0"),
+    (["--run-name", "../x"], "run_name must be a plain folder name, got '../x'"),
+    (["--resume", "--overwrite"], "resume and overwrite exclude each other"),
+])
+def test_bad_option_values_are_one_line(capsys, argv, message):
+    assert message in one_line_error(capsys, ["train", *argv])
+
+
+def test_reliability_doc_names_only_tests_that_exist():
+    """docs/reliability.md is the index of these tests: every test it names is there (a cell's
+    ``::name`` continues the file named before it)."""
+    import re
+
+    tests = Path(__file__).parent
+    named, current = [], None
+    for file, name in re.findall(r"`(?:(test_\w+\.py))?::(\w+)`",
+                                 (tests.parent / "docs" / "reliability.md").read_text()):
+        current = file or current
+        named.append((current, name))
+    assert len(named) > 40
+    missing = [f"{f}::{n}" for f, n in named if f"def {n}(" not in (tests / f).read_text()]
+    assert not missing

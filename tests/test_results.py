@@ -1,0 +1,75 @@
+"""Results are append-only and provenance-true (issue 15): a sweep writes only its own folder,
+merging into a results folder is explicit and refuses rows of another table or budget, only
+finished commands are recorded, and every committed report regenerates byte for byte."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from test_reliability import one_line_error
+from test_uea import toy_dataset
+
+from primal_dual_attention.cli import main
+from primal_dual_attention.training.sweep import read_rows
+
+RESULTS = Path(__file__).parents[1] / "results"
+#: every results folder with a report built from its runs.csv, and the sweep task that builds it
+REPORTS = {"uea": "uea", "cifar10": "image", "lra": "lra"}
+
+
+def test_every_committed_report_regenerates_byte_for_byte(tmp_path):
+    """From the committed files alone, on any machine: the machines come from the rows."""
+    reported = {p.parent.name for p in RESULTS.glob("*/README.md")}
+    assert reported == set(REPORTS), "a committed report this test does not regenerate"
+    copy = tmp_path / "results"
+    shutil.copytree(RESULTS, copy)
+    for folder, task in REPORTS.items():
+        assert main(["sweep", "--task", task, "--report-only", "--results", str(copy / folder)]) == 0
+        regenerated = (copy / folder / "README.md").read_bytes()
+        assert regenerated == (RESULTS / folder / "README.md").read_bytes(), folder
+    assert main(["report", "--results", str(copy)]) == 0
+    assert (copy / "README.md").read_bytes() == (RESULTS / "README.md").read_bytes()
+
+
+def _sweep(data: Path, *extra: str) -> list[str]:
+    return ["sweep", "--data-dir", str(data), "--datasets", "Toy", "--variants", "softmax", "--protocols",
+            "clean", "--seeds", "0", "--epochs", "1", "--set", "dim=8", "--set", "heads=2", "--set",
+            "mlp_dim=8", "--set", "depth=1", "--set", "batch_size=2", "--set", "threads=1", *extra]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_sweep_writes_its_own_folder_and_merges_only_when_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    data = toy_dataset(tmp_path / "data" / "Toy").parent
+    own, results = tmp_path / "runs" / "sweep" / "uea", tmp_path / "kept"
+    assert main(_sweep(data)) == 0
+    assert not (tmp_path / "results").exists()  # nothing committed is touched
+    (row,) = read_rows(own / "runs.csv")
+    assert (row["epochs"], row["budget"]) == ("1", "1") and "logical cores" in row["machine"]
+    assert len((own / "sweep_commands.txt").read_text().splitlines()) == 1
+
+    assert main(_sweep(data, "--merge-into", str(results))) == 0  # the finished run is merged
+    assert [r["test_acc"] for r in read_rows(results / "runs.csv")] == [row["test_acc"]]
+    assert (results / "logs" / "Toy" / "clean" / "softmax" / "seed0.csv").is_file()
+    assert "--merge-into" in (results / "sweep_commands.txt").read_text()
+    kept = _snapshot(results)
+
+    err = one_line_error(capsys, _sweep(data, "--epochs", "2", "--merge-into", str(results)))
+    assert "rows of another table or budget: Toy in table 'main' with epochs 2, budget 1 (it holds " \
+           "epochs 1, budget 1); pass --allow-mixed" in err
+    err = one_line_error(capsys, _sweep(data, "--table", "extended", "--merge-into", str(results)))
+    assert "table 'extended' (it holds ['main'])" in err
+    err = one_line_error(capsys, _sweep(data, "--epochs", "2", "--merge-into", str(results), "--allow-mixed"))
+    assert "seed0.csv exists (a run of another budget)" in err
+    assert _snapshot(results) == kept  # refused merges write nothing
+    assert len(read_rows(own / "runs.csv")) == 3  # the sweeps themselves ran, in their own folder
+
+    commands = (own / "sweep_commands.txt").read_text()
+    one_line_error(capsys, _sweep(data, "--datasets", "Nope"))
+    assert (own / "sweep_commands.txt").read_text() == commands  # a failed sweep is not recorded
+    err = one_line_error(capsys, _sweep(data, "--results", str(results)))
+    assert "--merge-into" in err
