@@ -1,25 +1,29 @@
-"""Timing probe for the LRA CPU runs (issue 16): seconds per training step, per variant and
-execution option, on a few real batches. It never trains long enough to learn, and it never
-evaluates accuracy, so the budget it sets is fixed before any accuracy is seen.
+"""Timing probe for LRA runs (issue 16): seconds per training step, per variant and execution
+option, on a few real batches, on the CPU or a GPU (`--device cuda`). It never trains long enough
+to learn, and it never evaluates accuracy, so the budget it sets is fixed before any accuracy is
+seen.
 
 Each measurement builds the task's model exactly as `pda train` does (bundled
 `configs/lra/<task>.yaml`, the same data pipeline), then runs the engine's training step
 (autocast, forward, cross-entropy, backward, AdamW) on consecutive real batches of the configured
 batch size: `--warmup` steps untimed (torch.compile compiles here), `--steps` timed. Inference is
 timed on `--eval-batches` batches of the configured evaluation batch size. Peak memory is the
-process's peak resident set (VmHWM) over the timed steps.
+process's peak resident set (VmHWM) over the timed steps on the CPU, and the peak of
+`torch.cuda.max_memory_allocated` over the timed steps on a GPU. `--json FILE` appends one JSON
+line per measurement (`scripts/gpu_lra.sh` sizes its budget from them).
 
 `--parallel 2` runs the same measurement in two processes at once (each with `--threads`
 threads), which is what a sweep with `--workers 2` does; the aggregate rate is then
 2 / (seconds per step of one process).
 
-Usage: PYTHONPATH=src python scripts/probe_lra_cpu.py --task listops \
+Usage: PYTHONPATH=src python scripts/probe_lra.py --task listops \
     --variants softmax,linear,bn,sh,bn_sh --precisions fp32,bf16 --threads 2 [--compile] [--parallel 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import statistics
@@ -37,7 +41,7 @@ def _status_mib(field: str) -> float:
 
 
 def measure(task_name: str, variant: str, precision: str, threads: int, compile_model: bool,
-            warmup: int, steps: int, eval_batches: int) -> dict:
+            warmup: int, steps: int, eval_batches: int, device_name: str = "cpu") -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -55,15 +59,23 @@ def measure(task_name: str, variant: str, precision: str, threads: int, compile_
                   out_dir=tempfile.mkdtemp(), progress=False).validate()
     seed_everything(0)
     task = build_task(cfg)
-    model = task.model
-    device = torch.device("cpu")
+    device = torch.device(device_name)
+    cuda = device.type == "cuda"
+    model = task.model.to(device)
     run = torch.compile(model) if compile_model else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
     generator = torch.Generator().manual_seed(0)
     batches = task.train.batches(cfg.batch_size, generator)
 
+    def place(batch):
+        return tuple(None if t is None else t.to(device, non_blocking=True) for t in batch)
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize(device)
+
     def train_step(batch) -> None:
-        x, mask, y = batch
+        x, mask, y = place(batch)
         with autocast(device, precision):
             logits = run(x, mask)
         loss = F.cross_entropy(logits.float(), y)
@@ -75,33 +87,41 @@ def measure(task_name: str, variant: str, precision: str, threads: int, compile_
     start = time.perf_counter()
     for _ in range(warmup):
         train_step(next(batches))
+    sync()
     warmup_s = time.perf_counter() - start
-    with open("/proc/self/clear_refs", "w") as clear:
-        clear.write("5")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")
     times, widths = [], []
     for _ in range(steps):
         batch = next(batches)
         widths.append(batch[0].shape[1])
         start = time.perf_counter()
         train_step(batch)
+        sync()
         times.append(time.perf_counter() - start)
-    peak = _status_mib("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else _status_mib("VmHWM")
     model.eval()
     eval_s, eval_n = 0.0, 0
     with torch.inference_mode():
         for index, (x, mask, _y) in enumerate(task.test.batches(cfg.eval_batch_size)):
             if index >= eval_batches:
                 break
+            x, mask = place((x, mask))
             start = time.perf_counter()
             with autocast(device, precision):
                 run(x, mask)
+            sync()
             eval_s += time.perf_counter() - start
             eval_n += len(x)
-    return {"variant": variant, "precision": precision, "threads": threads,
+    return {"task": task_name, "device": str(device), "batch": cfg.batch_size,
+            "full_steps": cfg.steps, "variant": variant, "precision": precision, "threads": threads,
             "compile": compile_model, "s_per_step": statistics.mean(times),
             "s_per_step_min": min(times), "s_per_step_max": max(times),
             "warmup_s": warmup_s, "mean_width": statistics.mean(widths),
-            "eval_s_per_1k": 1000 * eval_s / max(eval_n, 1), "peak_rss_mib": peak}
+            "eval_s_per_1k": 1000 * eval_s / max(eval_n, 1), "peak_mib": peak}
 
 
 def _worker(args: tuple) -> dict:
@@ -119,6 +139,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--eval-batches", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--json", default=None, help="append one JSON line per measurement here")
     args = parser.parse_args()
 
     import torch
@@ -126,18 +148,18 @@ def main() -> None:
     from primal_dual_attention.analysis.bench import machine_description
 
     torch.set_num_threads(args.threads)
-    print(f"# machine: {machine_description()}")
+    print(f"# machine: {machine_description()}; device {args.device}")
     print(f"# task {args.task}, {args.parallel} process(es) x {args.threads} thread(s), "
           f"compile={args.compile}, warm-up {args.warmup} steps, {args.steps} timed steps "
           "(the load average column shows other work on this shared machine)")
     print("| task | variant | precision | processes x threads | compile | s/step (mean) | min-max | "
           "mean batch width | warm-up s | aggregate steps/s | s per 1k steps (aggregate) | "
-          "eval s / 1k samples | peak RSS MiB | load avg (1 min) after |")
+          "eval s / 1k samples | peak MiB | load avg (1 min) after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for variant in args.variants.split(","):
         for precision in args.precisions.split(","):
             job = (args.task, variant, precision, args.threads, args.compile, args.warmup, args.steps,
-                   args.eval_batches)
+                   args.eval_batches, args.device)
             if args.parallel == 1:
                 results = [measure(*job)]
             else:
@@ -152,7 +174,11 @@ def main() -> None:
                   f"{max(x['s_per_step_max'] for x in results):.3f} | {r['mean_width']:.0f} | "
                   f"{r['warmup_s']:.1f} | {rate:.3f} | {1000 / rate:.0f} | "
                   f"{statistics.mean(x['eval_s_per_1k'] for x in results):.1f} | "
-                  f"{max(x['peak_rss_mib'] for x in results):.0f} | {os.getloadavg()[0]:.2f} |", flush=True)
+                  f"{max(x['peak_mib'] for x in results):.0f} | {os.getloadavg()[0]:.2f} |", flush=True)
+            if args.json:
+                with open(args.json, "a") as handle:
+                    for result in results:
+                        handle.write(json.dumps(result | {"processes": args.parallel}) + "\n")
 
 
 if __name__ == "__main__":
