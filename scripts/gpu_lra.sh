@@ -14,6 +14,7 @@
 #   3. BUDGET=auto: the largest fraction (at most 1) for which every run, timed as if the runs went
 #      one after the other (conservative: concurrent runs overlap their CPU work), fits into the
 #      time left, and the Pathfinder runs fit between the end of the generation and the limit.
+#      CONCURRENCY_GAIN=2 assumes concurrent runs go twice as fast as one after the other.
 #      BUDGET=0.05 fixes it; LISTOPS_BUDGET / IMAGE_BUDGET / PATHFINDER_BUDGET fix one task's
 #      (auto then shares the rest of the time among the others). The budgets are the same for
 #      every variant and seed of a task and fixed before any accuracy is seen.
@@ -28,6 +29,16 @@
 # $PDA_CIFAR_ZIP, or shared/data/cifar10/CIFAR-10-images/CIFAR-10-images.zip inside the checkout,
 # or ../shared/data/... beside it (the default of `pda`); without it Image is skipped. Nothing is
 # downloaded.
+#
+# Expected on one H100 (an estimate; no GPU was used to write this): eager bf16 steps of these
+# small models are launch-bound, ~8-16 ms per step and variant (the H200 CIFAR rows of
+# results/cifar10/cost.csv scaled to 2 layers), so the full budgets summed over the five variants
+# one after the other are ~1.6 h of GPU time (ListOps ~5 min, Image ~33 min, Pathfinder ~60 min):
+# they do not fit 10 minutes. With TIME_LIMIT=540 the auto budget comes out near 0.03-0.06
+# (ListOps ~150-300 steps, Image ~1,000-2,000, Pathfinder ~2,000-3,700); the probe decides.
+# To bring back: $OUT gets README.md, runs.csv, summary.md, probe.md, log.txt and
+# lra_gpu_results.tar.gz (logs, configs, plots). Carry the CIFAR-10 zip in the checkout, e.g.
+# shared/data/cifar10/CIFAR-10-images/CIFAR-10-images.zip (50 MB; the tree must stay < 64 MiB).
 #
 # Usage: [BUDGET=auto|fraction] [LISTOPS_BUDGET=f] [IMAGE_BUDGET=f] [PATHFINDER_BUDGET=f]
 #        [TIME_LIMIT=540] [TASKS="listops image pathfinder"]
@@ -125,6 +136,7 @@ for task in $TASKS; do  # LISTOPS_BUDGET, IMAGE_BUDGET, PATHFINDER_BUDGET: a fra
 done
 plan=$("$PYTHON" scripts/lra_gpu_helpers.py plan "$probe_json" --budget "$BUDGET" --limit "$TIME_LIMIT" \
        --now "$(elapsed)" --reserve "$RESERVE" --tasks "$TASKS" --variants "$VARIANTS" --fixed "$fixed" \
+       --gain "${CONCURRENCY_GAIN:-1}" \
        --seeds "${#seed_list[@]}" --pf-ready "$pf_ready" ${MAX_PARALLEL:+--max-parallel "$MAX_PARALLEL"} \
        --device "$DEVICE") || { say "budget planning failed"; exit 1; }
 read -r fractions parallel works <<< "$plan"

@@ -56,7 +56,7 @@ def _round_down(value: float, digits: int = 3) -> float:
 
 def plan(probe: str, budget: str, limit: float, now: float, reserve: float, tasks: list[str],
          variants: list[str], seeds: int, pf_ready: float, max_parallel: int | None,
-         device: str, fixed: dict[str, float] | None = None
+         device: str, fixed: dict[str, float] | None = None, gain: float = 1.0
          ) -> tuple[dict[str, float], int, dict[str, float]]:
     """Budget fraction per task, runs at once, and each task's GPU seconds at budget 1.
 
@@ -65,7 +65,8 @@ def plan(probe: str, budget: str, limit: float, now: float, reserve: float, task
     fraction for the other tasks, or ``auto``: the largest common fraction (<= 1, 3 significant
     digits, rounded down) with 85 % margin such that (a) all runs, summed as if they ran one after
     the other, fit into ``limit - now - reserve`` and (b) the Pathfinder runs, summed, fit between
-    ``pf_ready`` (when their images are ready) and ``limit - reserve``.
+    ``pf_ready`` (when their images are ready) and ``limit - reserve``. ``gain`` > 1 assumes that
+    concurrent runs finish that many times faster than one after the other.
     """
     fixed = dict(fixed or {})
     rows = _jsonl(Path(probe))
@@ -75,7 +76,7 @@ def plan(probe: str, budget: str, limit: float, now: float, reserve: float, task
     def shape(task: str) -> str:
         return task if task in probed else "image" if "image" in probed else "pathfinder"
 
-    work = {t: seeds * sum(FULL_STEPS[t] * step[(shape(t), v)] for v in variants) for t in tasks}
+    work = {t: seeds * sum(FULL_STEPS[t] * step[(shape(t), v)] for v in variants) / gain for t in tasks}
     free = [t for t in tasks if t not in fixed]
     if budget == "auto" and free:
         spent = sum(fixed[t] * work[t] for t in tasks if t in fixed)
@@ -154,6 +155,7 @@ def main() -> None:
     p.add_argument("--max-parallel", type=int, default=None)
     p.add_argument("--device", default="cuda")
     p.add_argument("--fixed", default="", help="task=fraction,... for tasks with a given budget")
+    p.add_argument("--gain", type=float, default=1.0, help="assumed speed-up of concurrent runs")
     s = sub.add_parser("summary")
     s.add_argument("results", type=Path)
     s.add_argument("probe")
@@ -167,7 +169,7 @@ def main() -> None:
         fractions, parallel, work = plan(args.probe, args.budget, args.limit, args.now, args.reserve,
                                          args.tasks.split(), args.variants.split(","), args.seeds,
                                          args.pf_ready, args.max_parallel, args.device,
-                                         _pairs(args.fixed))
+                                         _pairs(args.fixed), args.gain)
         print(",".join(f"{t}={f:.6g}" for t, f in fractions.items()), parallel,
               ",".join(f"{t}={w:.0f}" for t, w in work.items()))
     else:
