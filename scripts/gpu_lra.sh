@@ -43,7 +43,7 @@
 # Usage: [BUDGET=auto|fraction] [LISTOPS_BUDGET=f] [IMAGE_BUDGET=f] [PATHFINDER_BUDGET=f]
 #        [TIME_LIMIT=540] [TASKS="listops image pathfinder"]
 #        [VARIANTS=softmax,linear,bn,sh,bn_sh] [SEEDS=0] [DEVICE=cuda] [PRECISION=bf16]
-#        [COMPILE=off] [EVAL_SAMPLES=2000] [PF_EVAL=1000] [PF_TRAIN=n | PF_GEN_SECONDS=180]
+#        [COMPILE=off|auto|on] [EVAL_SAMPLES=2000] [PF_EVAL=1000] [PF_TRAIN=n | PF_GEN_SECONDS=180]
 #        [MAX_PARALLEL=n] [CIFAR_ZIP=path] [RESULTS=results/lra_gpu] [RUNS=runs/lra_gpu]
 #        [PYTHON=python3] [OUT=folder for the files to bring back] [EXTRA="--set k=v ..."]
 #        [PROBE_STEPS=8] [PROBE_WARMUP=3] [RESERVE=90] scripts/gpu_lra.sh
@@ -120,7 +120,7 @@ if has image; then probe_tasks+=(image); elif has pathfinder; then probe_tasks+=
 for task in "${probe_tasks[@]}"; do  # one after the other: each variant alone on the GPU
     "$PYTHON" scripts/probe_lra.py --task "$task" --variants "$VARIANTS" --precisions "$PRECISION" \
         --device "$DEVICE" --threads 1 --warmup "${PROBE_WARMUP:-3}" --steps "${PROBE_STEPS:-8}" \
-        --eval-batches 2 --json "$probe_json" > "$RUNS/probe_$task.md" 2> "$RUNS/probe_$task.err" \
+        --eval-batches 2 --json "$probe_json" $([[ "$COMPILE" != off ]] && echo --compile) > "$RUNS/probe_$task.md" 2> "$RUNS/probe_$task.err" \
         || say "the $task probe failed: $(tail -3 "$RUNS/probe_$task.err")"
 done
 { echo "# Timing probe (scripts/probe_lra.py: each variant alone, a few steps, no accuracy)"; echo
