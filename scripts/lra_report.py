@@ -35,17 +35,32 @@ def _steps(cfg: dict) -> int:
     return max(cfg["epochs"], round(cfg["steps"] * cfg["budget"]))
 
 
+def probe_peaks(results: Path) -> dict[tuple[str, str], float]:
+    """Largest peak RSS (MiB) per (task, variant) over the eager bf16 rows of ``probe_cpu.md``."""
+    peaks: dict[tuple[str, str], float] = {}
+    path = results / "probe_cpu.md"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 13 and cells[2] == "bf16" and cells[4] == "no":
+            key = (cells[0], cells[1])
+            peaks[key] = max(peaks.get(key, 0.0), float(cells[12]))
+    return peaks
+
+
 def cost_section(results: Path) -> list[str]:
     runs = _csv(results / "runs.csv")
     peaks = {(c["dataset"], c["variant"]): c for c in _csv(results / "cost.csv")}
+    rss = probe_peaks(results)
     out = ["### Cost per task on the training machine", "",
            "From each finished run's own log (`logs/<task>/clean/<variant>/seed<k>.csv`): training "
            "seconds per 1,000 steps (sum of the rounds' training time / steps), seconds per "
            "evaluation round (validation + test), and the run's wall time; the runs shared the "
            "machine with each other and with other work, so these are contended times. Peak "
-           "memory: `pda bench model` (`cost.csv`, one training step alone, one thread).", "",
+           "memory: the timing probe's peak resident set of the whole training process (model, "
+           "optimizer, activations, data and Python) at the training batch, eager bf16 "
+           "([probe_cpu.md](probe_cpu.md)); `pda bench model` rows (`cost.csv`) where present.", "",
            "| task | variant | seed | steps x batch | train s / 1k steps | eval s / round | wall h | "
-           "peak train MiB (batch) |", "|---|---|---|---|---|---|---|---|"]
+           "peak MiB |", "|---|---|---|---|---|---|---|---|"]
     key = {v: i for i, v in enumerate(ORDER)}
     for row in sorted(runs, key=lambda r: (r["dataset"], key.get(r["variant"], 99), int(r["seed"]))):
         cfg = _config(results, row)
@@ -55,7 +70,12 @@ def cost_section(results: Path) -> list[str]:
         train_s = sum(float(r["epoch_seconds"]) for r in log)
         eval_s = (float(row["wall_seconds"]) - train_s) / max(1, len(log))
         peak = peaks.get((row["dataset"], row["variant"]))
-        peak_cell = f"{float(peak['peak_train_mb']):,.0f} ({peak['batch']})" if peak else "–"
+        if peak:
+            peak_cell = f"{float(peak['peak_train_mb']):,.0f} (bench, batch {peak['batch']})"
+        elif (row["dataset"], row["variant"]) in rss:
+            peak_cell = f"{rss[(row['dataset'], row['variant'])]:,.0f} (process RSS)"
+        else:
+            peak_cell = "–"
         out.append(f"| {row['dataset']} | {row['variant']} | {row['seed']} | {steps} x {cfg['batch_size']} | "
                    f"{1000 * train_s / steps:,.0f} | {eval_s:,.0f} | "
                    f"{float(row['wall_seconds']) / 3600:.2f} | {peak_cell} |")
