@@ -44,6 +44,7 @@ class TrainConfig:
     track_test: bool = False  # clean protocol: also log test accuracy per epoch (plots only)
     max_len: int | None = None  # LRA: sequence length (default: the task's published one)
     max_eval_samples: int | None = None  # evaluate on n validation/test samples (fixed random draw)
+    max_train_samples: int | None = None  # LRA generated tasks: make at most n (later laps repeat them)
     data_file: str | None = None  # task lm: a UTF-8 text file instead of the IMDb reviews
     # images (ImageNet recipe; timm does the augmentation)
     model: str | None = None  # a timm model name (task imagenet); default deit_tiny_patch16_224[_<variant>]
@@ -125,7 +126,7 @@ class TrainConfig:
             raise ValueError(f"lr_base_batch must be >= 1 or None, got {self.lr_base_batch}")
         if not self.budget > 0:
             raise ValueError(f"budget must be > 0 (a fraction of the configured steps), got {self.budget}")
-        for name in ("steps", "max_len", "max_eval_samples"):
+        for name in ("steps", "max_len", "max_eval_samples", "max_train_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {value}")

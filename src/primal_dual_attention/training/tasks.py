@@ -106,8 +106,9 @@ LRA_GENERATED_SIZES = {"listops": (96_000, 2_000, 2_000), "pathfinder": (160_000
 def build_lra_task(cfg: TrainConfig) -> Task:
     """Long Range Arena (``--dataset listops|text|image|pathfinder|retrieval``, or the task
     aliases ``lra-<name>``) with the standard LRA encoder. Generated tasks make only the samples
-    a run can use: ``steps x budget x batch_size`` training samples (none is seen twice) and at
-    most ``max_eval_samples`` validation and test samples."""
+    a run can use: ``steps x budget x batch_size`` training samples (none is seen twice), at most
+    ``max_train_samples`` of them (the step stream then repeats them in laps), and at most
+    ``max_eval_samples`` validation and test samples."""
     from primal_dual_attention.data.lra import LOADERS
     from primal_dual_attention.models.lra import LRAClassifier
 
@@ -120,6 +121,8 @@ def build_lra_task(cfg: TrainConfig) -> Task:
         train, val, test = LRA_GENERATED_SIZES[name]
         if cfg.total_steps() is not None:
             train = min(train, cfg.total_steps() * cfg.batch_size)
+        if cfg.max_train_samples is not None:
+            train = min(train, cfg.max_train_samples)
         if cfg.max_eval_samples is not None:
             val, test = min(val, cfg.max_eval_samples), min(test, cfg.max_eval_samples)
         kwargs["sizes"] = (train, val, test)
