@@ -27,8 +27,8 @@ start=$(date +%s)
 # name | pda bench model arguments
 MODELS=(
   "vit_cifar_b256|--task image --dataset CIFAR10 --batch 256 --set data_dir=$DATA/cifar10/CIFAR-10-images.zip"
-  "vit_cifar_b8|--task image --dataset CIFAR10 --batch 8 --set data_dir=$DATA/cifar10/CIFAR-10-images.zip"
   "deit_tiny_b64|--task imagenet --dataset imagenet --batch 64 --set data_dir=$DATA/imagefolder --set num_workers=0"
+  "vit_cifar_b8|--task image --dataset CIFAR10 --batch 8 --set data_dir=$DATA/cifar10/CIFAR-10-images.zip"
   "listops_b32|--task lra-listops --dataset listops --batch 32 --set steps=10 --set epochs=1 --set max_eval_samples=64"
 )
 if [[ $uea == 1 ]]; then

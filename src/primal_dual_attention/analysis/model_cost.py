@@ -140,12 +140,8 @@ def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int 
     if unknown:
         raise ValueError(f"modes must be among {list(COMPILE_MODES)}, got {unknown}")
     prepared = {cfg.variant: _prepare(cfg, batch, device) for cfg in cfgs}
-    flops = {}
-    for variant, item in prepared.items():
-        cpu = [None if t is None else t.cpu() for t in item.batch]
-        model = item.model.cpu()
-        flops[variant] = (_flops(model, *cpu, backward=False), _flops(model, *cpu, backward=True))
-        model.to(item.device)
+    flops = {variant: (_flops(item.model, *item.batch, backward=False),
+                       _flops(item.model, *item.batch, backward=True)) for variant, item in prepared.items()}
     peaks = {variant: _peak_memory(item) if memory else None for variant, item in prepared.items()}
     costs = []
     for mode in modes:
