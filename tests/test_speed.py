@@ -11,7 +11,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from primal_dual_attention.attention import VARIANTS, AttentionConfig, MultiHeadAttention
-from primal_dual_attention.training.compilation import compile_mode
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.engine import fit, seed_everything
 from primal_dual_attention.training.tasks import build_task
@@ -99,6 +98,8 @@ def test_inductor_code_matches_eager():
 
 
 def test_compile_auto_compiles_on_cuda_only():
+    from primal_dual_attention.training.compilation import compile_mode
+
     assert compile_mode("auto", torch.device("cuda")) == "default"
     assert compile_mode("auto", torch.device("cpu")) is None
     assert compile_mode("off", torch.device("cuda")) is None

@@ -107,6 +107,10 @@ def _cost_section(root: Path) -> list[str]:
         lines += ["One attention layer as N grows ([details](bench/scaling.md)); growth exponent of the "
                   "time (2 = quadratic, 1 = linear):", "", "| variant | exponent |", "|---|---|",
                   *exponents, "", "![scaling](bench/scaling.png)", ""]
+    for machine in ("gpu", "cpu"):
+        if (root / "speed" / machine / "speed.md").is_file():
+            lines += [f"Whole models, training step per variant and its ratio to softmax, eager and compiled "
+                      f"({machine.upper()}): [speed/{machine}/speed.md](speed/{machine}/speed.md).", ""]
     if len(lines) == 2:
         lines += ["Not measured yet (`pda bench attention`, `pda bench scaling`).", ""]
     return lines
@@ -129,7 +133,9 @@ def _framework_section(root: Path) -> list[str]:
 def _sweep_links(root: Path) -> list[str]:
     """Links to the CIFAR-10 and LRA reports, with the mean test accuracy per variant."""
     lines = []
-    for folder, title in (("cifar10", "CIFAR-10 (timm ViTs)"), ("lra", "Long Range Arena (CPU budget)")):
+    for folder, title in (("cifar10", "CIFAR-10 (timm ViTs)"), ("lra", "Long Range Arena (CPU budget)"),
+                          ("lra_gpu", "Long Range Arena (GPU, short budget)"),
+                          ("lra/history_issue8", "Long Range Arena (issue-8 CPU budget, history)")):
         runs = root / folder / "runs.csv"
         if not runs.is_file():
             continue
