@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -37,3 +38,15 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
         warnings.warn("clean protocol: no class has two members, the validation split is empty",
                       stacklevel=2)
     return np.sort(np.array(keep, dtype=np.int64)), np.sort(np.array(hold, dtype=np.int64))
+
+
+def imdb_reviews(path: str | Path, split: str) -> list[tuple[str, bytes]]:
+    """``(name, text)`` of the ``<split>/{pos,neg}/*.txt`` reviews of the aclImdb zip, in name
+    order (the label is the name's folder); read in place, never extracted."""
+    with zipfile.ZipFile(path) as archive:
+        names = sorted(n for n in archive.namelist()
+                       if n.endswith(".txt") and len(n.split("/")) >= 3
+                       and n.split("/")[-3] == split and n.split("/")[-2] in ("pos", "neg"))
+        if not names:
+            raise ValueError(f"{path} holds no '{split}/pos|neg/*.txt' reviews")
+        return [(name, archive.read(name)) for name in names]

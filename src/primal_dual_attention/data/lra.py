@@ -33,7 +33,6 @@ import math
 import os
 import random
 import sys
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from primal_dual_attention.data.common import shared_data, stratified_split
+from primal_dual_attention.data.common import imdb_reviews, shared_data, stratified_split
 
 # ----------------------------------------------------------------------------------- splits
 
@@ -298,16 +297,9 @@ def read_imdb_zip(path: str | Path, split: str, max_len: int = 4096) -> TokenSpl
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     sequences, labels = [], []
-    with zipfile.ZipFile(path) as archive:
-        names = sorted(n for n in archive.namelist()
-                       if n.endswith(".txt") and len(n.split("/")) >= 3
-                       and n.split("/")[-3] == split and n.split("/")[-2] in ("pos", "neg"))
-        if not names:
-            raise ValueError(f"{path} holds no '{split}/pos|neg/*.txt' reviews")
-        for name in names:
-            data = np.frombuffer(archive.read(name)[:max_len], dtype=np.uint8)
-            sequences.append(data.astype(np.int16) + 1)
-            labels.append(1 if name.split("/")[-2] == "pos" else 0)
+    for name, text in imdb_reviews(path, split):
+        sequences.append(np.frombuffer(text[:max_len], dtype=np.uint8).astype(np.int16) + 1)
+        labels.append(1 if name.split("/")[-2] == "pos" else 0)
     tokens, lengths = _pad(sequences, max_len, np.int16)
     return TokenSplit(tokens, lengths, np.asarray(labels))
 

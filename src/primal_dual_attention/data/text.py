@@ -14,7 +14,6 @@ is the bits per byte times ln 2).
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from primal_dual_attention.data.common import imdb_reviews
 from primal_dual_attention.data.lra import default_imdb_zip
 
 VOCAB_SIZE = 256  # bytes
@@ -70,17 +70,6 @@ class TextData:
     description: str
 
 
-def imdb_reviews(path: str | Path, split: str) -> list[bytes]:
-    """The ``<split>/{pos,neg}/*.txt`` reviews of the aclImdb zip, in name order."""
-    with zipfile.ZipFile(path) as archive:
-        names = sorted(n for n in archive.namelist()
-                       if n.endswith(".txt") and len(n.split("/")) >= 3
-                       and n.split("/")[-3] == split and n.split("/")[-2] in ("pos", "neg"))
-        if not names:
-            raise ValueError(f"{path} holds no '{split}/pos|neg/*.txt' reviews")
-        return [archive.read(name) for name in names]
-
-
 def _stream(texts: list[bytes]) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(b"\n".join(texts) + b"\n", dtype=np.uint8).copy())
 
@@ -90,11 +79,12 @@ def load_imdb_text(data_dir: str | Path | None, length: int) -> TextData:
     path = Path(data_dir) if data_dir is not None else default_imdb_zip()
     if path is None or not path.is_file():
         raise FileNotFoundError("no aclImdb zip found: pass --data-dir or set PDA_IMDB_ZIP")
-    train = imdb_reviews(path, "train")
+    train = [text for _, text in imdb_reviews(path, "train")]
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
     held = round(IMDB_VAL_FRACTION * len(train))
+    test = [text for _, text in imdb_reviews(path, "test")]
     streams = (_stream([train[i] for i in sorted(order[held:])]),
-               _stream([train[i] for i in sorted(order[:held])]), _stream(imdb_reviews(path, "test")))
+               _stream([train[i] for i in sorted(order[:held])]), _stream(test))
     splits = [ByteWindows(s, length) for s in streams]
     sizes = "/".join(f"{len(s) / 1e6:.2f}" for s in streams)
     return TextData(*splits, f"IMDb review bytes ({path.name}): {sizes} MB train/val/test, "
