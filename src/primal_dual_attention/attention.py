@@ -29,6 +29,7 @@ from primal_dual_attention.functional import (
     head_groups,
     pool_tokens,
     split_heads,
+    with_switches,
 )
 
 
@@ -143,16 +144,12 @@ class AttentionConfig(AttentionOptions):
 def attention_config(attention: AttentionConfig | str | None = None, **switches: object) -> AttentionConfig:
     """An :class:`AttentionConfig` from a config, a variant name or nothing (softmax), with the
     named fields replaced; an unknown field is an error listing the valid ones."""
-    valid = [f.name for f in fields(AttentionConfig) if f.init]
-    unknown = sorted(set(switches) - set(valid))
-    if unknown:
-        raise TypeError(f"unknown attention option(s) {unknown}; valid options: {valid}")
     if attention is None or isinstance(attention, str):
-        return AttentionConfig(**({"variant": attention or "softmax"} | switches))
-    if not isinstance(attention, AttentionConfig):
+        attention = AttentionConfig(variant=attention or "softmax")
+    elif not isinstance(attention, AttentionConfig):
         raise TypeError(f"attention must be an AttentionConfig, a variant name or None, "
                         f"got {type(attention).__name__}")
-    return replace(attention, **switches) if switches else attention
+    return with_switches(attention, switches)
 
 
 class MultiHeadAttention(nn.Module):

@@ -181,10 +181,6 @@ class AttentionOptions:
                 "causal attention is defined on 1-D sequences (a prefix of a 2-D grid is not a grid); "
                 f"got grid_size={self.grid_size}, num_prefix_tokens={self.num_prefix_tokens}")
 
-    def switches(self) -> dict[str, object]:
-        """The fields as keywords (to rebuild or extend the options)."""
-        return {f.name: getattr(self, f.name) for f in fields(AttentionOptions)}
-
     def check_input(self, num_heads: int, num_tokens: int) -> tuple[int, int] | None:
         """Check the options against ``num_heads`` heads over ``num_tokens`` keys; return the grid."""
         if self.head_scales is not None:
@@ -847,14 +843,14 @@ def attention(
 
 
 def with_switches(options: AttentionOptions | None, switches: dict[str, object]) -> AttentionOptions:
-    """``options`` (defaults when None) with the named switches replaced; unknown names are an
-    error listing the valid ones."""
-    valid = [f.name for f in fields(AttentionOptions)]
+    """``options`` (defaults when None; an :class:`~.attention.AttentionConfig` stays one) with the
+    named switches replaced; unknown names are an error listing the valid ones."""
+    if options is not None and not isinstance(options, AttentionOptions):
+        raise TypeError(f"options must be an AttentionOptions or None, got {type(options).__name__}")
+    valid = [f.name for f in fields(AttentionOptions if options is None else options) if f.init]
     unknown = sorted(set(switches) - set(valid))
     if unknown:
         raise TypeError(f"unknown attention option(s) {unknown}; valid options: {valid}")
     if options is None:
         return AttentionOptions(**switches)
-    if not isinstance(options, AttentionOptions):
-        raise TypeError(f"options must be an AttentionOptions or None, got {type(options).__name__}")
     return replace(options, **switches) if switches else options
