@@ -8,7 +8,7 @@
 # machine has no ../shared/data); ListOps is generated. UEA needs aeon, which GPU images may
 # lack: its rows are skipped there.
 # Usage: [DATA=.bench_data] [RESULTS=results/speed/gpu] [DEVICE=cuda] [PRECISION=bf16]
-#        [PYTHON=python3] [MODES=eager,compile] [REPEATS=20] [VARIANTS=softmax,bn,sh,bn_sh] scripts/gpu_speed.sh
+#        [ONLY="vit_cifar_b8 ..."] [PYTHON=python3] [MODES=eager,compile] [REPEATS=20] [VARIANTS=softmax,bn,sh,bn_sh] scripts/gpu_speed.sh
 set -uo pipefail
 DATA=${DATA:-.bench_data}
 RESULTS=${RESULTS:-results/speed/gpu}
@@ -25,21 +25,29 @@ start=$(date +%s)
 "$PYTHON" -c "import aeon" 2>/dev/null && uea=1 || uea=0
 
 # name | pda bench model arguments
+LISTOPS="listops_b32|--task lra-listops --dataset listops --batch 32 --set steps=10 --set epochs=1 --set max_eval_samples=64"
 MODELS=(
   "vit_cifar_b256|--task image --dataset CIFAR10 --batch 256 --set data_dir=$DATA/cifar10/CIFAR-10-images.zip"
   "deit_tiny_b64|--task imagenet --dataset imagenet --batch 64 --set data_dir=$DATA/imagefolder --set num_workers=0"
   "vit_cifar_b8|--task image --dataset CIFAR10 --batch 8 --set data_dir=$DATA/cifar10/CIFAR-10-images.zip"
-  "listops_b32|--task lra-listops --dataset listops --batch 32 --set steps=10 --set epochs=1 --set max_eval_samples=64"
+  "$LISTOPS"
 )
 if [[ $uea == 1 ]]; then
   MODELS+=("uea_jv_b16|--task uea --dataset JapaneseVowels --batch 16 --set data_dir=$DATA/uea"
            "uea_uwave_b16|--task uea --dataset UWaveGestureLibrary --batch 16 --set data_dir=$DATA/uea")
 fi
+if [[ -n "${ONLY:-}" ]]; then  # ONLY="vit_cifar_b8 ...": just these models
+  kept=(); for entry in "${MODELS[@]}"; do [[ " $ONLY " == *" ${entry%%|*} "* ]] && kept+=("$entry"); done
+  MODELS=("${kept[@]}")
+fi
 
 warm=$(mktemp -d)
 # generate the ListOps sample once, before many processes would write its cache at the same time
-"${PDA[@]}" ${MODELS[3]#*|} --variants softmax --modes eager --repeats 1 --no-memory --out "$warm/data" \
-  > "$warm/data.log" 2>&1 || tail -n 5 "$warm/data.log"
+if [[ " ${MODELS[*]} " == *"$LISTOPS"* ]]; then
+  # shellcheck disable=SC2086
+  "${PDA[@]}" ${LISTOPS#*|} --variants softmax --modes eager --repeats 1 --no-memory --out "$warm/data" \
+    > "$warm/data.log" 2>&1 || tail -n 5 "$warm/data.log"
+fi
 IFS=, read -r -a variants <<< "${VARIANTS:-softmax,bn,sh,bn_sh}"
 for entry in "${MODELS[@]}"; do
   name=${entry%%|*}; args=${entry#*|}
