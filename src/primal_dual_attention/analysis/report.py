@@ -107,10 +107,10 @@ def _cost_section(root: Path) -> list[str]:
         lines += ["One attention layer as N grows ([details](bench/scaling.md)); growth exponent of the "
                   "time (2 = quadratic, 1 = linear):", "", "| variant | exponent |", "|---|---|",
                   *exponents, "", "![scaling](bench/scaling.png)", ""]
-    for machine in ("gpu", "cpu"):
+    for machine in ("gpu", "gpu_cudagraphs", "cpu"):
         if (root / "speed" / machine / "speed.md").is_file():
             lines += [f"Whole models, training step per variant and its ratio to softmax, eager and compiled "
-                      f"({machine.upper()}): [speed/{machine}/speed.md](speed/{machine}/speed.md).", ""]
+                      f"({machine}): [speed/{machine}/speed.md](speed/{machine}/speed.md).", ""]
     if len(lines) == 2:
         lines += ["Not measured yet (`pda bench attention`, `pda bench scaling`).", ""]
     return lines
