@@ -327,9 +327,9 @@ def bn_normalize(
 
     ``mu`` and ``s^2 = var + eps`` are the masked per-sample, per-head, per-feature moments of
     the keys (the SVR's training inputs); both queries and keys are normalised with them, as a
-    BN layer normalises test inputs with training statistics. Both are normalised (rather than
-    folding the key-centring away, which SPEC.md §2 allows for softmax) because it is as fast
-    (``pda bench attention``, row ``bn_query_fold``) and keeps the logits well conditioned.
+    BN layer normalises test inputs with training statistics. The linear kernel's transform
+    (its feature map is not shift-invariant); the softmax kernel folds BN into the queries
+    (:func:`bn_fold_queries`).
     """
     return _BNNormalize.apply(q, k, key_padding_mask, eps)
 
