@@ -25,7 +25,8 @@ def main() -> None:
     lines = ["# LRA generator speed", "",
              "Written by `python scripts/time_lra_generators.py` (one process, one thread).", "",
              f"- Machine: {machine_description()}",
-             f"- ListOps: 5,000 expressions in {listops:.1f} s -> {listops / 5000 * 1e5 / 60:.1f} min per 100k",
+             f"- ListOps: 5,000 expressions in {listops:.1f} s -> "
+             f"{listops / 5000 * 1e5 / 60:.1f} min per 100k",
              f"- Pathfinder-32: 1,000 images in {pathfinder:.1f} s -> {pathfinder:.1f} ms per image, "
              f"{pathfinder * 200 / 60:.0f} min for LRA's 200k", ""]
     path = Path("results/lra/generators.md")
