@@ -14,7 +14,6 @@ import argparse
 import csv
 import json
 import math
-import platform
 import shutil
 import time
 from collections import defaultdict
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
+
+from primal_dual_attention.utils import machine_description
 
 TEST_WINDOWS = 2048
 PROMPT_BYTES = 64
@@ -62,6 +63,7 @@ def evaluate_run(run_dir: str | Path, test_windows: int = TEST_WINDOWS) -> dict[
     cache = cache_bytes_per_token(config, cfg.heads, cfg.dim // cfg.heads, task.model.max_len) * cfg.depth
     history = state["history"]
     result = {
+        "machine": machine_description(),  # the machine that trained and evaluated this run
         "variant": cfg.variant, "seed": cfg.seed, "steps": cfg.total_steps(), "context": task.model.max_len,
         "params": sum(p.numel() for p in lm.parameters()),
         "best_round": max(r["epoch"] for r in history if r.get("best")),
@@ -182,7 +184,8 @@ def write_report(out: str | Path) -> Path:
     for variant, entries in runs.items():
         sample = entries[0][0]["samples"][0]
         lines += [f"**{variant}**", "", "```", sample["prompt"] + " ⟶ " + sample["continuation"], "```", ""]
-    lines += [f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}."]
+    machines = sorted({e.get("machine", "not recorded") for entries in runs.values() for e, _ in entries})
+    lines += [f"Machine(s), recorded with the runs: {'; '.join(machines)}."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     return out / "README.md"
 
