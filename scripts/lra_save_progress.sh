@@ -5,6 +5,7 @@
 # checkpoints/lra_in_progress/. To resume in a new session, put it back where the runner looks
 # and start the runner (finished runs are skipped, unfinished ones continue from last.pt):
 #   mkdir -p runs/lra_learn && cp -r checkpoints/lra_in_progress/lra runs/lra_learn/
+#   for last in runs/lra_learn/lra/*/*/*/*/last.pt; do [ -f "${last%last.pt}best.pt" ] || cp "$last" "${last%last.pt}best.pt"; done
 #   nohup setsid scripts/lra_cpu_learn.sh >> runs/lra_learn/runner.log 2>&1 < /dev/null &
 # Usage: [RUNS=runs/lra_learn] scripts/lra_save_progress.sh
 set -euo pipefail
@@ -16,6 +17,8 @@ find "$RUNS/lra" -name last.pt | while read -r last; do
   [[ -f "$run/summary.json" ]] && continue  # finished: its row is in runs.csv
   target="$DEST/${run#"$RUNS"/}"
   mkdir -p "$target"
-  cp "$run"/last.pt "$run"/best.pt "$run"/log.csv "$run"/config.yaml "$target"/ 2> /dev/null || true
+  cp "$run"/last.pt "$run"/log.csv "$run"/config.yaml "$target"/ 2> /dev/null || true
+  # best.pt is kept only when it is not last.pt again (the restore step copies it back)
+  cmp -s "$run/best.pt" "$run/last.pt" || cp "$run/best.pt" "$target"/ 2> /dev/null || true
   echo "saved $target ($(tail -n 1 "$run/log.csv" | cut -d, -f1) rounds)"
 done
