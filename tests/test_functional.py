@@ -160,6 +160,52 @@ def test_spread_maps_rows_sum_to_one(scales, grid, prefix):
     torch.testing.assert_close(weights @ v, out)
 
 
+@pytest.mark.parametrize("grid,prefix", [(None, 0), ((3, 4), 1)])
+def test_head_pooling_rows_are_each_heads_pool_tokens(grid, prefix):
+    """The packed SH matrix holds, for every head, the pooling of its own scale (SPEC.md §2)."""
+    scales, n = (1, 2, 3, 2), 13
+    options = PF.AttentionOptions(head_scales=scales, grid_size=grid, num_prefix_tokens=prefix)
+    mask = ragged_mask(2, n, [n, 5])
+    pooling, pooled_mask = PF.head_pooling(n, options, mask, dtype=torch.float64)
+    x = torch.randn(2, 4, n, 3, dtype=torch.float64)
+    for head, scale in enumerate(scales):
+        expected, expected_mask = PF.pool_tokens(x[:, head], scale, mask, grid_size=grid,
+                                                 num_prefix_tokens=prefix)
+        rows, valid = expected.shape[1], ~expected_mask[..., None]  # padded keys: masked, not compared
+        torch.testing.assert_close((pooling[:, head] @ x[:, head])[:, :rows] * valid, expected * valid)
+        assert torch.equal(pooled_mask[:, head, :rows], expected_mask)
+        assert pooled_mask[:, head, rows:].all() and (pooling[:, head, rows:] == 0).all()
+
+
+@pytest.mark.parametrize("variant", ["sh", "bn_sh", "linear_sh", "linear_bn_sh"])
+@pytest.mark.parametrize("grid", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_heads_equal_grouped_heads(variant, grid, fused, monkeypatch):
+    """With padding, eager SH runs every head in one call; outputs, maps and gradients equal the
+    call per head group (float64), also for a sequence that is all padding."""
+    from primal_dual_attention.attention import AttentionConfig, MultiHeadAttention
+
+    heads, n = (4, 17) if grid else (8, 16)
+    config = AttentionConfig(variant=variant, fused=fused,
+                             **({"grid_size": (4, 4), "num_prefix_tokens": 1, "head_scales": (1, 2, 1, 2)}
+                                if grid else {}))
+    layer = MultiHeadAttention(32, heads, config, dtype=torch.float64)
+    x = torch.randn(3, n, 32, dtype=torch.float64, requires_grad=True)
+    mask = ragged_mask(3, n, [n, n - 6, 0])
+    assert PF.packs_heads(layer.config, n, mask) and not PF.packs_heads(layer.config, n, None)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        out, weights = layer(x, key_padding_mask=mask, need_weights=True)
+        return out, weights, torch.autograd.grad(out.square().sum(), x)[0]
+
+    packed = run()
+    monkeypatch.setattr(PF, "PACKED_SH_MAX_TOKENS", 0)
+    grouped = run()
+    for a, b in zip(packed, grouped, strict=True):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
 def test_pool_tokens_ceil_mode_and_masks():
     x = torch.arange(7, dtype=torch.float64).view(1, 7, 1)
     pooled, _ = PF.pool_tokens(x, 3)

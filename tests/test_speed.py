@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import primal_dual_attention.functional as PF
 from primal_dual_attention.attention import VARIANTS, AttentionConfig, MultiHeadAttention
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.engine import fit, seed_everything
@@ -37,6 +38,7 @@ def layer_ops(variant: str, *, grid: bool, padded: bool) -> int:
     layer = MultiHeadAttention(128, heads, config)
     x = torch.randn(2, tokens, 128, requires_grad=True)
     mask = torch.arange(tokens)[None] >= torch.tensor([tokens, tokens - 10])[:, None] if padded else None
+    layer(x, key_padding_mask=mask)  # a step like every later one (shape constants are built once)
     with OpCounter() as counter:
         layer(x, key_padding_mask=mask).sum().backward()
     return sum(counter.ops.values())
@@ -46,8 +48,8 @@ def layer_ops(variant: str, *, grid: bool, padded: bool) -> int:
 # that makes BN or SH dispatch more work per step fails here; lower them when the path gets leaner.
 EXTRA_OPS = {  # variant: (2-D grid, 1-D, 1-D padded)
     "bn": (22, 22, 39),
-    "sh": (36, 56, 131),
-    "bn_sh": (80, 144, 287),
+    "sh": (36, 56, 26),  # padded: every head in one call (functional.packs_heads)
+    "bn_sh": (80, 144, 65),
 }
 
 
@@ -70,7 +72,12 @@ def test_the_counter_sees_a_regression():
     assert sum(counter.ops.values()) > plain
 
 
-def _compiled_matches_eager(variant: str, backend: str) -> None:
+def _compiled_matches_eager(variant: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled code runs the ops eager code runs: SH with padding is packed in eager mode only
+    (``functional.packs_heads``), so eager is held to the grouped path here; packed == grouped is
+    checked in float64 by tests/test_functional.py (in fp32 the two orders of summation differ by
+    about the fp32 error of BN over a few pooled keys, ~1e-5 on these gradients, on either path)."""
+    monkeypatch.setattr(PF, "PACKED_SH_MAX_TOKENS", 0)
     torch.manual_seed(0)
     config = AttentionConfig(variant=variant, window=2 if variant == "sparse" else None)
     layer = MultiHeadAttention(16, 4, config)
@@ -85,16 +92,16 @@ def _compiled_matches_eager(variant: str, backend: str) -> None:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_every_variant_compiles_whole_and_matches_eager(variant):
+def test_every_variant_compiles_whole_and_matches_eager(variant, monkeypatch):
     """One graph per layer (``fullgraph``), traced forward and backward through AOTAutograd."""
     torch._dynamo.reset()
-    _compiled_matches_eager(variant, "aot_eager")
+    _compiled_matches_eager(variant, "aot_eager", monkeypatch)
 
 
-def test_inductor_code_matches_eager():
+def test_inductor_code_matches_eager(monkeypatch):
     """Generated kernels (inductor, fp32) agree with eager within 1e-5 on the richest variant."""
     torch._dynamo.reset()
-    _compiled_matches_eager("bn_sh", "inductor")
+    _compiled_matches_eager("bn_sh", "inductor", monkeypatch)
 
 
 def test_compile_auto_compiles_on_cuda_only():

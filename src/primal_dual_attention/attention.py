@@ -27,6 +27,8 @@ from primal_dual_attention.functional import (
     get_kernel,
     grouped_attention,
     head_groups,
+    packed_attention,
+    packs_heads,
     pool_tokens,
     split_heads,
     with_switches,
@@ -234,26 +236,32 @@ class MultiHeadAttention(nn.Module):
             return self._causal_forward(x, key_padding_mask, need_weights, cache)
         config = self.config
         grid = config.check_input(self.num_heads, num_tokens)
-        # (B, 3, H, N, hd): q, then k and v side by side, so an SH group pools both in one call
+        dropout_p = self.attn_drop if self.training else 0.0
+        # (B, 3, H, N, hd): q, then k and v side by side, so SH pools both in one call
         qkv = self.qkv(x).view(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(0, 2, 3, 1, 4)
-        if config.head_scales is None:
-            q, k, v = qkv.unbind(1)
-
-            def keys_values(index: int, group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
-                return k, v, key_padding_mask
-        else:
+        if packs_heads(config, num_tokens, key_padding_mask):  # every head in one call
             q, kv = qkv.split((1, 2), dim=1)
-            q, kv_parts = q.squeeze(1), split_heads(kv, self.groups, dim=2)
+            out, weights = packed_attention(q.squeeze(1), kv, config, key_padding_mask=key_padding_mask,
+                                            dropout_p=dropout_p, need_weights=need_weights)
+        else:
+            if config.head_scales is None:
+                q, k, v = qkv.unbind(1)
 
-            def keys_values(index: int, group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
-                pooled, pooled_mask = pool_tokens(kv_parts[index], group.scale, key_padding_mask,
-                                                  grid_size=grid, num_prefix_tokens=config.num_prefix_tokens)
-                return (*pooled.unbind(1), pooled_mask)
+                def keys_values(index: int, group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
+                    return k, v, key_padding_mask
+            else:  # one call per head group
+                q, kv = qkv.split((1, 2), dim=1)
+                q, kv_parts = q.squeeze(1), split_heads(kv, self.groups, dim=2)
 
-        out, weights = grouped_attention(
-            q, self.groups, keys_values, config, key_padding_mask=key_padding_mask,
-            num_keys=num_tokens, dropout_p=self.attn_drop if self.training else 0.0,
-            need_weights=need_weights)
+                def keys_values(index: int, group: HeadGroup) -> tuple[Tensor, Tensor, Tensor | None]:
+                    pooled, pooled_mask = pool_tokens(
+                        kv_parts[index], group.scale, key_padding_mask, grid_size=grid,
+                        num_prefix_tokens=config.num_prefix_tokens)
+                    return (*pooled.unbind(1), pooled_mask)
+
+            out, weights = grouped_attention(
+                q, self.groups, keys_values, config, key_padding_mask=key_padding_mask,
+                num_keys=num_tokens, dropout_p=dropout_p, need_weights=need_weights)
         out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(batch, num_tokens, self.dim)))
         return (out, weights) if need_weights else out
 

@@ -7,7 +7,8 @@ and ``key_padding_mask`` is a ``(B, N)`` bool tensor where **True marks padding*
 Two execution paths share one entry point, :func:`attention`:
 
 * the **fused** path (default) calls :func:`torch.nn.functional.scaled_dot_product_attention`
-  for the softmax kernel (BN only transforms its inputs; SH makes one call per distinct scale)
+  for the softmax kernel (BN only transforms its inputs; SH makes one call per distinct scale,
+  or one for every head, see :func:`packs_heads`)
   and the O(N) **primal** form for the linear kernel;
 * the **math** path (``fused=False`` or ``need_weights=True``) forms the attention matrix
   explicitly. It is the reference the tests compare against and the source of attention maps.
@@ -15,6 +16,7 @@ Two execution paths share one entry point, :func:`attention`:
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -198,9 +200,11 @@ class AttentionOptions:
 def _token_weights(mask: Tensor, like: Tensor) -> Tensor:
     """``(B, N)`` padding mask -> weights 1 (valid) / 0 (padding) broadcastable to ``like``.
 
-    ``like`` is ``(B, ..., N, D)``; the weights get shape ``(B, 1, ..., 1, N, 1)``.
+    ``like`` is ``(B, ..., N, D)``; the weights get shape ``(B, 1, ..., 1, N, 1)``. A per-head
+    mask ``(B, H, N)`` (the pooled keys of packed SH heads) gives ``(B, H, N, 1)``.
     """
-    shape = (mask.shape[0],) + (1,) * (like.ndim - 3) + (mask.shape[1], 1)
+    leading = tuple(mask.shape[:-1])
+    shape = leading + (1,) * (like.ndim - 2 - len(leading)) + (mask.shape[-1], 1)
     return (~mask).to(like.dtype).view(shape)
 
 
@@ -442,12 +446,14 @@ def visibility_mask(
 ) -> Tensor | None:
     """Bool mask, True = query i may use key j, broadcastable to ``(B, H, N_q, N_k)``.
 
-    Combines padding (``(B, 1, 1, N_k)``) and the sparse local window ``|i - j| <= w``
-    (``(N_q, N_k)``). Returns None when every key is visible.
+    Combines padding (``(B, 1, 1, N_k)``, or ``(B, H, 1, N_k)`` from a per-head mask) and the
+    sparse local window ``|i - j| <= w`` (``(N_q, N_k)``). Returns None when every key is visible.
     """
     visible = None
-    if key_padding_mask is not None:
-        visible = (~key_padding_mask)[:, None, None, :]
+    if key_padding_mask is not None:  # (B, N_k), or (B, H, N_k) per head
+        visible = (~key_padding_mask).unsqueeze(-2)
+        if key_padding_mask.ndim == 2:
+            visible = visible.unsqueeze(1)
     if window is not None:
         i = torch.arange(num_queries, device=device)[:, None]
         j = torch.arange(num_keys, device=device)[None, :]
@@ -776,6 +782,98 @@ def _merge_heads(parts: list[Tensor], groups: Sequence[HeadGroup], num_heads: in
     return merged
 
 
+PACKED_SH_MAX_TOKENS = 256
+
+
+def packs_heads(options: AttentionOptions, num_tokens: int, key_padding_mask: Tensor | None) -> bool:
+    """Whether Attention-SH runs packed (:func:`packed_attention`, one call for every head)
+    rather than grouped (one call per distinct scale). Packing pools every head with one
+    matrix product and pads each head's pooled keys to the longest head's, so it trades FLOPs
+    (O(H N^2 D) for the pooling) for operations. Measured on the CPU (``results/speed/cpu``) it
+    pays in eager mode with a padding mask, where grouped pooling takes about 20 operations per
+    group, in short sequences; unpadded, grouped pooling is one strided mean, and compiled code
+    fuses it, where the packed product and the masked kernel were slower (issue 13)."""
+    scales = options.head_scales
+    return (scales is not None and len(set(scales)) > 1 and key_padding_mask is not None
+            and num_tokens <= PACKED_SH_MAX_TOKENS and not torch.compiler.is_compiling())
+
+
+def _window_index(
+    num_tokens: int, scale: int, grid: tuple[int, int] | None, num_prefix_tokens: int
+) -> Tensor:
+    """``(N,)``: the pooled key each token falls in at SH ``scale``, in :func:`pool_tokens`' order
+    (prefix tokens first and unpooled, then the windows, row-major on a grid)."""
+    token = torch.arange(num_tokens)
+    body = (token - num_prefix_tokens).clamp_min(0)
+    if grid is None:
+        window = body // scale
+    else:
+        window = (body // grid[1] // scale) * -(-grid[1] // scale) + body % grid[1] // scale
+    return torch.where(token < num_prefix_tokens, token, num_prefix_tokens + window)
+
+
+def _pooled_length(num_tokens: int, scale: int, grid: tuple[int, int] | None, num_prefix_tokens: int) -> int:
+    shape = (num_tokens - num_prefix_tokens,) if grid is None else grid
+    return num_prefix_tokens + math.prod(-(-side // scale) for side in shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _head_windows(
+    num_tokens: int, head_scales: tuple[int, ...], grid: tuple[int, int] | None, num_prefix_tokens: int,
+    device: torch.device,
+) -> Tensor:
+    """``(H, L, N)`` bool: token n belongs to pooled key l of head h (L: the longest head's)."""
+    length = max(_pooled_length(num_tokens, scale, grid, num_prefix_tokens) for scale in head_scales)
+    index = torch.stack([_window_index(num_tokens, scale, grid, num_prefix_tokens) for scale in head_scales])
+    return (index[:, None, :] == torch.arange(length)[None, :, None]).to(device)
+
+
+def head_pooling(
+    num_tokens: int, options: AttentionOptions, key_padding_mask: Tensor | None = None, *,
+    dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Attention-SH pooling of every head as one matrix (SPEC.md §2): ``(B or 1, H, L, N)``
+    averaging weights (row l of head h averages the valid tokens of its window l; rows past a
+    head's last window are 0) and the ``(B or 1, H, L)`` padding mask of the pooled keys
+    (True for those rows and for windows without a valid token). ``pooling @ k`` gives every
+    head's pooled keys, padded to the longest head's L; multiplying a map over pooled keys by it
+    spreads the weights back to tokens (SPEC.md §3). The window membership is a constant, built
+    once per shape in eager mode."""
+    grid = options.check_input(len(options.head_scales), num_tokens)
+    device = torch.device("cpu") if device is None else torch.device(device)
+    key = (num_tokens, options.head_scales, grid, options.num_prefix_tokens, device)
+    if torch.compiler.is_compiling():
+        members = _head_windows.__wrapped__(*key)
+    else:
+        with torch.inference_mode(False):  # a cached constant must be usable by autograd later
+            members = _head_windows(*key)
+    members = members[None] if key_padding_mask is None else members & ~key_padding_mask[:, None, None, :]
+    weights = members.to(dtype)
+    counts = weights.sum(-1)
+    return weights / counts.clamp_min(1.0)[..., None], counts == 0
+
+
+def packed_attention(
+    q: Tensor,
+    kv: Tensor,
+    options: AttentionOptions,
+    *,
+    key_padding_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    need_weights: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Attention-SH with every head in one call: ``kv`` ``(B, 2, H, N, D)`` (keys and values
+    side by side) pooled for all heads by one product with :func:`head_pooling`'s matrix, then
+    one :func:`attend` whose per-head padding mask hides the rows a head does not have. Equal
+    to :func:`grouped_attention` (the tests check it); :func:`packs_heads` says when it is used."""
+    pooling, pooled_mask = head_pooling(kv.shape[3], options, key_padding_mask, dtype=kv.dtype,
+                                        device=kv.device)
+    k, v = (pooling[:, None] @ kv).unbind(1)
+    out, weights = attend(q, k, v, options, key_padding_mask=pooled_mask, dropout_p=dropout_p,
+                          need_weights=need_weights)
+    return out, (weights @ pooling if need_weights else None)
+
+
 # --------------------------------------------------------------------------------------------
 # the public entry point
 # --------------------------------------------------------------------------------------------
@@ -824,6 +922,10 @@ def attention(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
+    if packs_heads(options, num_keys, key_padding_mask):
+        out, weights = packed_attention(q, torch.stack((k, v), 1), options, key_padding_mask=key_padding_mask,
+                                        dropout_p=dropout_p, need_weights=need_weights)
+        return (out, weights) if need_weights else out
     groups = head_groups(options.head_scales, num_heads)
     k_parts, v_parts = split_heads(k, groups), split_heads(v, groups)
 
