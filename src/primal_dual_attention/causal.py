@@ -254,10 +254,10 @@ class _LinearBNSimilarity(torch.autograd.Function):
             rows = slice(start, stop)
             difference = keys[:, :, None, :width] - mean[:, :, rows, None]
             centred = difference * inv_std[:, :, rows, None]
-            features = elu_feature_map(centred)
+            slope = torch.exp(centred.clamp_max(0.0))  # Phi'(c); Phi(c) = Phi'(c) + max(c, 0)
+            features = slope + F.relu(centred)
             g = grad[:, :, rows, :width]
             grad_a[:, :, rows] = torch.einsum("bhtm,bhtmd->bhtd", g, features)
-            slope = torch.where(centred > 0, torch.ones_like(features), features)
             grad_c = g[..., None] * a[:, :, rows, None] * slope
             grad_keys[:, :, :width] += torch.einsum("bhtmd,bhtd->bhmd", grad_c, inv_std[:, :, rows])
             grad_mean[:, :, rows] = -grad_c.sum(3) * inv_std[:, :, rows]

@@ -433,8 +433,10 @@ def pooling_matrix(
 
 
 def elu_feature_map(x: Tensor) -> Tensor:
-    """Finite feature map of the linear kernel, ``Phi(x) = elu(x) + 1`` (SPEC.md §1)."""
-    return F.elu(x) + 1.0
+    """Finite feature map of the linear kernel, ``Phi(x) = elu(x) + 1`` (SPEC.md §1), evaluated
+    as ``exp(min(x, 0)) + max(x, 0)``: the same function, and on the CPU about ten times faster
+    than ``elu``, whose ``expm1`` is not vectorised there (4M floats: 4.5 ms against 54 ms)."""
+    return torch.exp(x.clamp_max(0.0)) + F.relu(x)
 
 
 def visibility_mask(
