@@ -222,23 +222,32 @@ def _query_blocks(visible: Tensor) -> list[tuple[int, int, int]]:
     return blocks
 
 
+def _block_centred(keys: Tensor, shift: Tensor, inv_std: Tensor, rows: slice, width: int) -> Tensor:
+    """``(B, h, t, W, D)``: ``c = (K - mu) r = K r + shift`` of the queries ``rows`` against the
+    first ``width`` windows (``shift = -mu r``)."""
+    return torch.addcmul(shift[:, :, rows, None], keys[:, :, None, :width], inv_std[:, :, rows, None])
+
+
 class _LinearBNSimilarity(torch.autograd.Function):
     """``S_tm = sum_d a_td Phi(c_tmd)``, ``c_tmd = (K_md - mu_td) r_td``: causal linear BN's
     similarities, where the keys' features change with every query (O(T M D) elementwise work).
     Computed in query blocks against the windows each block sees, and recomputed block by
-    block in the backward instead of saving ``(T, M, D)`` intermediates:
-    ``da = sum_m G Phi(c)``, ``dc = G a Phi'(c)``, ``dK = sum_t dc r``, ``dmu = -sum_m dc r``,
-    ``dr = sum_m dc (K - mu)``."""
+    block in the backward instead of saving ``(T, M, D)`` intermediates. With
+    ``Phi(c) = Phi'(c) + max(c, 0)``, ``Phi'(c) = exp(min(c, 0))`` and the block's sums over keys
+    as matrix-vector products with ``G``: ``da = sum_m G Phi(c)``,
+    ``dmu = -a r sum_m G Phi'(c)``, ``dr = (a / r) sum_m G Phi'(c) c`` and
+    ``dK = sum_t G Phi'(c) a r``."""
 
     @staticmethod
     def forward(ctx, a: Tensor, keys: Tensor, mean: Tensor, inv_std: Tensor, visible: Tensor) -> Tensor:
         blocks = _query_blocks(visible)
+        shift = -mean * inv_std
         out = a.new_zeros(a.shape[:3] + (keys.shape[2],))
         for start, stop, width in blocks:
             rows = slice(start, stop)
-            centred = (keys[:, :, None, :width] - mean[:, :, rows, None]) * inv_std[:, :, rows, None]
-            features = elu_feature_map(centred)
-            out[:, :, rows, :width] = torch.einsum("bhtd,bhtmd->bhtm", a[:, :, rows], features)
+            centred = _block_centred(keys, shift, inv_std, rows, width)
+            features = centred.clamp_max(0.0).exp_().add_(centred.clamp_min_(0.0))
+            out[:, :, rows, :width] = (features @ a[:, :, rows, :, None]).squeeze(-1)
         ctx.blocks = blocks
         ctx.save_for_backward(a, keys, mean, inv_std, visible)
         return out * visible
@@ -248,20 +257,21 @@ class _LinearBNSimilarity(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         a, keys, mean, inv_std, visible = ctx.saved_tensors
         grad = grad * visible
+        shift = -mean * inv_std
         grad_a, grad_keys = torch.zeros_like(a), torch.zeros_like(keys)
         grad_mean, grad_inv = torch.zeros_like(mean), torch.zeros_like(inv_std)
         for start, stop, width in ctx.blocks:
             rows = slice(start, stop)
-            difference = keys[:, :, None, :width] - mean[:, :, rows, None]
-            centred = difference * inv_std[:, :, rows, None]
-            slope = torch.exp(centred.clamp_max(0.0))  # Phi'(c); Phi(c) = Phi'(c) + max(c, 0)
-            features = slope + F.relu(centred)
-            g = grad[:, :, rows, :width]
-            grad_a[:, :, rows] = torch.einsum("bhtm,bhtmd->bhtd", g, features)
-            grad_c = g[..., None] * a[:, :, rows, None] * slope
-            grad_keys[:, :, :width] += torch.einsum("bhtmd,bhtd->bhmd", grad_c, inv_std[:, :, rows])
-            grad_mean[:, :, rows] = -grad_c.sum(3) * inv_std[:, :, rows]
-            grad_inv[:, :, rows] = (grad_c * difference).sum(3)
+            a_rows, r = a[:, :, rows], inv_std[:, :, rows]
+            centred = _block_centred(keys, shift, inv_std, rows, width)
+            slope = centred.clamp_max(0.0).exp_()  # Phi'(c)
+            g = grad[:, :, rows, None, :width]  # (B, h, t, 1, W)
+            sum_slope = (g @ slope).squeeze(-2)
+            grad_a[:, :, rows] = sum_slope + (g @ centred.clamp_min(0.0)).squeeze(-2)
+            grad_mean[:, :, rows] = -a_rows * r * sum_slope
+            grad_inv[:, :, rows] = a_rows * (g @ (slope * centred)).squeeze(-2) / r
+            weighted = slope.mul_(grad[:, :, rows, :width, None]).mul_((a_rows * r)[:, :, :, None])
+            grad_keys[:, :, :width] += weighted.sum(2)
         return grad_a, grad_keys, grad_mean, grad_inv, None
 
 
