@@ -307,3 +307,21 @@ def test_an_all_padding_sequence_has_zero_output_and_finite_gradients(kernel, fu
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     assert out[1].abs().max() == 0
     assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_linear_feature_map_is_elu_plus_one_to_the_second_derivative():
+    """``elu_feature_map`` (evaluated as exp(min(x, 0)) + max(x, 0)) equals elu(x) + 1 in value,
+    gradient and second derivative, and keeps the input's dtype."""
+    x = torch.tensor([-30.0, -2.0, -1e-8, 0.0, 1e-8, 0.5, 40.0], dtype=torch.float64, requires_grad=True)
+    reference = torch.nn.functional.elu(x) + 1
+    torch.testing.assert_close(PF.elu_feature_map(x), reference)
+    away_from_the_kink = torch.tensor([-2.0, -0.7, 0.5, 3.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(PF.elu_feature_map, (away_from_the_kink,))
+    for phi in (PF.elu_feature_map, lambda t: torch.nn.functional.elu(t) + 1):
+        (grad,) = torch.autograd.grad((phi(x) * x).sum(), x, create_graph=True)
+        (second,) = torch.autograd.grad(grad.sum(), x)
+        if phi is PF.elu_feature_map:
+            expected = second
+        else:
+            torch.testing.assert_close(expected, second)
+    assert PF.elu_feature_map(torch.randn(4, dtype=torch.bfloat16)).dtype == torch.bfloat16

@@ -433,19 +433,19 @@ def pooling_matrix(
 
 
 class _EluPlusOne(torch.autograd.Function):
-    """``Phi(x) = exp(min(x, 0)) + max(x, 0)`` with ``Phi'(x) = exp(min(x, 0))`` saved for a
-    one-operation backward."""
+    """``Phi(x) = exp(min(x, 0)) + max(x, 0)``, ``Phi'(x) = exp(min(x, 0))``, in ``x``'s dtype
+    (CUDA autocast would run ``exp`` in float32). The backward is differentiable again
+    (``create_graph``), as ``elu``'s is."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        slope = torch.exp(x.clamp_max(0.0))
-        ctx.save_for_backward(slope)
-        return slope + x.clamp_min(0.0)
+        ctx.save_for_backward(x)
+        return (torch.exp(x.clamp_max(0.0)) + x.clamp_min(0.0)).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
-        (slope,) = ctx.saved_tensors
-        return grad * slope
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x.clamp_max(0.0)).to(grad.dtype)
 
 
 def elu_feature_map(x: Tensor) -> Tensor:
@@ -859,7 +859,9 @@ def head_pooling(
     spreads the weights back to tokens (SPEC.md §3). The window membership is a constant, built
     once per shape in eager mode."""
     grid = options.check_input(len(options.head_scales), num_tokens)
-    device = torch.device("cpu") if device is None else torch.device(device)
+    if device is None:
+        device = torch.device("cpu") if key_padding_mask is None else key_padding_mask.device
+    device = torch.device(device)
     key = (num_tokens, options.head_scales, grid, options.num_prefix_tokens, device)
     if torch.compiler.is_compiling():
         members = _head_windows.__wrapped__(*key)
@@ -887,7 +889,8 @@ def packed_attention(
     to :func:`grouped_attention` (the tests check it); :func:`packs_heads` says when it is used."""
     pooling, pooled_mask = head_pooling(kv.shape[3], options, key_padding_mask, dtype=kv.dtype,
                                         device=kv.device)
-    k, v = (pooling[:, None] @ kv).unbind(1)
+    with torch.autocast(kv.device.type, enabled=False):  # pool in kv's dtype, as pool_tokens does
+        k, v = (pooling[:, None] @ kv).unbind(1)
     out, weights = attend(q, k, v, options, key_padding_mask=pooled_mask, dropout_p=dropout_p,
                           need_weights=need_weights)
     return out, (weights @ pooling if need_weights else None)
