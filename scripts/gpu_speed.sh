@@ -2,8 +2,10 @@
 # Issue 13 on one GPU: the model-level training-step table, eager and compiled, bf16.
 # Every model's variants are timed in one process, round-robin (pda bench model --modes), so the
 # ratios to softmax compare like with like. Compilation is slow on its own, so a first phase
-# compiles every model at once (one process each, 1 timed round) to fill the compile cache, and
-# the timed phase, one model at a time, then reads its graphs from that cache.
+# compiles every model x variant at once (one process each, 1 timed round) to fill the compile
+# cache; in the second phase one process per model starts at the same time, reads its graphs
+# from that cache (tracing again, in parallel), and times its rounds while holding a lock
+# (--timing-lock), so the GPU runs one model's timed rounds at a time.
 # Data: DATA holds what scripts/make_bench_data.py writes (real CIFAR-10 and UEA files; the GPU
 # machine has no ../shared/data); ListOps is generated. UEA needs aeon, which GPU images may
 # lack: its rows are skipped there.
@@ -62,10 +64,12 @@ wait
 echo "compile cache filled in $(( $(date +%s) - start )) s"
 for entry in "${MODELS[@]}"; do
   name=${entry%%|*}; args=${entry#*|}
-  echo "== $name"
   # shellcheck disable=SC2086
-  "${PDA[@]}" $args --variants "${VARIANTS:-softmax,bn,sh,bn_sh}" --repeats "$REPEATS" --out "$RESULTS" \
-    || { echo "$name failed:"; tail -n 5 "$warm/$name"-*.log; }
+  { "${PDA[@]}" $args --variants "${VARIANTS:-softmax,bn,sh,bn_sh}" --repeats "$REPEATS" --out "$RESULTS" \
+      --timing-lock "$warm/gpu.lock" > "$warm/$name.log" 2>&1 \
+    || { echo "$name failed:"; tail -n 5 "$warm/$name"*.log; }; } &
 done
+wait
+for entry in "${MODELS[@]}"; do name=${entry%%|*}; echo "== $name"; grep "ms/step" "$warm/$name.log"; done
 cat "$RESULTS/speed.md"
 echo "done in $(( $(date +%s) - start )) s"

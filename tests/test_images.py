@@ -93,7 +93,8 @@ def test_image_sweep_report_and_cost_bench(tmp_path):
     assert main(sweep) == 0  # finished runs are skipped, not appended again
     assert len(read(results / "runs.csv")) == 2
     assert main(["bench", "model", "--variants", "softmax,sh", "--batch", "4", "--repeats", "1",
-                 "--device", "cpu", "--set", f"data_dir={path}", "--out", str(results)]) == 0
+                 "--device", "cpu", "--set", f"data_dir={path}", "--out", str(results),
+                 "--timing-lock", str(tmp_path / "device.lock")]) == 0
     costs = {r["variant"]: r for r in read(results / "cost.csv")}
     assert float(costs["sh"]["gflops_fwd_per_sample"]) < float(costs["softmax"]["gflops_fwd_per_sample"])
     assert all(float(c["train_samples_per_s"]) > 0 for c in costs.values())

@@ -193,3 +193,24 @@ def test_reliability_doc_names_only_tests_that_exist():
     assert len(named) > 40
     missing = [f"{f}::{n}" for f, n in named if f"def {n}(" not in (tests / f).read_text()]
     assert not missing
+
+
+def test_exclusive_lock_serialises_processes(tmp_path):
+    """`pda bench model --timing-lock`: a second process waits while the first holds the lock."""
+    import subprocess
+    import sys
+    import time
+
+    from primal_dual_attention.utils import exclusive
+
+    lock = tmp_path / "device.lock"
+    code = ("import sys, time; from primal_dual_attention.utils import exclusive\n"
+            "with exclusive(sys.argv[1]): print(time.monotonic())")
+    with exclusive(lock):
+        other = subprocess.Popen([sys.executable, "-c", code, str(lock)], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)
+        released = time.monotonic()
+    acquired = float(other.communicate(timeout=60)[0])
+    assert acquired >= released
+    with exclusive(None):  # no lock asked for: nothing to wait for
+        pass

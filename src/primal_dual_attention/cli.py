@@ -11,7 +11,7 @@ from typing import TypeAlias
 
 from primal_dual_attention.attention import PAPER_VARIANTS, STUDIED_VARIANTS, VARIANTS
 from primal_dual_attention.training.config import PROTOCOLS, TrainConfig
-from primal_dual_attention.utils import command_line
+from primal_dual_attention.utils import command_line, exclusive
 
 
 def _dataset_epochs(text: str) -> tuple[str, int]:
@@ -297,7 +297,7 @@ def _bench_model(args: argparse.Namespace) -> int:
     base = config_from_mapping(dict(args.set), "bench --set", base)
     cfgs = [config_from_mapping({"variant": variant}, "bench", base).validate() for variant in args.variants]
     costs = measure_model_costs(cfgs, batch=args.batch, repeats=args.repeats, device=args.device,
-                                modes=args.modes, memory=not args.no_memory)
+                                modes=args.modes, memory=not args.no_memory, timing_lock=args.timing_lock)
     for cost in costs:
         ratio = "" if cost.train_ratio is None else f" ({cost.train_ratio:.2f}x softmax)"
         flops = "" if cost.flop_ratio is None else f" ({cost.flop_ratio:.2f}x)"
@@ -306,7 +306,8 @@ def _bench_model(args: argparse.Namespace) -> int:
               f"{cost.gflops_fwd_per_sample:8.3f} GFLOPs fwd/sample{flops}  peak "
               f"{cost.peak_train_mb if cost.peak_train_mb is None else round(cost.peak_train_mb)} MiB")
     out = Path(args.out)
-    print(f"wrote {write_costs(costs, out, args.command)} and {write_speed_table(out)}")
+    with exclusive(args.timing_lock):  # processes sharing the lock may share the folder
+        print(f"wrote {write_costs(costs, out, args.command)} and {write_speed_table(out)}")
     return 0
 
 
@@ -366,6 +367,9 @@ def _add_bench_model(kinds: Commands) -> None:
                        help="comma separated: eager, compile (torch.compile), cudagraphs "
                             "(torch.compile mode reduce-overhead); default eager")
     model.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    model.add_argument("--timing-lock", metavar="FILE",
+                       help="time (and write) while holding an exclusive lock on FILE: processes "
+                            "started together then compile at once and use the device one at a time")
     model.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     model.add_argument("--set", type=_overrides, action="append", default=[], metavar="OPTION=VALUE",
                        help="any pda train option, e.g. --set precision=bf16 (repeatable)")

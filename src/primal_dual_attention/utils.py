@@ -1,12 +1,16 @@
-"""Small helpers every layer may use: the machine's description, the command line, device sync."""
+"""Small helpers every layer may use: the machine's description, the command line, device sync,
+a lock between processes."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
 
@@ -34,3 +38,18 @@ def synchronise(device: torch.device) -> None:
     """Wait for the device's queued work (a no-op off CUDA), so wall-clock timings are complete."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def exclusive(lock_file: str | Path | None) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` (created if missing) for the block, waiting for any
+    other process that holds it; no lock at all when ``lock_file`` is None."""
+    if lock_file is None:
+        yield
+        return
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -33,7 +33,7 @@ from primal_dual_attention.attention import fused_paths
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.distributed import resolve_device
 from primal_dual_attention.training.engine import autocast
-from primal_dual_attention.utils import machine_description, synchronise
+from primal_dual_attention.utils import exclusive, machine_description, synchronise
 
 
 @dataclass
@@ -133,9 +133,11 @@ def _prepare(cfg: TrainConfig, batch: int, device: str) -> _Prepared:
 
 def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int = 3, repeats: int = 10,
                         device: str = "auto", modes: Sequence[str] = ("eager",),
-                        memory: bool = True) -> list[ModelCost]:
+                        memory: bool = True, timing_lock: str | Path | None = None) -> list[ModelCost]:
     """Cost of each config's model (one per variant) on one real training batch of ``batch``
-    samples, the variants timed round-robin in every mode of ``modes``."""
+    samples, the variants timed round-robin in every mode of ``modes``. Each mode is warmed up
+    (compiled) first; its timed rounds then run while holding ``timing_lock`` (a file), so that
+    processes started together compile at the same time and take the device one at a time."""
     unknown = [m for m in modes if m not in COMPILE_MODES]
     if unknown:
         raise ValueError(f"modes must be among {list(COMPILE_MODES)}, got {unknown}")
@@ -148,10 +150,15 @@ def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int 
         if mode != "eager":
             torch._dynamo.reset()
         closures = {variant: item.steps(mode) for variant, item in prepared.items()}
-        train_s = _round_robin_seconds({v: c[0] for v, c in closures.items()},
-                                       _device_of(prepared), warmup, repeats)
-        infer_s = _round_robin_seconds({v: c[1] for v, c in closures.items()},
-                                       _device_of(prepared), warmup, repeats)
+        for train_step, infer_step in closures.values():  # compilation happens here, unlocked
+            for _ in range(warmup):
+                train_step()
+                infer_step()
+        with exclusive(timing_lock):  # one warm-up round again: caches after waiting
+            train_s = _round_robin_seconds({v: c[0] for v, c in closures.items()},
+                                           _device_of(prepared), 1, repeats)
+            infer_s = _round_robin_seconds({v: c[1] for v, c in closures.items()},
+                                           _device_of(prepared), 1, repeats)
         for variant, item in prepared.items():
             x, _, y = item.batch
             fwd, train = flops[variant]
