@@ -9,6 +9,7 @@ rounds, the engine's test pass, ``lm_report evaluate`` and two data loads), and 
 with the same ``S``, and their extra time is reported. Writes ``results/lm/probe.md``.
 
     python scripts/lm_probe.py --hours 4
+    python scripts/lm_probe.py --variants softmax,linear_bn --fit softmax --steps 2500 --out F  # re-time
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ def main() -> int:
     parser.add_argument("--hours", type=float, default=4.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--steps", type=int, help="model this budget instead of choosing one (re-timing)")
     parser.add_argument("--out", default="results/lm/probe.md")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -108,8 +110,8 @@ def main() -> int:
     def total(steps: int, group: list[str]) -> float:
         return args.seeds * sum(run_seconds(base, times[v], steps) for v in group)
 
-    steps = 100
-    while total(steps + 100, fit) <= args.hours * 3600:
+    steps = args.steps or 100
+    while not args.steps and total(steps + 100, fit) <= args.hours * 3600:
         steps += 100
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
@@ -125,10 +127,14 @@ def main() -> int:
         t = times[variant]
         lines.append(f"| {variant} | {t['step']:.3f} | {t['eval']:.3f} | {t['token'] * 1e3:.1f} | "
                      f"{run_seconds(base, t, steps) / 60:.1f} |")
-    lines += ["", f"**Chosen budget: {steps} steps** — the largest multiple of 100 for which "
-              f"{args.seeds} seeds of {', '.join(fit)} fit in {args.hours:g} h: "
-              f"{total(steps, fit) / 3600:.2f} h modelled (training, validation rounds, the final test "
-              "passes, generation, data loading)."]
+    modelled = (f"{total(steps, fit) / 3600:.2f} h modelled (training, validation rounds, the final test "
+                "passes, generation, data loading)")
+    if args.steps:
+        lines += ["", f"**Given budget: {steps} steps** (`--steps`, not chosen here): {args.seeds} seeds of "
+                  f"{', '.join(fit)} take {modelled}."]
+    else:
+        lines += ["", f"**Chosen budget: {steps} steps** — the largest multiple of 100 for which "
+                  f"{args.seeds} seeds of {', '.join(fit)} fit in {args.hours:g} h: {modelled}."]
     if slow:
         lines += ["", f"{', '.join(slow)} run after them with the same budget: "
                   f"{total(steps, slow) / 3600:.2f} h more ({args.seeds} seeds)."]
