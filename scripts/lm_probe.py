@@ -116,7 +116,9 @@ def main() -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = [
         "# Timing probe for the LM table", "",
-        f"`python {' '.join(sys.argv)}` — run before any training run (random bytes, untrained weights), "
+        f"`python {' '.join(sys.argv)}` — "
+        f"{'a re-timing of a fixed budget' if args.steps else 'run before any training run'} "
+        "(random bytes, untrained weights), "
         f"{args.threads} thread(s), torch {torch.__version__}, {platform.machine()}, "
         f"load average {load:.1f} when it finished.", "",
         f"Config: `configs/lm/imdb.yaml` (context {base.max_len}, batch {base.batch_size}, dim {base.dim}, "
