@@ -6,7 +6,7 @@
 # last.pt (--resume). Each finished run is copied under results/lm and the report rewritten.
 # The five fast variants run first (every seed), then causal linear BN, whose O(N^2 D) elementwise
 # work makes a step several times slower (probe.md gives both durations).
-# Usage: [PY=.venv/bin/python] [OUT=runs/lm] [VARIANTS="..."] [SLOW="linear_bn"] [SEEDS="0 1 2"]
+# Usage: [PY=.venv/bin/python] [OUT=runs/lm] [VARIANTS="..."] [SLOW="linear_bn" or ""] [SEEDS="0 1 2"]
 #        scripts/lm_cpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,14 +14,22 @@ PY=${PY:-.venv/bin/python}
 OUT=${OUT:-runs/lm}
 RESULTS=${RESULTS:-results/lm}
 VARIANTS=${VARIANTS:-"softmax bn sh bn_sh linear"}
-SLOW=${SLOW:-"linear_bn"}
+SLOW=${SLOW-"linear_bn"}  # SLOW="" skips it
 SEEDS=${SEEDS:-"0 1 2"}
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 mkdir -p "$RESULTS"
-echo "scripts/lm_cpu.sh  # VARIANTS=\"$VARIANTS\" SLOW=\"$SLOW\" SEEDS=\"$SEEDS\"; per run:" > "$RESULTS/commands.txt"
-echo "$PY -m primal_dual_attention.cli train --task lm --dataset imdb --variant V --seed S --out-dir $OUT --threads 1 --resume --no-progress" >> "$RESULTS/commands.txt"
-echo "$PY -m primal_dual_attention.analysis.lm_report evaluate $OUT/lm/imdb/clean/V/seedS --threads 1" >> "$RESULTS/commands.txt"
-echo "$PY -m primal_dual_attention.analysis.lm_report report --runs $OUT --out $RESULTS" >> "$RESULTS/commands.txt"
+# commands.txt: the commands of one run, then every invocation (lanes on disjoint VARIANTS may run
+# at once, e.g. VARIANTS="sh bn_sh" SLOW="" and VARIANTS="softmax bn linear" SLOW="")
+commands="$RESULTS/commands.txt"
+if [[ ! -s $commands ]]; then
+    printf '%s\n' "# per run (variant V, seed S):" \
+        "$PY -m primal_dual_attention.cli train --task lm --dataset imdb --variant V --seed S --out-dir $OUT --threads 1 --resume --no-progress" \
+        "$PY -m primal_dual_attention.analysis.lm_report evaluate $OUT/lm/imdb/clean/V/seedS --threads 1" \
+        "$PY -m primal_dual_attention.analysis.lm_report report --runs $OUT --out $RESULTS" \
+        "# invocations:" > "$commands"
+fi
+invocation="VARIANTS=\"$VARIANTS\" SLOW=\"$SLOW\" SEEDS=\"$SEEDS\" scripts/lm_cpu.sh"
+grep -qxF -- "$invocation" "$commands" || echo "$invocation" >> "$commands"
 for pass in "$VARIANTS" "$SLOW"; do
     for seed in $SEEDS; do
     for variant in $pass; do
