@@ -114,7 +114,7 @@ def _plot(runs: dict[str, list[tuple[dict, list[dict]]]], path: Path) -> None:
         ax.fill_between(steps, curves.min(0), curves.max(0), alpha=0.2)
     ax.set_xlabel("training step")
     ax.set_ylabel("validation bits per byte")
-    ax.set_title("Byte-level IMDb LM: validation bpb (mean over seeds, band = min..max)")
+    ax.set_title("Byte-level IMDb LM: validation bits per byte\n(mean over seeds, band = min..max)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
