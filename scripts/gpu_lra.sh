@@ -44,7 +44,7 @@
 #        [TIME_LIMIT=540] [TASKS="listops image pathfinder"]
 #        [VARIANTS=softmax,linear,bn,sh,bn_sh] [SEEDS=0] [DEVICE=cuda] [PRECISION=bf16]
 #        [COMPILE=off|auto|on] [EVAL_SAMPLES=2000] [PF_EVAL=1000] [PF_TRAIN=n | PF_GEN_SECONDS=180]
-#        [MAX_PARALLEL=n] [CIFAR_ZIP=path] [RESULTS=results/lra_gpu] [RUNS=runs/lra_gpu]
+#        [MAX_PARALLEL=n] [CIFAR_ZIP=path] [RESULTS=runs/lra_gpu/results] [RUNS=runs/lra_gpu]
 #        [PYTHON=python3] [OUT=folder for the files to bring back] [EXTRA="--set k=v ..."]
 #        [PROBE_STEPS=8] [PROBE_WARMUP=3] [RESERVE=90] scripts/gpu_lra.sh
 # CPU smoke test (minutes): DEVICE=cpu BUDGET=0.0005 VARIANTS=softmax,bn_sh EVAL_SAMPLES=64
@@ -64,7 +64,7 @@ EVAL_SAMPLES=${EVAL_SAMPLES:-2000}
 PF_EVAL=${PF_EVAL:-1000}
 PF_GEN_SECONDS=${PF_GEN_SECONDS:-180}
 RESERVE=${RESERVE:-90}   # seconds kept for process start, data loading, evaluation and the report
-RESULTS=${RESULTS:-results/lra_gpu}
+RESULTS=${RESULTS:-runs/lra_gpu/results}  # a fresh folder: a sweep's folder holds one budget
 RUNS=${RUNS:-runs/lra_gpu}
 PYTHON=${PYTHON:-python3}
 DEST=${OUT:-$RESULTS}
@@ -196,7 +196,7 @@ fi
 cp "$RESULTS/probe.md" "$RESULTS/summary.md" "$DEST/" 2> /dev/null
 if [[ "$DEST" != "$RESULTS" ]]; then
     cp "$RESULTS/README.md" "$RESULTS/runs.csv" "$DEST/" 2> /dev/null
-    tar -czf "$DEST/lra_gpu_results.tar.gz" --exclude="*.pt" "$RESULTS" "$RUNS"/*.log "$RUNS"/*.md 2> /dev/null
+    tar -czf "$DEST/lra_gpu_results.tar.gz" --exclude="*.pt" "$RESULTS" "$RUNS"/*.log "$RUNS"/*.md "$RUNS"/*.jsonl 2> /dev/null
 fi
 echo
 cat "$RESULTS/summary.md"

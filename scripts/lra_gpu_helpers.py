@@ -13,6 +13,7 @@ import argparse
 import csv
 import json
 import math
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -87,6 +88,11 @@ def plan(probe: str, budget: str, limit: float, now: float, reserve: float, task
     else:
         common = float(budget) if budget != "auto" else 0.0
     fractions = {t: fixed.get(t, common) for t in tasks}
+    needed, left = sum(fractions[t] * work[t] for t in tasks), limit - now - reserve
+    if needed > left:  # fixed budgets are not shrunk: say so before anything runs
+        print(f"warning: these budgets need about {needed:.0f} s of GPU time (probe step times, gain "
+              f"{gain:g}) and {left:.0f} s are left: runs still going at the limit are stopped and left "
+              "out of the tables", file=sys.stderr)
     if max_parallel:
         parallel = max_parallel
     elif device.startswith("cuda"):
@@ -112,7 +118,7 @@ def summary(results: Path, probe: str, fractions: dict[str, float]) -> str:
              "| task | variant | runs | test acc (%) | steps | s / 1k steps (probe, alone) | "
              "peak MiB (probe) | wall s per run |",
              "|---|---|---|---|---|---|---|---|"]
-    for task in FULL_STEPS:
+    for task in (t for t in FULL_STEPS if t in fractions):  # the tasks this call ran
         for variant in VARIANT_ORDER:
             rows = [r for r in runs if r["dataset"] == task and r["variant"] == variant]
             probe_row = step.get((task, variant))

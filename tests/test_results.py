@@ -15,7 +15,8 @@ from primal_dual_attention.training.sweep import read_rows
 
 RESULTS = Path(__file__).parents[1] / "results"
 #: every results folder with a report built from its runs.csv, and the sweep task that builds it
-REPORTS = {"uea": "uea", "cifar10": "image", "lra/history_issue8": "lra", "lra_gpu": "lra"}
+REPORTS = {"uea": "uea", "cifar10": "image", "lra/history_issue8": "lra", "lra_gpu": "lra",
+           "lra_gpu/history_budget_0.0135": "lra"}
 
 
 def test_every_committed_report_regenerates_byte_for_byte(tmp_path):
@@ -59,15 +60,21 @@ def test_a_sweep_writes_its_own_folder_and_merges_only_when_asked(tmp_path, monk
     assert "--merge-into" in (results / "sweep_commands.txt").read_text()
     kept = _snapshot(results)
 
-    err = one_line_error(capsys, _sweep(data, "--epochs", "2", "--merge-into", str(results)))
+    # a sweep's own folder holds one budget per dataset: it is refused before anything runs
+    err = one_line_error(capsys, _sweep(data, "--epochs", "2"))
+    assert "--out runs/sweep/uea: it holds runs of another budget: Toy in table 'main' with epochs 2, " \
+           "budget 1 (it holds epochs 1, budget 1); give this sweep its own --out folder" in err
+    assert len(read_rows(own / "runs.csv")) == 1
+    two = ("--epochs", "2", "--out", str(tmp_path / "runs" / "two"))
+    err = one_line_error(capsys, _sweep(data, *two, "--merge-into", str(results)))
     assert "rows of another table or budget: Toy in table 'main' with epochs 2, budget 1 (it holds " \
            "epochs 1, budget 1); pass --allow-mixed" in err
     err = one_line_error(capsys, _sweep(data, "--table", "extended", "--merge-into", str(results)))
     assert "table 'extended' (it holds ['main'])" in err
-    err = one_line_error(capsys, _sweep(data, "--epochs", "2", "--merge-into", str(results), "--allow-mixed"))
+    err = one_line_error(capsys, _sweep(data, *two, "--merge-into", str(results), "--allow-mixed"))
     assert "seed0.csv exists (a run of another budget)" in err
     assert _snapshot(results) == kept  # refused merges write nothing
-    assert len(read_rows(own / "runs.csv")) == 3  # the sweeps themselves ran, in their own folder
+    assert len(read_rows(own / "runs.csv")) == 2  # the sweeps themselves ran, in their own folders
 
     commands = (own / "sweep_commands.txt").read_text()
     one_line_error(capsys, _sweep(data, "--datasets", "Nope"))

@@ -135,6 +135,7 @@ def _sweep_links(root: Path) -> list[str]:
     lines = []
     for folder, title in (("cifar10", "CIFAR-10 (timm ViTs)"), ("lra", "Long Range Arena (CPU budget)"),
                           ("lra_gpu", "Long Range Arena (GPU, short budget)"),
+                          ("lra_gpu/history_budget_0.0135", "Long Range Arena (GPU, 1.35 % budget, history)"),
                           ("lra/history_issue8", "Long Range Arena (issue-8 CPU budget, history)")):
         runs = root / folder / "runs.csv"
         if not runs.is_file():

@@ -166,24 +166,31 @@ def _log_files(row: dict[str, str]) -> list[Path]:
     return [stem.with_suffix(".csv"), stem.with_suffix(".yaml")]
 
 
+def _budget(row: dict[str, str]) -> str:
+    return f"epochs {row['epochs']}, budget {row['budget']}"
+
+
+def _other_budgets(rows: Sequence[dict[str, str]], existing: Sequence[dict[str, str]]) -> list[str]:
+    """Rows of a dataset that ``existing`` holds in the same table with another budget (epochs,
+    budget): pooled in one report they would read as seeds of one run, and their logs collide."""
+    budgets: dict[tuple[str, str], set[str]] = {}
+    for row in existing:
+        budgets.setdefault((row["table"], row["dataset"]), set()).add(_budget(row))
+    problems = []
+    for row in rows:
+        held = budgets.get((row["table"], row["dataset"]), {_budget(row)})
+        if _budget(row) not in held:
+            problems.append(f"{row['dataset']} in table {row['table']!r} with {_budget(row)} (it holds "
+                            f"{'; '.join(sorted(held))})")
+    return list(dict.fromkeys(problems))
+
+
 def _mixed(rows: Sequence[dict[str, str]], existing: Sequence[dict[str, str]]) -> list[str]:
     """Why rows do not belong with ``existing`` ones: a table they lack, or a dataset they hold
     in that table with another budget (epochs, budget)."""
     tables = sorted({r["table"] for r in existing})
-    budgets: dict[tuple[str, str], set[str]] = {}
-    for row in existing:
-        budgets.setdefault((row["table"], row["dataset"]), set()).add(f"epochs {row['epochs']}, budget "
-                                                                       f"{row['budget']}")
-    problems = []
-    for row in rows:
-        budget = f"epochs {row['epochs']}, budget {row['budget']}"
-        held = budgets.get((row["table"], row["dataset"]), {budget})
-        if row["table"] not in tables:
-            problems.append(f"table {row['table']!r} (it holds {tables})")
-        elif budget not in held:
-            problems.append(f"{row['dataset']} in table {row['table']!r} with {budget} (it holds "
-                            f"{'; '.join(sorted(held))})")
-    return list(dict.fromkeys(problems))
+    missing = [f"table {r['table']!r} (it holds {tables})" for r in rows if r["table"] not in tables]
+    return list(dict.fromkeys(missing)) + _other_budgets([r for r in rows if r["table"] in tables], existing)
 
 
 def merge_results(source: Path, keys: set[tuple[str, ...]], target: Path, commands: Sequence[str], *,
@@ -267,6 +274,12 @@ def run_sweep(runs: list[tuple[str, TrainConfig]], results_dir: str | Path, work
     """Run every unfinished run; ``workers`` processes share the list round-robin. Each row
     records the machine it ran on (with the workers and threads), for the reports."""
     results_dir = Path(results_dir)
+    planned = [{"table": t, "dataset": c.dataset, "epochs": str(c.epochs), "budget": f"{c.budget:g}"}
+               for t, c in runs]
+    problems = _other_budgets(planned, read_rows(results_dir / "runs.csv"))
+    if problems:
+        raise ValueError(f"--out {results_dir}: it holds runs of another budget: {'; '.join(problems)}; "
+                         "give this sweep its own --out folder")
     results_dir.mkdir(parents=True, exist_ok=True)
     machine = f"{machine_description()}; {workers} worker(s) x {threads_per_worker} thread(s)"
     todo = [(t, c) for t, c in runs if run_key(t, c) not in finished_runs(results_dir / "runs.csv")]
