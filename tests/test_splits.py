@@ -17,7 +17,7 @@ from primal_dual_attention.data.images import ImageSplit
 from primal_dual_attention.data.lra import PairSplit, TokenSplit
 from primal_dual_attention.data.text import ByteWindows
 from primal_dual_attention.data.uea import SeriesSplit
-from primal_dual_attention.training.engine import Split, StepSplit, load_checkpoint
+from primal_dual_attention.training.engine import BucketedSplit, Split, StepSplit, load_checkpoint
 
 LABELS = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
 
@@ -46,6 +46,7 @@ SPLITS = {
     "PairSplit": lambda tmp_path: PairSplit(np.arange(64).reshape(8, 8) % 9 + 1, np.full(8, 4),
                                             np.array([4, 3, 2, 1, 4, 3, 2, 1]), LABELS.numpy()),
     "StepSplit": lambda tmp_path: StepSplit(_series(), samples=8, round=1, seed=3),
+    "BucketedSplit": lambda tmp_path: BucketedSplit(_series(), per_octave=2, cap=5),
     "ImageFolderSplit": _imagefolder,
     # one-byte windows: each sample's target is the next byte, so targets line up with samples
     "ByteWindows": lambda tmp_path: ByteWindows(torch.arange(9, dtype=torch.uint8), 1),
@@ -73,7 +74,8 @@ def _text_file(path: Path) -> Path:
 
 TASKS = {
     "uea": lambda tmp: ["--task", "uea", "--dataset", "Toy", "--data-dir",
-                        str(toy_dataset(tmp / "uea")), "--batch-size", "2", "--max-eval-samples", "1"],
+                        str(toy_dataset(tmp / "uea", equal=False)), "--batch-size", "2",
+                        "--max-eval-samples", "1", "--length-buckets", "2"],
     "image": lambda tmp: ["--task", "image", "--dataset", "CIFAR10", "--data-dir",
                           str(write_zip(tmp / "c.zip")), "--batch-size", "4", "--max-eval-samples", "2"],
     "lra": lambda tmp: ["--task", "lra-pathfinder", "--batch-size", "4", "--max-eval-samples", "3"],

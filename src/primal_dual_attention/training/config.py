@@ -84,6 +84,9 @@ class TrainConfig:
     precision: str = "fp32"
     compile: str = "auto"  # auto (CUDA: on, CPU: off), on, off, cudagraphs
     compile_backend: str = "inductor"  # torch.compile backend (e.g. aot_eager to debug)
+    # padded sequence batches: widths rounded up to one of this many lengths per octave (few
+    # distinct shapes); 0 = trimmed to the longest sequence; None = 8 on CUDA, 0 elsewhere
+    length_buckets: int | None = None
     # running
     device: str = "auto"
     out_dir: str = "runs"
@@ -126,6 +129,9 @@ class TrainConfig:
             raise ValueError(f"lr_base_batch must be >= 1 or None, got {self.lr_base_batch}")
         if not self.budget > 0:
             raise ValueError(f"budget must be > 0 (a fraction of the configured steps), got {self.budget}")
+        if self.length_buckets is not None and self.length_buckets < 0:
+            raise ValueError(f"length_buckets must be >= 0 (0 = no buckets) or None (8 on CUDA), got "
+                             f"{self.length_buckets}")
         for name in ("steps", "max_len", "max_eval_samples", "max_train_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -137,6 +137,63 @@ class StepSplit:
         return self.split.subset(self._indices()[torch.as_tensor(index, dtype=torch.long)])
 
 
+def bucket_width(width: int, per_octave: int, cap: int) -> int:
+    """``width`` rounded up to one of ``per_octave`` evenly spaced lengths of its octave
+    [2^e, 2^(e+1)), at most ``cap`` (at most 1/per_octave of padding, a few shapes per octave)."""
+    if per_octave < 1 or width <= per_octave:
+        return width
+    step = max(1, (1 << (width.bit_length() - 1)) // per_octave)
+    return max(width, min(cap, -(-width // step) * step))
+
+
+@dataclass
+class BucketedSplit:
+    """``split`` whose batches of padded sequences — inputs ``(B, T)`` or ``(B, T, C)`` with a
+    padding mask, or unpadded of a width off the buckets — are padded further to
+    :func:`bucket_width` (zeros, masked as padding: SPEC §2, padding never reaches valid outputs).
+
+    Why: trimming each batch to its longest sequence gives nearly every step a new shape, and on
+    a GPU an attention call of a new shape pays a one-off set-up (ListOps on an H200: 0.14-1.9 s
+    per softmax step against 10 ms at a fixed shape, ``results/lra_gpu/NOTES.md``)."""
+
+    split: Split
+    per_octave: int
+    cap: int
+
+    @property
+    def per_rank(self) -> bool:
+        return self.split.per_rank
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
+        for inputs, mask, labels in self.split.batches(batch_size, generator):
+            width = inputs.shape[1] if inputs.dim() in (2, 3) and labels.dim() == 1 else 0
+            target = bucket_width(width, self.per_octave, self.cap)
+            if target == width:
+                yield inputs, mask, labels
+                continue
+            extra = target - width
+            inputs = F.pad(inputs, (0, 0, 0, extra) if inputs.dim() == 3 else (0, extra))
+            if mask is None:
+                mask = torch.zeros(inputs.shape[0], width, dtype=torch.bool)
+            yield inputs, F.pad(mask, (0, extra), value=True), labels
+
+    def subset(self, index: Tensor) -> Split:
+        return BucketedSplit(self.split.subset(index), self.per_octave, self.cap)
+
+
+def length_buckets(cfg: TrainConfig, model: nn.Module, device: torch.device) -> int:
+    """Buckets per octave for ``model``'s batches: ``cfg.length_buckets``, or 8 on CUDA and 0
+    elsewhere; 0 for models without a ``max_len`` (images: no sequence dimension to pad)."""
+    if getattr(model, "max_len", None) is None:
+        return 0
+    if cfg.length_buckets is not None:
+        return cfg.length_buckets
+    return 8 if device.type == "cuda" else 0
+
+
 def limit(split: Split | None, count: int | None) -> Split | None:
     """``count`` samples of ``split`` drawn by a fixed seed (all when None): ``max_eval_samples``.
     Random, not the first ones: files are often sorted by class."""
@@ -339,7 +396,7 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
 
 
 RUNNING_OPTIONS = {"resume", "overwrite", "run_name", "progress", "out_dir", "threads", "device", "data_dir",
-                   "num_workers", "compile", "compile_backend"}
+                   "num_workers", "compile", "compile_backend", "length_buckets"}
 #: what a run writes in its folder (``--overwrite`` removes these and nothing else)
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.csv", "summary.json")
 
@@ -435,6 +492,7 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     steps_per_epoch: int
+    train: Split
     val: Split | None
     test: Split
     select_by_loss: bool
@@ -469,7 +527,7 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
     run.wall_start = time.perf_counter()
     run.writer = _tensorboard(cfg.run_dir()) if writes else None
     for epoch in range(run.start_epoch, cfg.epochs):
-        row, score = _train_and_evaluate(run, task.train, epoch)
+        row, score = _train_and_evaluate(run, run.train, epoch)
         improved = _is_better(score, run.best)
         if improved:
             run.best = score
@@ -505,11 +563,16 @@ def _prepare(cfg: TrainConfig, task: Task) -> _Run:
         steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
     else:
         steps_per_epoch = math.ceil(total_steps / cfg.epochs)
-    val, test = limit(task.val, cfg.max_eval_samples), limit(task.test, cfg.max_eval_samples)
+    train, val, test = task.train, limit(task.val, cfg.max_eval_samples), limit(task.test,
+                                                                                cfg.max_eval_samples)
+    per_octave = length_buckets(cfg, model, ctx.device)
+    if per_octave:
+        train, val, test = (None if s is None else BucketedSplit(s, per_octave, model.max_len)
+                            for s in (train, val, test))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
-    return _Run(cfg, ctx, model, train_model, optimizer, scheduler, scaler, steps_per_epoch, val, test,
-                task.select_by_loss)
+    return _Run(cfg, ctx, model, train_model, optimizer, scheduler, scaler, steps_per_epoch, train, val,
+                test, task.select_by_loss)
 
 
 def _resume(run: _Run) -> None:
