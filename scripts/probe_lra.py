@@ -46,7 +46,7 @@ def measure(task_name: str, variant: str, precision: str, threads: int, compile_
     import torch.nn.functional as F
 
     from primal_dual_attention.training.config import TrainConfig, bundled_config
-    from primal_dual_attention.training.engine import autocast, seed_everything
+    from primal_dual_attention.training.engine import BucketedSplit, autocast, length_buckets, seed_everything
     from primal_dual_attention.training.tasks import build_task
 
     torch.set_num_threads(threads)
@@ -64,8 +64,12 @@ def measure(task_name: str, variant: str, precision: str, threads: int, compile_
     model = task.model.to(device)
     run = torch.compile(model) if compile_model else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    train, test = task.train, task.test
+    per_octave = length_buckets(cfg, model, device)  # the engine's batch widths (CUDA: buckets)
+    if per_octave:
+        train, test = (BucketedSplit(split, per_octave, model.max_len) for split in (train, test))
     generator = torch.Generator().manual_seed(0)
-    batches = task.train.batches(cfg.batch_size, generator)
+    batches = train.batches(cfg.batch_size, generator)
 
     def place(batch):
         return tuple(None if t is None else t.to(device, non_blocking=True) for t in batch)
@@ -106,7 +110,7 @@ def measure(task_name: str, variant: str, precision: str, threads: int, compile_
     model.eval()
     eval_s, eval_n = 0.0, 0
     with torch.inference_mode():
-        for index, (x, mask, _y) in enumerate(task.test.batches(cfg.eval_batch_size)):
+        for index, (x, mask, _y) in enumerate(test.batches(cfg.eval_batch_size)):
             if index >= eval_batches:
                 break
             x, mask = place((x, mask))
