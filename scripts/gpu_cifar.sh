@@ -41,5 +41,5 @@ PY
 echo "probe: $(cut -d, -f4,13 "$probe/runs.csv" | tr '\n' ' ') -> $epochs epochs per run"
 fi
 "${PDA[@]}" sweep --task image --epochs "$epochs" --set precision="$PRECISION" --set device="$DEVICE" \
-    --workers "$WORKERS" --out runs/sweep_gpu --merge-into "$RESULTS"
+    --workers "$WORKERS" --out "runs/sweep_gpu/epochs$epochs" --merge-into "$RESULTS"
 echo "done in $(( $(date +%s) - start )) s"

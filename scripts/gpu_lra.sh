@@ -44,7 +44,7 @@
 #        [TIME_LIMIT=540] [TASKS="listops image pathfinder"]
 #        [VARIANTS=softmax,linear,bn,sh,bn_sh] [SEEDS=0] [DEVICE=cuda] [PRECISION=bf16]
 #        [COMPILE=off|auto|on] [EVAL_SAMPLES=2000] [PF_EVAL=1000] [PF_TRAIN=n | PF_GEN_SECONDS=180]
-#        [MAX_PARALLEL=n] [CIFAR_ZIP=path] [RESULTS=runs/lra_gpu/results] [RUNS=runs/lra_gpu]
+#        [MAX_PARALLEL=n] [CIFAR_ZIP=path] [RESULTS=runs/lra_gpu/results-<UTC time>] [RUNS=runs/lra_gpu]
 #        [PYTHON=python3] [OUT=folder for the files to bring back] [EXTRA="--set k=v ..."]
 #        [PROBE_STEPS=8] [PROBE_WARMUP=3] [RESERVE=90] scripts/gpu_lra.sh
 # CPU smoke test (minutes): DEVICE=cpu BUDGET=0.0005 VARIANTS=softmax,bn_sh EVAL_SAMPLES=64
@@ -64,7 +64,7 @@ EVAL_SAMPLES=${EVAL_SAMPLES:-2000}
 PF_EVAL=${PF_EVAL:-1000}
 PF_GEN_SECONDS=${PF_GEN_SECONDS:-180}
 RESERVE=${RESERVE:-90}   # seconds kept for process start, data loading, evaluation and the report
-RESULTS=${RESULTS:-runs/lra_gpu/results}  # a fresh folder: a sweep's folder holds one budget
+RESULTS=${RESULTS:-runs/lra_gpu/results-$(date -u +%Y%m%dT%H%M%S)}  # each call its own: one budget per folder
 RUNS=${RUNS:-runs/lra_gpu}
 PYTHON=${PYTHON:-python3}
 DEST=${OUT:-$RESULTS}
@@ -186,7 +186,9 @@ if true; then
     for pid in "${run_pids[@]}"; do
         if kill -0 "$pid" 2> /dev/null; then say "deadline: stopping run process $pid"; kill "$pid"; fi
     done
-    for pid in "${run_pids[@]}"; do wait "$pid" 2> /dev/null; done
+    for pid in "${run_pids[@]}"; do
+        wait "$pid" 2> /dev/null || say "run process $pid stopped or failed (exit $?): see $RUNS/sweep_*.log"
+    done
 fi
 [[ -n "$pf_pid" ]] && kill "$pf_pid" 2> /dev/null
 

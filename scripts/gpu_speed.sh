@@ -10,7 +10,7 @@
 # machine has no ../shared/data); ListOps is generated. UEA needs aeon, which GPU images may
 # lack: its rows are skipped there.
 # Usage: [DATA=.bench_data] [RESULTS=results/speed/gpu] [DEVICE=cuda] [PRECISION=bf16]
-#        [ONLY="vit_cifar_b8 ..."] [PYTHON=python3] [MODES=eager,compile] [REPEATS=20] [VARIANTS=softmax,bn,sh,bn_sh] scripts/gpu_speed.sh
+#        [ONLY="vit_cifar_b8 ..."] [EXTRA="..."] [PYTHON=python3] [MODES=eager,compile] [REPEATS=20] [VARIANTS=softmax,bn,sh,bn_sh] scripts/gpu_speed.sh
 set -uo pipefail
 DATA=${DATA:-.bench_data}
 RESULTS=${RESULTS:-results/speed/gpu}
@@ -20,8 +20,11 @@ MODES=${MODES:-eager,compile}
 REPEATS=${REPEATS:-20}
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the package, uninstalled (no registry there)
+# EXTRA: more `pda bench model` options for every model (split on spaces), e.g.
+# EXTRA='--set attention_options={"pack_heads":true}'
+read -r -a extra <<< "${EXTRA:-}"
 PDA=("$PYTHON" -m primal_dual_attention.cli bench model --device "$DEVICE" --modes "$MODES"
-     --set precision="$PRECISION")
+     --set precision="$PRECISION" "${extra[@]}")
 export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 start=$(date +%s)
 "$PYTHON" -c "import aeon" 2>/dev/null && uea=1 || uea=0

@@ -120,7 +120,8 @@ def summary(results: Path, probe: str, fractions: dict[str, float]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for task in (t for t in FULL_STEPS if t in fractions):  # the tasks this call ran
         for variant in VARIANT_ORDER:
-            rows = [r for r in runs if r["dataset"] == task and r["variant"] == variant]
+            rows = [r for r in runs if r["dataset"] == task and r["variant"] == variant
+                    and r["budget"] == f"{fractions[task]:g}"]  # this call's budget only
             probe_row = step.get((task, variant))
             if probe_row is None and task == "pathfinder":  # same model shape as Image
                 probe_row = step.get(("image", variant))

@@ -41,7 +41,8 @@ def _status_mib(field: str) -> float:
 
 
 def measure(task_name: str, variant: str, precision: str, threads: int, compile_model: bool,
-            warmup: int, steps: int, eval_batches: int, device_name: str = "cpu") -> dict:
+            warmup: int, steps: int, eval_batches: int, device_name: str = "cpu",
+            buckets: int | None = None) -> dict:
     import torch
     import torch.nn.functional as F
 
@@ -55,7 +56,7 @@ def measure(task_name: str, variant: str, precision: str, threads: int, compile_
     # generated tasks make only the samples a run uses: budget the probe to what it needs
     budget = max(needed / base.steps, base.epochs / base.steps)
     cfg = replace(base, variant=variant, precision=precision, budget=budget,
-                  max_eval_samples=eval_batches * base.eval_batch_size,
+                  max_eval_samples=eval_batches * base.eval_batch_size, length_buckets=buckets,
                   out_dir=tempfile.mkdtemp(), progress=False).validate()
     seed_everything(0)
     task = build_task(cfg)
@@ -145,6 +146,8 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--json", default=None, help="append one JSON line per measurement here")
+    parser.add_argument("--length-buckets", type=int, default=None,
+                        help="the engine's length_buckets (default: 8 on CUDA, 0 on the CPU)")
     args = parser.parse_args()
 
     import torch
@@ -154,7 +157,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"# machine: {machine_description()}; device {args.device}")
     print(f"# task {args.task}, {args.parallel} process(es) x {args.threads} thread(s), "
-          f"compile={args.compile}, warm-up {args.warmup} steps, {args.steps} timed steps "
+          f"compile={args.compile}, length_buckets={args.length_buckets}, warm-up {args.warmup} steps, "
+          f"{args.steps} timed steps "
           "(the load average column shows other work on this shared machine)")
     print("| task | variant | precision | processes x threads | compile | s/step (mean) | min-max | "
           "mean batch width | warm-up s | aggregate steps/s | s per 1k steps (aggregate) | "
@@ -163,7 +167,7 @@ def main() -> None:
     for variant in args.variants.split(","):
         for precision in args.precisions.split(","):
             job = (args.task, variant, precision, args.threads, args.compile, args.warmup, args.steps,
-                   args.eval_batches, args.device)
+                   args.eval_batches, args.device, args.length_buckets)
             if args.parallel == 1:
                 results = [measure(*job)]
             else:

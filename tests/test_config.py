@@ -116,8 +116,27 @@ def test_every_variant_kernel_is_in_the_table():
     ({"task": "image", "dataset": "CIFAR10", "variant": "sh", "head_scales": [1] * 8},
      r"one entry per head \(4\)"),
     ({"task": "lra-listops", "heads": 2, "variant": "sparse"}, "needs window"),
+    ({"attention_options": {"packheads": True}}, r"unknown attention option\(s\) \['packheads'\]"),
+    ({"attention_options": {"pack_heads": "yes"}}, "pack_heads must be True, False or None"),
+    ({"attention_options": {"eps": -1.0}}, "eps must be a number >= 0"),
+    ({"attention_options": {"variant": "bn"}}, r"attention_options \['variant'\]: these are options"),
 ])
 def test_train_config_reports_attention_mistakes_before_any_data(kwargs, match, tmp_path):
     missing = str(tmp_path / "no-such-data")
     with pytest.raises(ValueError, match=match):
         TrainConfig(data_dir=missing, **kwargs).validate()
+
+
+def test_attention_options_reach_every_layer_and_the_command_line(tmp_path, capsys):
+    """Any AttentionConfig field travels through TrainConfig (a YAML mapping on the command line),
+    so a new attention switch needs no training option of its own."""
+    from primal_dual_attention.cli import main
+    from primal_dual_attention.training.tasks import build_task
+
+    cfg = TrainConfig(task="lra-listops", variant="bn_sh", heads=2, dim=8, mlp_dim=8, depth=1,
+                      attention_options={"pack_heads": True, "eps": 1e-3}).validate()
+    assert (cfg.attention().pack_heads, cfg.attention().eps, cfg.attention().variant) == (True, 1e-3, "bn_sh")
+    layers = [m for m in build_task(cfg).model.modules() if isinstance(m, MultiHeadAttention)]
+    assert layers and all(m.config.pack_heads and m.config.eps == 1e-3 for m in layers)
+    assert main(["train", "--task", "lra-listops", "--attention-options", "{packheads: true}"]) == 2
+    assert "unknown attention option(s) ['packheads']" in capsys.readouterr().err

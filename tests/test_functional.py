@@ -206,6 +206,38 @@ def test_packed_heads_equal_grouped_heads(variant, grid, fused, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("variant", ["sh", "bn_sh", "linear_bn_sh"])
+@pytest.mark.parametrize("grid", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_pack_heads_switch_forces_either_path_with_the_same_result(variant, grid, padded):
+    """``pack_heads=True`` packs unpadded batches too, ``False`` never packs; outputs, maps and
+    gradients are the same (float64)."""
+    from primal_dual_attention.attention import AttentionConfig, MultiHeadAttention
+
+    heads, n = (4, 17) if grid else (8, 16)
+    shape = {"grid_size": (4, 4), "num_prefix_tokens": 1, "head_scales": (1, 2, 4, 2)} if grid else {}
+    x = torch.randn(3, n, 32, dtype=torch.float64, requires_grad=True)
+    mask = ragged_mask(3, n, [n, n - 6, 1]) if padded else None
+    results = []
+    for pack in (True, False):
+        torch.manual_seed(0)
+        layer = MultiHeadAttention(32, heads, AttentionConfig(variant=variant, pack_heads=pack, **shape),
+                                   dtype=torch.float64)
+        assert PF.packs_heads(layer.config, n, mask) is pack
+        out, weights = layer(x, key_padding_mask=mask, need_weights=True)
+        results.append((out, weights, torch.autograd.grad(out.square().sum(), x)[0]))
+    for a, b in zip(*results, strict=True):
+        assert a.isfinite().all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_pack_heads_needs_several_scales_and_a_bool():
+    one_scale = PF.AttentionOptions(head_scales=(2, 2), pack_heads=True)
+    assert not PF.packs_heads(one_scale, 16, None)
+    with pytest.raises(TypeError, match="pack_heads must be True, False or None .*got 'yes'"):
+        PF.AttentionOptions(head_scales=(1, 2), pack_heads="yes")
+
+
 def test_pool_tokens_ceil_mode_and_masks():
     x = torch.arange(7, dtype=torch.float64).view(1, 7, 1)
     pooled, _ = PF.pool_tokens(x, 3)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from primal_dual_attention.attention import VARIANTS, AttentionConfig
-from primal_dual_attention.data.lra import TokenSplit
+from primal_dual_attention.data.lra import PairSplit, TokenSplit
+from primal_dual_attention.data.text import ByteWindows
 from primal_dual_attention.data.uea import SeriesSplit
 from primal_dual_attention.models.lra import LRAClassifier
 from primal_dual_attention.models.timeseries import TimeSeriesTransformer
@@ -47,12 +48,13 @@ def test_bucketed_batches_are_padded_and_masked():
     assert next(iter(unpadded.batches(2)))[1] is None  # already on a bucket: no mask is made
 
 
-@pytest.mark.parametrize("variant", ["softmax", "bn", "sh", "bn_sh", "linear", "linear_bn"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_bucketed_batches_give_the_same_logits(variant):
     """An LRA model (masked mean pooling) in float64: the extra padding changes nothing."""
-    assert variant in VARIANTS
     torch.manual_seed(0)
-    attention = AttentionConfig(variant=variant, head_scales=(1, 2) if "sh" in variant else None)
+    spec = VARIANTS[variant]
+    attention = AttentionConfig(variant=variant, head_scales=(1, 2) if spec.multi_scale else None,
+                                window=3 if spec.sparse else None)
     model = LRAClassifier(16, 3, 40, dim=8, depth=2, num_heads=2, mlp_dim=8, dropout=0.0,
                           attention=attention).double().eval()
     split = _tokens([19, 13, 6, 17], 40)
@@ -77,6 +79,40 @@ def test_bucketed_series_give_the_same_logits_with_flatten_pooling():
     torch.testing.assert_close(model(xb.double(), mb), model(x.double(), m), rtol=1e-10, atol=1e-10)
 
 
+def test_per_token_targets_wide_pairs_and_float_masks():
+    """Language-model windows (targets per token) and pairs wider than the cap pass unchanged;
+    a mask that is not bool is an error, not padding read as a number."""
+    windows = ByteWindows(torch.arange(60, dtype=torch.uint8), 19)
+    (x, mask, y), *_ = BucketedSplit(windows, 8, 40).batches(2)
+    assert x.shape == (2, 19) and mask is None and y.shape == (38,)
+    pairs = PairSplit(np.ones((2, 8), dtype=np.int64), np.array([4, 3]), np.array([2, 1]), np.array([0, 1]))
+    (x, mask, _), = BucketedSplit(pairs, 2, 4).batches(2)
+    assert x.shape == (2, 8)
+
+    class FloatMasks(SeriesSplit):
+        def batches(self, batch_size, generator=None):
+            for x, mask, y in super().batches(batch_size, generator):
+                yield x, mask.float(), y
+
+    padding = torch.arange(9) >= torch.tensor([[9], [5]])
+    floats = FloatMasks(torch.zeros(2, 9, 1), padding, torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="key_padding_mask must be bool .*got torch.float32"):
+        next(iter(BucketedSplit(floats, 2, 12).batches(2)))
+
+
+def test_per_token_targets_are_sharded_by_row():
+    """Under DDP each rank takes every world_size-th row of a batch; a language model's flat
+    (B*T,) targets must follow the rows of its inputs."""
+    from primal_dual_attention.training.distributed import Context
+    from primal_dual_attention.training.engine import _place
+
+    windows = ByteWindows(torch.arange(100, dtype=torch.uint8), 4)
+    batch = next(iter(windows.batches(4)))
+    x, _, y = _place(windows, Context(rank=1, world_size=2), batch)
+    assert torch.equal(x, batch[0][1::2]) and torch.equal(y, batch[2].view(4, 4)[1::2].reshape(-1))
+    assert torch.equal(y.view(2, 4)[:, :-1], x[:, 1:])  # targets are the next bytes of these rows
+
+
 def test_buckets_by_default_on_cuda_only_and_for_sequence_models():
     sequence = LRAClassifier(16, 3, 40, dim=8, depth=1, num_heads=2, mlp_dim=8)
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
@@ -84,5 +120,6 @@ def test_buckets_by_default_on_cuda_only_and_for_sequence_models():
     assert length_buckets(TrainConfig(), sequence, cpu) == 0
     assert length_buckets(TrainConfig(length_buckets=4), sequence, cpu) == 4
     assert length_buckets(TrainConfig(length_buckets=4), torch.nn.Linear(2, 2), cuda) == 0
-    with pytest.raises(ValueError, match="length_buckets must be >= 0 .* got -1"):
-        TrainConfig(length_buckets=-1).validate()
+    for bad in (-1, 3):
+        with pytest.raises(ValueError, match=f"length_buckets must be 0 .*a power of two .*got {bad}"):
+            TrainConfig(length_buckets=bad).validate()

@@ -75,6 +75,16 @@ def _int_list(text: str) -> list[int] | None:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _mapping(text: str) -> dict | None:
+    """A YAML mapping, e.g. ``'{pack_heads: true, eps: 1.0e-3}'``, or ``none``."""
+    import yaml
+
+    value = yaml.safe_load(text)
+    if value is not None and not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{eps: 1.0e-3}}', got {text!r}")
+    return value
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`TrainConfig` field; unset options keep the config's value."""
     import typing
@@ -94,7 +104,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
             continue
         parse = {int: int, float: float, str: str, int | None: _optional(int),
                  float | None: _optional(float), str | None: _optional(str),
-                 list[int] | None: _int_list}[kind]
+                 list[int] | None: _int_list, dict[str, typing.Any] | None: _mapping}[kind]
         parser.add_argument(flag, type=parse, default=argparse.SUPPRESS, metavar=f.name.upper(),
                             help=f"(default {default})")
 

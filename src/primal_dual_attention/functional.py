@@ -141,7 +141,9 @@ class AttentionOptions:
     ``|i - j| <= window``; ``grid_size``: pool SH keys on a 2-D ``(Hg, Wg)`` token grid;
     ``num_prefix_tokens``: leading tokens never pooled; ``eps``: Attention-BN's variance floor;
     ``fused``: SDPA / the primal form (False: the explicit math path, the tests' reference);
-    ``causal``: output i is the variant applied to the prefix 1..i (:mod:`.causal`, 1-D only).
+    ``causal``: output i is the variant applied to the prefix 1..i (:mod:`.causal`, 1-D only);
+    ``pack_heads``: SH with several scales in one attention call for every head (True), one call
+    per scale (False), or as :func:`packs_heads` measured best (None). Same outputs either way.
 
     Values are checked on construction (one message per mistake); what depends on the input
     (heads, tokens) by :meth:`check_input`. A new switch is one field here and its use below.
@@ -156,12 +158,15 @@ class AttentionOptions:
     eps: float = 1e-5
     fused: bool = True
     causal: bool = False
+    pack_heads: bool | None = None
 
     def __post_init__(self) -> None:
         get_kernel(self.kernel)
         for name in ("bn", "fused", "causal"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.pack_heads is not None and not isinstance(self.pack_heads, bool):
+            raise TypeError(f"pack_heads must be True, False or None (automatic), got {self.pack_heads!r}")
         normalised = {
             "head_scales": None if self.head_scales is None else check_head_scales(self.head_scales),
             "window": None if self.window is None else check_positive_int(
@@ -811,10 +816,15 @@ def packs_heads(options: AttentionOptions, num_tokens: int, key_padding_mask: Te
     (O(H N^2 D) for the pooling) for operations. Measured on the CPU (``results/speed/cpu``) it
     pays in eager mode with a padding mask, where grouped pooling takes about 20 operations per
     group, in short sequences; unpadded, grouped pooling is one strided mean, and compiled code
-    fuses it, where the packed product and the masked kernel were slower (issue 13)."""
+    fuses it, where the packed product and the masked kernel were slower (issue 13). The
+    ``pack_heads`` option overrides this rule (e.g. to measure packing on another device)."""
     scales = options.head_scales
-    return (scales is not None and len(set(scales)) > 1 and key_padding_mask is not None
-            and num_tokens <= PACKED_SH_MAX_TOKENS and not torch.compiler.is_compiling())
+    if scales is None or len(set(scales)) == 1 or options.pack_heads is False:
+        return False
+    if options.pack_heads:
+        return True
+    return (key_padding_mask is not None and num_tokens <= PACKED_SH_MAX_TOKENS
+            and not torch.compiler.is_compiling())
 
 
 def _window_index(
@@ -918,9 +928,10 @@ def attention(
         q, k, v: ``(B, H, N, D)`` projected queries, keys and values (``v`` may differ in D).
         options: the switches as one :class:`AttentionOptions`; or give them as keywords
             (``kernel="linear", bn=True, head_scales=..., window=..., grid_size=...,
-            num_prefix_tokens=..., eps=..., fused=..., causal=...``), which override ``options``'
-            fields. With ``causal`` (SPEC.md §2 "Causal") ``q`` may be shorter than ``k``: its
-            queries are the last positions (decoding with a cache of the earlier keys).
+            num_prefix_tokens=..., eps=..., fused=..., causal=..., pack_heads=...``), which
+            override ``options``' fields. With ``causal`` (SPEC.md §2 "Causal") ``q`` may be
+            shorter than ``k``: its queries are the last positions (decoding with a cache of the
+            earlier keys).
         key_padding_mask: ``(B, N)`` bool, True marks padding.
         dropout_p: dropout on the attention weights (pass 0.0 in eval mode).
         need_weights: also return the ``(B, H, N, N)`` attention maps (pooled heads spread back).

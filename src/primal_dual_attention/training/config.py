@@ -38,6 +38,9 @@ class TrainConfig:
     variant: str = "softmax"
     head_scales: list[int] | None = None
     window: int | None = None
+    # any other AttentionConfig field for every layer, e.g. {eps: 1.0e-3, pack_heads: true}: a new
+    # attention switch reaches training, sweeps and benchmarks with no change here
+    attention_options: dict[str, Any] | None = None
     seed: int = 0
     protocol: str = "clean"  # SPEC.md §4; "paper" picks the epoch on the test split (optimistic)
     val_fraction: float = 0.2
@@ -129,9 +132,10 @@ class TrainConfig:
             raise ValueError(f"lr_base_batch must be >= 1 or None, got {self.lr_base_batch}")
         if not self.budget > 0:
             raise ValueError(f"budget must be > 0 (a fraction of the configured steps), got {self.budget}")
-        if self.length_buckets is not None and self.length_buckets < 0:
-            raise ValueError(f"length_buckets must be >= 0 (0 = no buckets) or None (8 on CUDA), got "
-                             f"{self.length_buckets}")
+        buckets = self.length_buckets
+        if buckets is not None and (buckets < 0 or buckets & (buckets - 1)):
+            raise ValueError(f"length_buckets must be 0 (no buckets), a power of two or None (8 on CUDA), "
+                             f"got {buckets}")
         for name in ("steps", "max_len", "max_eval_samples", "max_train_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -147,10 +151,16 @@ class TrainConfig:
 
     def attention(self) -> AttentionConfig:
         """The run's attention as one value (SPEC.md §2), handed to the task's model."""
-        from primal_dual_attention.attention import AttentionConfig
+        from primal_dual_attention.attention import AttentionConfig, attention_config
 
+        extra = dict(self.attention_options or {})
+        own = sorted(set(extra) & {"variant", "head_scales", "window"})
+        if own:
+            raise ValueError(f"attention_options {own}: these are options of their own (variant, "
+                             "head_scales, window); set them there")
         head_scales = None if self.head_scales is None else tuple(self.head_scales)
-        return AttentionConfig(variant=self.variant, head_scales=head_scales, window=self.window)
+        return attention_config(AttentionConfig(variant=self.variant, head_scales=head_scales,
+                                                window=self.window), **extra)
 
     def effective_lr(self) -> float:
         """``lr``, linearly scaled by ``batch_size / lr_base_batch`` when that is set."""

@@ -138,8 +138,9 @@ class StepSplit:
 
 
 def bucket_width(width: int, per_octave: int, cap: int) -> int:
-    """``width`` rounded up to one of ``per_octave`` evenly spaced lengths of its octave
-    [2^e, 2^(e+1)), at most ``cap`` (at most 1/per_octave of padding, a few shapes per octave)."""
+    """``width`` rounded up to one of ``per_octave`` (a power of two) evenly spaced lengths of its
+    octave [2^e, 2^(e+1)), at most ``cap`` (at most 1/per_octave of padding); a width above
+    ``cap`` stays as it is."""
     if per_octave < 1 or width <= per_octave:
         return width
     step = max(1, (1 << (width.bit_length() - 1)) // per_octave)
@@ -148,9 +149,10 @@ def bucket_width(width: int, per_octave: int, cap: int) -> int:
 
 @dataclass
 class BucketedSplit:
-    """``split`` whose batches of padded sequences — inputs ``(B, T)`` or ``(B, T, C)`` with a
-    padding mask, or unpadded of a width off the buckets — are padded further to
-    :func:`bucket_width` (zeros, masked as padding: SPEC §2, padding never reaches valid outputs).
+    """``split`` whose sequence batches — inputs ``(B, T)`` or ``(B, T, C)`` with one label per
+    sample and a bool padding mask or none — are padded further to :func:`bucket_width` (zeros,
+    masked as padding: SPEC §2, padding never reaches valid outputs). Per-token targets (language
+    models) and batches wider than ``cap`` (pairs of sequences) pass unchanged.
 
     Why: trimming each batch to its longest sequence gives nearly every step a new shape, and on
     a GPU an attention call of a new shape pays a one-off set-up (ListOps on an H200: 0.14-1.9 s
@@ -169,15 +171,18 @@ class BucketedSplit:
 
     def batches(self, batch_size: int, generator: torch.Generator | None = None) -> Iterator[Batch]:
         for inputs, mask, labels in self.split.batches(batch_size, generator):
-            width = inputs.shape[1] if inputs.dim() in (2, 3) and labels.dim() == 1 else 0
+            per_sample = inputs.dim() in (2, 3) and labels.shape == inputs.shape[:1]
+            width = inputs.shape[1] if per_sample else 0
             target = bucket_width(width, self.per_octave, self.cap)
             if target == width:
                 yield inputs, mask, labels
                 continue
+            if mask is None:
+                mask = torch.zeros(inputs.shape[:2], dtype=torch.bool, device=inputs.device)
+            elif mask.dtype != torch.bool:
+                raise TypeError(f"key_padding_mask must be bool (True = padding), got {mask.dtype}")
             extra = target - width
             inputs = F.pad(inputs, (0, 0, 0, extra) if inputs.dim() == 3 else (0, extra))
-            if mask is None:
-                mask = torch.zeros(inputs.shape[0], width, dtype=torch.bool)
             yield inputs, F.pad(mask, (0, extra), value=True), labels
 
     def subset(self, index: Tensor) -> Split:
@@ -472,7 +477,12 @@ def _place(split: Split, ctx: Context, batch: Batch) -> tuple[Tensor, Tensor | N
     of a ``per_rank`` split (each rank loaded its own share)."""
     if split.per_rank:
         return tuple(None if t is None else t.to(ctx.device, non_blocking=True) for t in batch)
-    return ctx.shard(*batch)
+    inputs, mask, labels = batch
+    rows = inputs.shape[0]
+    if ctx.distributed and labels.shape[0] != rows:  # per-token targets (B*T,): shard them by row
+        inputs, mask, labels = ctx.shard(inputs, mask, labels.view(rows, -1))
+        return inputs, mask, labels.reshape(-1)
+    return ctx.shard(inputs, mask, labels)
 
 
 def _is_better(candidate: tuple[float, float], best: tuple[float, float] | None) -> bool:
@@ -566,6 +576,7 @@ def _prepare(cfg: TrainConfig, task: Task) -> _Run:
     train, val, test = task.train, limit(task.val, cfg.max_eval_samples), limit(task.test,
                                                                                 cfg.max_eval_samples)
     per_octave = length_buckets(cfg, model, ctx.device)
+    cfg = replace(cfg, length_buckets=per_octave)  # config.yaml records what the run used
     if per_octave:
         train, val, test = (None if s is None else BucketedSplit(s, per_octave, model.max_len)
                             for s in (train, val, test))

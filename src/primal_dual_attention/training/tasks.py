@@ -30,9 +30,10 @@ def check_task(cfg: TrainConfig) -> None:
     :meth:`TrainConfig.validate`, so every attention mistake is reported before data loads."""
     if cfg.task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}")
+    attention = cfg.attention()
     heads = TASK_HEADS[cfg.task](cfg)
     if heads is not None:
-        cfg.attention().for_heads(heads)
+        attention.for_heads(heads)
 
 
 def warn_long_scales(cfg: TrainConfig, length: int) -> None:
