@@ -15,7 +15,7 @@ from primal_dual_attention.training.sweep import read_rows
 
 RESULTS = Path(__file__).parents[1] / "results"
 #: every results folder with a report built from its runs.csv, and the sweep task that builds it
-REPORTS = {"uea": "uea", "cifar10": "image", "lra/history_issue8": "lra", "lra_gpu": "lra",
+REPORTS = {"uea": "uea", "cifar10": "image", "lra": "lra", "lra/history_issue8": "lra", "lra_gpu": "lra",
            "lra_gpu/history_budget_0.0135": "lra"}
 
 
