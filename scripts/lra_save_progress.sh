@@ -5,6 +5,7 @@
 # checkpoints/lra_in_progress/. To resume in a new session, put it back where the runner looks
 # and start the runner (finished runs are skipped, unfinished ones continue from last.pt):
 #   mkdir -p runs/lra_learn && cp -r checkpoints/lra_in_progress/lra runs/lra_learn/
+#   cp -r results/lra/runs.csv results/lra/logs runs/lra_learn/  # the finished runs: skipped
 #   for last in runs/lra_learn/lra/*/*/*/*/last.pt; do [ -f "${last%last.pt}best.pt" ] || cp "$last" "${last%last.pt}best.pt"; done
 #   nohup setsid scripts/lra_cpu_learn.sh >> runs/lra_learn/runner.log 2>&1 < /dev/null &
 # Usage: [RUNS=runs/lra_learn] scripts/lra_save_progress.sh
