@@ -20,7 +20,8 @@
 # The lanes are split so that their work is about equal (softmax, linear, bn_sh | bn, sh).
 # Resumable: `pda sweep` skips runs already in runs.csv and continues an interrupted run from its
 # last.pt (at most one evaluation round is lost), so the same command continues the queue in a
-# later session; a sweep that fails (e.g. killed for memory) is retried twice, a minute apart. When both lanes are done, `pda sweep --report-only` rebuilds README.md.
+# later session; a sweep that fails (e.g. killed for memory) is retried twice, a minute apart
+# (not one that pda refused with a one-line error). When both lanes are done, `pda sweep --report-only` rebuilds README.md.
 #
 # Usage (from the repository root; PDA defaults to `pda`):
 #   nohup scripts/lra_cpu_learn.sh > runs/lra_learn/runner.log 2>&1 &
@@ -42,11 +43,15 @@ common=(--task lra --workers 1 --threads 1 --out "$RUNS" --merge-into "$RESULTS"
 listops=(--datasets listops --set budget="$LISTOPS_BUDGET" --set precision="$LISTOPS_PRECISION")
 image=(--datasets image --set budget="$IMAGE_BUDGET" --set precision="$IMAGE_PRECISION")
 
-retry() {  # a sweep killed for memory (or anything else) resumes from its last.pt
-    local attempt
+retry() {  # a sweep killed for memory (or anything else) resumes from its last.pt; a refusal
+           # (exit status 2: pda's one-line error, e.g. an --out folder of another budget) is final
+    local attempt status
     for attempt in 1 2 3; do
-        "$@" && return 0
-        echo "[$(date -u +%F' '%T)] failed (attempt $attempt): $*"
+        "$@"
+        status=$?
+        (( status == 0 )) && return 0
+        echo "[$(date -u +%F' '%T)] failed (attempt $attempt, exit status $status): $*"
+        (( status == 2 )) && return 2
         sleep 60
     done
     return 1
