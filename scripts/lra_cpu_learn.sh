@@ -13,11 +13,19 @@
 # instead of fragmenting the heap. Clean protocol (the epoch is chosen on the validation split);
 # validation and test on a fixed random 1,000 samples each, 10 evaluation rounds per run.
 #
+# listops5k: ListOps at the published 5,000 steps (budget 1.0) in bf16 with 8 length buckets per
+# octave (results/lra/probe_cpu.md, addendum: buckets stop bf16's growth with every new batch
+# width and halve its peak memory, and bf16 steps take about a third of fp32's), because the
+# 2,000-step fp32 table stayed at one class for softmax and BN. Its own run and results folders
+# (a sweep refuses a folder that holds another budget of the same dataset).
+#
 # Two lanes, each one process with one thread (the probe: 2 x 1 thread gives more steps per
 # second in aggregate than 1 x 2 threads on this shared machine); together they use 2 threads.
-# Each lane works through its share of the variants, block after block:
-#   ListOps seed 0 -> Image seed 0 -> ListOps seeds 1,2 -> Image seeds 1,2.
-# The lanes are split so that their work is about equal (softmax, linear, bn_sh | bn, sh).
+# Each lane works through a queue of jobs `suite:variants:seeds` (LANE_A, LANE_B), split so that
+# the lanes' work is about equal. The first queues (until 2026-11-27, fifth session) were
+#   A: listops:softmax,linear,bn_sh:0 image:softmax,linear,bn_sh:0 listops:...:1,2 image:...:1,2
+#   B: the same for bn,sh
+# which finished the fp32 ListOps runs of softmax and BN.
 # Resumable: `pda sweep` skips runs already in runs.csv and continues an interrupted run from its
 # last.pt (at most one evaluation round is lost), so the same command continues the queue in a
 # later session; a sweep that fails (e.g. killed for memory) is retried twice, a minute apart
@@ -30,18 +38,24 @@ set -uo pipefail
 PDA=${PDA:-pda}
 RESULTS=${RESULTS:-results/lra}
 RUNS=${RUNS:-runs/lra_learn}
+RESULTS_5K=${RESULTS_5K:-results/lra/listops_5000_steps}
+RUNS_5K=${RUNS_5K:-runs/lra_listops_5000_steps}
 LISTOPS_BUDGET=${LISTOPS_BUDGET:-0.4}
 IMAGE_BUDGET=${IMAGE_BUDGET:-0.008}
 EVAL_SAMPLES=${EVAL_SAMPLES:-1000}
 LISTOPS_PRECISION=${LISTOPS_PRECISION:-fp32}
 IMAGE_PRECISION=${IMAGE_PRECISION:-bf16}
+LANE_A=${LANE_A:-listops:linear:0 listops5k:softmax:0 listops5k:sh:0 listops5k:bn_sh:0 listops5k:softmax,sh,bn_sh:1,2}
+LANE_B=${LANE_B:-listops:sh:0 image:softmax,sh,linear,bn,bn_sh:0 listops5k:bn:0 listops5k:linear:0 listops5k:bn,linear:1,2 image:softmax,sh,linear,bn,bn_sh:1,2}
 export OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
-mkdir -p "$RESULTS" "$RUNS"
+mkdir -p "$RESULTS" "$RUNS" "$RESULTS_5K" "$RUNS_5K"
 
-common=(--task lra --workers 1 --threads 1 --out "$RUNS" --merge-into "$RESULTS"
-        --set max_eval_samples="$EVAL_SAMPLES")
-listops=(--datasets listops --set budget="$LISTOPS_BUDGET" --set precision="$LISTOPS_PRECISION")
-image=(--datasets image --set budget="$IMAGE_BUDGET" --set precision="$IMAGE_PRECISION")
+# suite -> "dataset precision budget runs results extra-option" (one table, no if/elif chain)
+declare -A SUITE=(
+    [listops]="listops $LISTOPS_PRECISION $LISTOPS_BUDGET $RUNS $RESULTS"
+    [image]="image $IMAGE_PRECISION $IMAGE_BUDGET $RUNS $RESULTS"
+    [listops5k]="listops bf16 1.0 $RUNS_5K $RESULTS_5K length_buckets=8"
+)
 
 retry() {  # a sweep killed for memory (or anything else) resumes from its last.pt; a refusal
            # (exit status 2: pda's one-line error, e.g. an --out folder of another budget) is final
@@ -59,26 +73,39 @@ retry() {  # a sweep killed for memory (or anything else) resumes from its last.
 
 bench() {  # cost of a task's models, one thread (serialised by a lock); Image at batch 64, not 256:
           # FLOP counting runs the N x N math path, which at batch 256 would need ~10 GB
-    local dataset=$1 batch=$2 variants=$3
-    local precision=$4
+    local dataset=$1 precision=$2 variants=$3 results=$4
+    local batch=32
+    [[ $dataset == image ]] && batch=64
     flock "$RESULTS/.cost.lock" $PDA bench model --task lra --dataset "$dataset" --variants "$variants" \
-        --batch "$batch" --repeats 3 --device cpu --set precision="$precision" --out "$RESULTS" \
-        || echo "bench $dataset $variants failed"
+        --batch "$batch" --repeats 3 --device cpu --set precision="$precision" --out "$results" \
+        || { echo "bench $dataset $variants failed"; return 1; }
+}
+
+job() {  # one queue entry suite:variants:seeds: the sweep, then (once per suite) the cost of all five models
+    local suite variants seeds dataset precision budget runs results extra
+    IFS=: read -r suite variants seeds <<< "$1"
+    [[ -n ${SUITE[$suite]:-} ]] || { echo "unknown suite '$suite' in '$1' (allowed: ${!SUITE[*]})"; return 2; }
+    read -r dataset precision budget runs results extra <<< "${SUITE[$suite]}"
+    local options=(--task lra --workers 1 --threads 1 --out "$runs" --merge-into "$results"
+                   --set max_eval_samples="$EVAL_SAMPLES" --datasets "$dataset"
+                   --set budget="$budget" --set precision="$precision")
+    [[ -n $extra ]] && options+=(--set "$extra")
+    retry $PDA sweep "${options[@]}" --variants "$variants" --seeds "$seeds" || echo "$1 failed"
+    local marker="$runs/.bench_$suite"
+    [[ -f $marker ]] || { bench "$dataset" "$precision" softmax,linear,bn,sh,bn_sh "$results" && touch "$marker"; }
 }
 
 lane() {
-    local variants=$1
-    echo "[$(date -u +%F' '%T)] lane $variants: start"
-    retry $PDA sweep "${common[@]}" "${listops[@]}" --variants "$variants" --seeds 0 || echo "listops seed 0 failed"
-    [[ -f "$RUNS/.bench_listops_$variants" ]] || { bench listops 32 "$variants" "$LISTOPS_PRECISION" && touch "$RUNS/.bench_listops_$variants"; }
-    retry $PDA sweep "${common[@]}" "${image[@]}" --variants "$variants" --seeds 0 || echo "image seed 0 failed"
-    [[ -f "$RUNS/.bench_image_$variants" ]] || { bench image 64 "$variants" "$IMAGE_PRECISION" && touch "$RUNS/.bench_image_$variants"; }
-    retry $PDA sweep "${common[@]}" "${listops[@]}" --variants "$variants" --seeds 1,2 || echo "listops seeds 1,2 failed"
-    retry $PDA sweep "${common[@]}" "${image[@]}" --variants "$variants" --seeds 1,2 || echo "image seeds 1,2 failed"
-    echo "[$(date -u +%F' '%T)] lane $variants: done"
+    echo "[$(date -u +%F' '%T)] lane $*: start"
+    local entry
+    for entry in "$@"; do job "$entry"; done
+    echo "[$(date -u +%F' '%T)] lane $*: done"
 }
 
-lane softmax,linear,bn_sh >> "$RUNS/lane_a.log" 2>&1 &
-lane bn,sh >> "$RUNS/lane_b.log" 2>&1 &
+# shellcheck disable=SC2086  # the queues are space-separated lists
+lane $LANE_A >> "$RUNS/lane_a.log" 2>&1 &
+# shellcheck disable=SC2086
+lane $LANE_B >> "$RUNS/lane_b.log" 2>&1 &
 wait
 $PDA sweep --task lra --report-only --results "$RESULTS"
+$PDA sweep --task lra --report-only --results "$RESULTS_5K"

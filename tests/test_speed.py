@@ -47,9 +47,9 @@ def layer_ops(variant: str, *, grid: bool, padded: bool) -> int:
 # Extra operations over softmax in the same setting (forward + backward, torch 2.14). A change
 # that makes BN or SH dispatch more work per step fails here; lower them when the path gets leaner.
 EXTRA_OPS = {  # variant: (2-D grid, 1-D, 1-D padded)
-    "bn": (22, 22, 39),
+    "bn": (19, 19, 37),
     "sh": (36, 56, 26),  # padded: every head in one call (functional.packs_heads)
-    "bn_sh": (80, 144, 65),
+    "bn_sh": (74, 132, 63),
 }
 
 
