@@ -30,8 +30,10 @@ def main() -> None:
     print("| variant | " + " | ".join(name for name, _, _ in SETTINGS) + " |")
     print("|---|" + "---|" * len(SETTINGS))
     for variant in ("softmax", "bn", "sh", "bn_sh", "linear", "linear_bn_sh"):
-        counts = [layer_ops(variant, grid=grid, padded=padded) for _, grid, padded in SETTINGS]
-        print(f"| {variant} | " + " | ".join(map(str, counts)) + " |")
+        counts = [f"{layer_ops(variant, grid=grid, padded=padded)} "
+                  f"({layer_ops(variant, grid=grid, padded=padded, kernels=True)})"
+                  for _, grid, padded in SETTINGS]
+        print(f"| {variant} | " + " | ".join(counts) + " |")
 
 
 if __name__ == "__main__":
