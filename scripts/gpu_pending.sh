@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# The GPU checks still pending (issues 13 and 16), in one call of about 12 minutes on one GPU:
+# The GPU checks still pending (issues 13 and 16), in one call of about 11 minutes on one GPU:
 #   1. length buckets: the ListOps timing probe with trimmed batches (--length-buckets 0) and
 #      with the engine's CUDA default (8 per octave), each variant alone, bf16 eager;
-#   2. packed SH on unpadded image models: scripts/gpu_speed.sh with every SH call packed
-#      (attention_options pack_heads=true), eager and compiled, for vit_cifar and DeiT-tiny,
-#      to set beside results/speed/gpu (the grouped default);
-#   3. the LRA runs (scripts/gpu_lra.sh, ListOps and Image) in the time left.
+#   2. the image models on this code (SH pooled by avg_pool2d, BN's fewer kernels):
+#      scripts/gpu_speed.sh, eager and compiled, for vit_cifar and DeiT-tiny, grouped SH (the
+#      default) and then with every SH call packed (attention_options pack_heads=true);
+#   3. the LRA runs (scripts/gpu_lra.sh, ListOps and Image) in the time left, if any.
 # Everything is written under WORK (runs/gpu_pending) and packed at the end into
-# OUT/gpu_pending.tar.gz, beside copies of probe_buckets.md, speed_packed.md and lra_summary.md
-# (the device tool brings back at most 8 files).
+# OUT/gpu_pending.tar.gz, beside copies of probe_buckets.md, speed_grouped.md, speed_packed.md
+# and lra_summary.md (the device tool brings back at most 8 files).
 # Data: DATA as for gpu_speed.sh (scripts/make_bench_data.py) and the CIFAR-10 zip for Image
 # (CIFAR_ZIP or shared/data/... in the checkout, see gpu_lra.sh).
-# Usage: [OUT=folder] [DATA=.bench_data] [TOTAL=690] [PYTHON=python3] scripts/gpu_pending.sh
+# Usage: [OUT=folder] [DATA=.bench_data] [TOTAL=660] [PYTHON=python3] scripts/gpu_pending.sh
 # CPU smoke test (no timing meaning): DEVICE=cpu PRECISION=fp32 ONLY=vit_cifar_b8 MODES=eager
 #   REPEATS=1 PROBE_STEPS=1 PROBE_WARMUP=0 PROBE_VARIANTS=linear TOTAL=100 OUT=/tmp/gp WORK=/tmp/gp_work
 #   scripts/gpu_pending.sh
@@ -20,7 +20,7 @@ start=$(date +%s)
 OUT=${OUT:-results/gpu_pending}
 WORK=${WORK:-runs/gpu_pending}
 DATA=${DATA:-.bench_data}
-TOTAL=${TOTAL:-690}
+TOTAL=${TOTAL:-660}
 PYTHON=${PYTHON:-python3}
 export DEVICE=${DEVICE:-cuda} PRECISION=${PRECISION:-bf16}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -28,7 +28,7 @@ mkdir -p "$OUT" "$WORK"
 left() { echo $(( TOTAL - ($(date +%s) - start) )); }
 
 { for buckets in 0 8; do
-    timeout 150 "$PYTHON" scripts/probe_lra.py --task listops --variants "${PROBE_VARIANTS:-softmax,linear,bn,sh,bn_sh}" \
+    timeout 110 "$PYTHON" scripts/probe_lra.py --task listops --variants "${PROBE_VARIANTS:-softmax,linear,bn,sh,bn_sh}" \
         --precisions "$PRECISION" --device "$DEVICE" --threads 1 --warmup "${PROBE_WARMUP:-3}" --steps "${PROBE_STEPS:-8}" \
         --eval-batches 1 \
         --length-buckets "$buckets" | grep -v '^$'
@@ -36,9 +36,13 @@ left() { echo $(( TOTAL - ($(date +%s) - start) )); }
   done; } > "$WORK/probe_buckets.md" 2> "$WORK/probe_buckets.err"
 echo "probes done at $(( $(date +%s) - start )) s"
 
-DATA="$DATA" RESULTS="$WORK/speed_packed" REPEATS="${REPEATS:-10}" ONLY="${ONLY:-vit_cifar_b8 vit_cifar_b256 deit_tiny_b64}" \
+models="${ONLY:-vit_cifar_b8 vit_cifar_b256 deit_tiny_b64}"
+DATA="$DATA" RESULTS="$WORK/speed_grouped" REPEATS="${REPEATS:-10}" ONLY="$models" PYTHON="$PYTHON" \
+    timeout 210 scripts/gpu_speed.sh > "$WORK/gpu_speed_grouped_log.txt" 2>&1
+echo "grouped speed table done at $(( $(date +%s) - start )) s"
+DATA="$DATA" RESULTS="$WORK/speed_packed" REPEATS="${REPEATS:-10}" ONLY="$models" \
     EXTRA='--set attention_options={"pack_heads":true}' PYTHON="$PYTHON" \
-    timeout 240 scripts/gpu_speed.sh > "$WORK/gpu_speed_log.txt" 2>&1
+    timeout 210 scripts/gpu_speed.sh > "$WORK/gpu_speed_log.txt" 2>&1
 echo "packed speed table done at $(( $(date +%s) - start )) s"
 
 limit=$(( $(left) - 30 ))  # time to pack the files
@@ -46,6 +50,7 @@ if (( limit > 150 )); then
     OUT="$WORK/lra" TASKS="listops image" TIME_LIMIT="$limit" PYTHON="$PYTHON" scripts/gpu_lra.sh > /dev/null 2>&1
 fi
 cp "$WORK/probe_buckets.md" "$OUT/" 2> /dev/null
+cp "$WORK/speed_grouped/speed.md" "$OUT/speed_grouped.md" 2> /dev/null
 cp "$WORK/speed_packed/speed.md" "$OUT/speed_packed.md" 2> /dev/null
 cp "$WORK/lra/summary.md" "$OUT/lra_summary.md" 2> /dev/null
 tar -czf "$OUT/gpu_pending.tar.gz" --exclude="*.pt" -C "$WORK" . 2> /dev/null
