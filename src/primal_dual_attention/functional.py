@@ -401,7 +401,7 @@ def _window_pool(x: Tensor, shape: tuple[int, ...], scale: int, *, sums: bool = 
     the CPU a mean over the window axes of a strided view was 17-40x slower, forward and backward.
     """
     if x.numel() == 0:  # an empty batch or sequence: (-1, ...) is ambiguous, and so is the pool
-        return x[..., :math.prod(-(-side // scale) for side in shape), :]
+        return x[..., :math.prod([-(-side // scale) for side in shape]), :]
     rows, cols = (1, shape[0]) if len(shape) == 1 else shape
     kernel = (1, scale) if len(shape) == 1 else (scale, scale)
     image = x.reshape(-1, rows, cols, x.shape[-1]).permute(0, 3, 1, 2)
@@ -843,7 +843,7 @@ def _window_index(
 
 def _pooled_length(num_tokens: int, scale: int, grid: tuple[int, int] | None, num_prefix_tokens: int) -> int:
     shape = (num_tokens - num_prefix_tokens,) if grid is None else grid
-    return num_prefix_tokens + math.prod(-(-side // scale) for side in shape)
+    return num_prefix_tokens + math.prod([-(-side // scale) for side in shape])
 
 
 @functools.lru_cache(maxsize=64)
@@ -852,7 +852,7 @@ def _head_windows(
     device: torch.device,
 ) -> Tensor:
     """``(H, L, N)`` bool: token n belongs to pooled key l of head h (L: the longest head's)."""
-    length = max(_pooled_length(num_tokens, scale, grid, num_prefix_tokens) for scale in head_scales)
+    length = max([_pooled_length(num_tokens, scale, grid, num_prefix_tokens) for scale in head_scales])
     index = torch.stack([_window_index(num_tokens, scale, grid, num_prefix_tokens) for scale in head_scales])
     return (index[:, None, :] == torch.arange(length)[None, :, None]).to(device)
 
