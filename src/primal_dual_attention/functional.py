@@ -398,7 +398,7 @@ def _window_pool(x: Tensor, shape: tuple[int, ...], scale: int, *, sums: bool = 
     window averages the tokens it holds (ceil mode).
 
     One ``avg_pool2d`` over a channels-last view of the tokens (the features as channels): on
-    the CPU a mean over the window axes of a strided view was 17-40x slower, forward and backward.
+    the CPU a mean over the window axes of a strided view was 17-40x slower (forward; issue 13).
     """
     if x.numel() == 0:  # an empty batch or sequence: (-1, ...) is ambiguous, and so is the pool
         return x[..., :math.prod([-(-side // scale) for side in shape]), :]
@@ -815,8 +815,8 @@ def packs_heads(options: AttentionOptions, num_tokens: int, key_padding_mask: Te
     matrix product and pads each head's pooled keys to the longest head's, so it trades FLOPs
     (O(H N^2 D) for the pooling) for operations. Measured on the CPU (``results/speed/cpu``) it
     pays in eager mode with a padding mask, where grouped pooling takes about 20 operations per
-    group, in short sequences; unpadded, grouped pooling is one strided mean, and compiled code
-    fuses it, where the packed product and the masked kernel were slower (issue 13). The
+    group, in short sequences; unpadded, grouped pooling is one ``avg_pool2d`` per group, and
+    compiled code fuses it, where the packed product and the masked kernel were slower (issue 13). The
     ``pack_heads`` option overrides this rule (e.g. to measure packing on another device)."""
     scales = options.head_scales
     if scales is None or len(set(scales)) == 1 or options.pack_heads is False:
