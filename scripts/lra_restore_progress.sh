@@ -4,7 +4,8 @@
 # Then start the runner:
 #   nohup setsid scripts/lra_cpu_learn.sh >> runs/lra_learn/runner.log 2>&1 < /dev/null &
 # A run folder that already holds a run's state (e.g. the same session continues) is not
-# overwritten. Usage: scripts/lra_restore_progress.sh
+# overwritten. The folder names are those scripts/lra_cpu_learn.sh uses by default.
+# Usage: scripts/lra_restore_progress.sh
 set -euo pipefail
 SAVED=checkpoints/lra_in_progress
 declare -A RESULTS_OF=([lra_learn]=results/lra [lra_listops_5000_steps]=results/lra/listops_5000_steps)
@@ -14,7 +15,7 @@ for name in "${!RESULTS_OF[@]}"; do
   for item in runs.csv logs; do  # the finished runs: skipped, not redone
     [[ -e "$results/$item" && ! -e "$runs/$item" ]] && cp -r "$results/$item" "$runs/"
   done
-  [[ -d "$SAVED/$name/lra" ]] || continue
+  [[ -d "$SAVED/$name/lra" ]] || { echo "nothing saved for $runs"; continue; }
   find "$SAVED/$name/lra" -name last.pt | while read -r saved; do
     run_dir=$(dirname "$saved") target=$runs/${run_dir#"$SAVED/$name/"}
     if [[ -f "$target/last.pt" ]]; then echo "kept $target (already there)"; continue; fi

@@ -9,9 +9,10 @@
 set -euo pipefail
 RUN_FOLDERS=${RUN_FOLDERS:-runs/lra_learn runs/lra_listops_5000_steps}
 DEST=checkpoints/lra_in_progress
-rm -rf "${DEST:?}"/*/
+rm -rf "${DEST:?}/lra"  # the layout before run folders were named (2026-11-27, fifth session)
 for runs in $RUN_FOLDERS; do
-  [[ -d "$runs/lra" ]] || continue
+  [[ -d "$runs/lra" ]] || { echo "no runs in $runs: its saved state (if any) is kept"; continue; }
+  rm -rf "${DEST:?}/$(basename "$runs")"  # replaced by the state of now, finished runs dropped
   find "$runs/lra" -name last.pt | while read -r last; do
     run=$(dirname "$last")
     [[ -f "$run/summary.json" ]] && continue  # finished: its row is in runs.csv

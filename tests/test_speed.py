@@ -16,6 +16,9 @@ from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.engine import fit, seed_everything
 from primal_dual_attention.training.tasks import build_task
 
+# views whose schema does not say so (no alias annotation)
+ALIASING = {torch.ops.aten._unsafe_view.default}
+
 
 class OpCounter(TorchDispatchMode):
     """Counts the ATen operations dispatched while active (what eager mode pays per op), and
@@ -30,7 +33,7 @@ class OpCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops[str(func.overloadpacket)] += 1
         out = func(*args, **(kwargs or {}))
-        computes = not func.is_view and any(isinstance(t, torch.Tensor) for t in (
+        computes = not (func.is_view or func in ALIASING) and any(isinstance(t, torch.Tensor) for t in (
             out if isinstance(out, (tuple, list)) else (out,)))
         if computes:
             self.kernels[str(func.overloadpacket)] += 1
@@ -61,11 +64,11 @@ EXTRA_OPS = {  # variant: (2-D grid, 1-D, 1-D padded)
 }
 
 
-# Extra kernels (operations that compute, not views) over softmax, same settings (softmax: 15, 15, 26).
+# Extra kernels (operations that compute, not views) over softmax, same settings (softmax: 14, 14, 25).
 EXTRA_KERNELS = {
     "bn": (16, 16, 32),
-    "sh": (15, 27, 15),
-    "bn_sh": (47, 91, 47),
+    "sh": (13, 23, 12),
+    "bn_sh": (45, 87, 44),
 }
 
 
@@ -123,7 +126,7 @@ def test_packed_sh_compiles_whole_and_matches_eager(grid):
     graph too: its window constants are built from plain Python inside the compiled region."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    options = {"grid_size": (4, 4), "num_prefix_tokens": 1} if grid else {}
+    options = {"grid_size": (4, 4), "num_prefix_tokens": 1, "head_scales": (1, 1, 2, 2)} if grid else {}
     layer = MultiHeadAttention(16, 4, AttentionConfig(variant="bn_sh", pack_heads=True, **options))
     tokens = 17 if grid else 12
     x = torch.randn(2, tokens, 16, requires_grad=True)
