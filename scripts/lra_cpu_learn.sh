@@ -25,7 +25,10 @@
 # the lanes' work is about equal. The first queues (until 2026-11-27, fifth session) were
 #   A: listops:softmax,linear,bn_sh:0 image:softmax,linear,bn_sh:0 listops:...:1,2 image:...:1,2
 #   B: the same for bn,sh
-# which finished the fp32 ListOps runs of softmax and BN.
+# which finished the fp32 ListOps runs of softmax and BN; the sixth session's queues began with
+#   A: listops:linear:0, then the listops5k jobs below; B: listops:sh:0, then the image jobs below
+# which finished linear and SH (the finished jobs are dropped from the defaults, so that a new
+# session does not repeat the ListOps fp32 cost measurement).
 # Resumable: `pda sweep` skips runs already in runs.csv and continues an interrupted run from its
 # last.pt (at most one evaluation round is lost), so the same command continues the queue in a
 # later session; a sweep that fails (e.g. killed for memory) is retried twice, a minute apart
@@ -45,12 +48,13 @@ IMAGE_BUDGET=${IMAGE_BUDGET:-0.008}
 EVAL_SAMPLES=${EVAL_SAMPLES:-1000}
 LISTOPS_PRECISION=${LISTOPS_PRECISION:-fp32}
 IMAGE_PRECISION=${IMAGE_PRECISION:-bf16}
-LANE_A=${LANE_A:-listops:linear:0 listops5k:softmax:0 listops5k:sh:0 listops5k:bn_sh:0 listops5k:softmax,sh,bn_sh:1,2}
-LANE_B=${LANE_B:-listops:sh:0 image:softmax,sh,linear,bn,bn_sh:0 listops5k:bn:0 listops5k:linear:0 listops5k:bn,linear:1,2 image:softmax,sh,linear,bn,bn_sh:1,2}
+LANE_A=${LANE_A:-listops5k:softmax:0 listops5k:sh:0 listops5k:bn_sh:0 listops5k:softmax,sh,bn_sh:1,2}
+LANE_B=${LANE_B:-image:softmax,sh,linear,bn,bn_sh:0 listops5k:bn:0 listops5k:linear:0 listops5k:bn,linear:1,2 image:softmax,sh,linear,bn,bn_sh:1,2}
 export OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
 mkdir -p "$RESULTS" "$RUNS" "$RESULTS_5K" "$RUNS_5K"
 
-# suite -> "dataset precision budget runs results extra-option" (one table, no if/elif chain)
+# suite -> "dataset precision budget runs results extra-option" (one table, no if/elif chain;
+# the words are split on spaces, so the folders must not contain any)
 declare -A SUITE=(
     [listops]="listops $LISTOPS_PRECISION $LISTOPS_BUDGET $RUNS $RESULTS"
     [image]="image $IMAGE_PRECISION $IMAGE_BUDGET $RUNS $RESULTS"
@@ -71,12 +75,12 @@ retry() {  # a sweep killed for memory (or anything else) resumes from its last.
     return 1
 }
 
-bench() {  # cost of a task's models, one thread (serialised by a lock); Image at batch 64, not 256:
-          # FLOP counting runs the N x N math path, which at batch 256 would need ~10 GB
+bench() {  # cost of a task's models, one thread; Image at batch 64, not 256: FLOP counting runs
+          # the N x N math path, which at batch 256 would need ~10 GB
     local dataset=$1 precision=$2 variants=$3 results=$4
     local batch=32
     [[ $dataset == image ]] && batch=64
-    flock "$RESULTS/.cost.lock" $PDA bench model --task lra --dataset "$dataset" --variants "$variants" \
+    $PDA bench model --task lra --dataset "$dataset" --variants "$variants" \
         --batch "$batch" --repeats 3 --device cpu --set precision="$precision" --out "$results" \
         || { echo "bench $dataset $variants failed"; return 1; }
 }
@@ -92,7 +96,10 @@ job() {  # one queue entry suite:variants:seeds: the sweep, then (once per suite
     [[ -n $extra ]] && options+=(--set "$extra")
     retry $PDA sweep "${options[@]}" --variants "$variants" --seeds "$seeds" || echo "$1 failed"
     local marker="$runs/.bench_$suite"
-    [[ -f $marker ]] || { bench "$dataset" "$precision" softmax,linear,bn,sh,bn_sh "$results" && touch "$marker"; }
+    {  # once per suite, whichever lane comes first (the marker is checked under the lock)
+        flock 9
+        [[ -f $marker ]] || { bench "$dataset" "$precision" softmax,linear,bn,sh,bn_sh "$results" && touch "$marker"; }
+    } 9> "$RUNS/.cost.lock"
 }
 
 lane() {

@@ -219,7 +219,7 @@ def masked_mean_var(
     """Mean and biased variance over the valid tokens of ``x`` (SPEC.md §2, Attention-BN).
 
     ``x`` is ``(B, ..., N, D)``; returns ``(mean, var)`` of shape ``(B, ..., 1, D)``. A sequence
-    with no valid token gets mean 0 and variance 0 (never NaN). Statistics are computed in at
+    with no valid token (under a mask) gets mean 0 and variance 0, never NaN. Statistics are computed in at
     least float32 so that half-precision inputs keep accurate moments.
     """
     stat_dtype = torch.promote_types(x.dtype, torch.float32)
