@@ -392,6 +392,11 @@ def pool_tokens(
     return pooled, pooled_mask
 
 
+def _window_count(shape: Sequence[int], scale: int) -> int:
+    """Pooled tokens of a 1-D sequence or 2-D grid ``shape`` at ``scale`` (ceil mode)."""
+    return math.prod([-(-side // scale) for side in shape])
+
+
 def _window_pool(x: Tensor, shape: tuple[int, ...], scale: int, *, sums: bool = False) -> Tensor:
     """``(..., prod(shape), D)`` -> ``(..., windows, D)``: the mean (or, with ``sums``, the sum)
     of each window of ``scale`` tokens (``scale x scale`` on a 2-D grid), row-major; a last partial
@@ -401,7 +406,7 @@ def _window_pool(x: Tensor, shape: tuple[int, ...], scale: int, *, sums: bool = 
     the CPU a mean over the window axes of a strided view was 17-40x slower (forward; issue 13).
     """
     if x.numel() == 0:  # an empty batch or sequence: (-1, ...) is ambiguous, and so is the pool
-        return x[..., :math.prod([-(-side // scale) for side in shape]), :]
+        return x[..., :_window_count(shape, scale), :]
     rows, cols = (1, shape[0]) if len(shape) == 1 else shape
     kernel = (1, scale) if len(shape) == 1 else (scale, scale)
     image = x.reshape(-1, rows, cols, x.shape[-1]).permute(0, 3, 1, 2)
@@ -843,7 +848,7 @@ def _window_index(
 
 def _pooled_length(num_tokens: int, scale: int, grid: tuple[int, int] | None, num_prefix_tokens: int) -> int:
     shape = (num_tokens - num_prefix_tokens,) if grid is None else grid
-    return num_prefix_tokens + math.prod([-(-side // scale) for side in shape])
+    return num_prefix_tokens + _window_count(shape, scale)
 
 
 @functools.lru_cache(maxsize=64)
