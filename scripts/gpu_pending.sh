@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # The GPU checks still pending (issues 13 and 16), in one call of at most 9 minutes on one GPU
 # (the device runs a command for at most 10):
+#   0. the FlexAttention tests with gradients (tests/test_flex.py; they are skipped on the CPU);
 #   1. length buckets: the ListOps timing probe with trimmed batches (--length-buckets 0) and
 #      with the engine's CUDA default (8 per octave), each variant alone, bf16 eager;
 #   2. the image models on this code (SH pooled by avg_pool2d, BN's fewer kernels):
 #      scripts/gpu_speed.sh, eager and compiled, for vit_cifar and DeiT-tiny, grouped SH (the
-#      default) and then with every SH call packed (attention_options pack_heads=true);
+#      default) and then with every SH call in one FlexAttention call (pack_heads="flex"; the
+#      matrix-packed path, pack_heads=true, is measured the same way with that EXTRA);
 #   3. the LRA runs (scripts/gpu_lra.sh, ListOps and Image) in the time left, if any.
 # Everything is written under WORK (runs/gpu_pending) and packed at the end into
-# OUT/gpu_pending.tar.gz, beside copies of probe_buckets.md, speed_grouped.md, speed_packed.md
-# and lra_summary.md (the device tool brings back at most 8 files).
+# OUT/gpu_pending.tar.gz, beside copies of test_flex.txt, probe_buckets.md, speed_grouped.md,
+# speed_flex.md and lra_summary.md (the device tool brings back at most 8 files).
 # Data: DATA as for gpu_speed.sh (scripts/make_bench_data.py) and the CIFAR-10 zip for Image
 # (CIFAR_ZIP or shared/data/... in the checkout, see gpu_lra.sh).
 # Usage: [OUT=folder] [DATA=.bench_data] [TOTAL=540] [PYTHON=python3] scripts/gpu_pending.sh
@@ -28,6 +30,9 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
 left() { echo $(( TOTAL - ($(date +%s) - start) )); }
 
+timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_flex.py > "$OUT/test_flex.txt" 2>&1
+echo "flex tests done at $(( $(date +%s) - start )) s: $(tail -n 1 "$OUT/test_flex.txt")"
+
 { for buckets in 0 8; do
     timeout 90 "$PYTHON" scripts/probe_lra.py --task listops --variants "${PROBE_VARIANTS:-softmax,linear,bn,sh,bn_sh}" \
         --precisions "$PRECISION" --device "$DEVICE" --threads 1 --warmup "${PROBE_WARMUP:-3}" --steps "${PROBE_STEPS:-8}" \
@@ -43,11 +48,11 @@ DATA="$DATA" RESULTS="$WORK/speed_grouped" REPEATS="${REPEATS:-10}" ONLY="$model
     timeout 170 scripts/gpu_speed.sh > "$WORK/gpu_speed_grouped_log.txt" 2>&1
 cp "$WORK/speed_grouped/speed.md" "$OUT/speed_grouped.md" 2> /dev/null
 echo "grouped speed table done at $(( $(date +%s) - start )) s"
-DATA="$DATA" RESULTS="$WORK/speed_packed" REPEATS="${REPEATS:-10}" ONLY="$models" \
-    EXTRA='--set attention_options={"pack_heads":true}' PYTHON="$PYTHON" \
-    timeout 170 scripts/gpu_speed.sh > "$WORK/gpu_speed_log.txt" 2>&1
-cp "$WORK/speed_packed/speed.md" "$OUT/speed_packed.md" 2> /dev/null
-echo "packed speed table done at $(( $(date +%s) - start )) s"
+DATA="$DATA" RESULTS="$WORK/speed_flex" REPEATS="${REPEATS:-10}" ONLY="$models" \
+    EXTRA='--set attention_options={"pack_heads":"flex"}' PYTHON="$PYTHON" \
+    timeout 170 scripts/gpu_speed.sh > "$WORK/gpu_speed_flex_log.txt" 2>&1
+cp "$WORK/speed_flex/speed.md" "$OUT/speed_flex.md" 2> /dev/null
+echo "flex speed table done at $(( $(date +%s) - start )) s"
 
 limit=$(( $(left) - 30 ))  # time to pack the files
 if (( limit > 150 )); then

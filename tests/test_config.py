@@ -117,7 +117,7 @@ def test_every_variant_kernel_is_in_the_table():
      r"one entry per head \(4\)"),
     ({"task": "lra-listops", "heads": 2, "variant": "sparse"}, "needs window"),
     ({"attention_options": {"packheads": True}}, r"unknown attention option\(s\) \['packheads'\]"),
-    ({"attention_options": {"pack_heads": "yes"}}, "pack_heads must be True, False or None"),
+    ({"attention_options": {"pack_heads": "yes"}}, "pack_heads must be True, False, 'flex' or None"),
     ({"attention_options": {"eps": -1.0}}, "eps must be a number >= 0"),
     ({"attention_options": {"variant": "bn"}}, r"attention_options \['variant'\]: these are options"),
 ])

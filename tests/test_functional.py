@@ -234,7 +234,7 @@ def test_pack_heads_switch_forces_either_path_with_the_same_result(variant, grid
 def test_pack_heads_needs_several_scales_and_a_bool():
     one_scale = PF.AttentionOptions(head_scales=(2, 2), pack_heads=True)
     assert not PF.packs_heads(one_scale, 16, None)
-    with pytest.raises(TypeError, match="pack_heads must be True, False or None .*got 'yes'"):
+    with pytest.raises(TypeError, match="pack_heads must be True, False, .flex. or None .*got 'yes'"):
         PF.AttentionOptions(head_scales=(1, 2), pack_heads="yes")
 
 

@@ -21,10 +21,14 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.nn.attention.flex_attention import BlockMask
 
 # --------------------------------------------------------------------------------------------
 # argument checks (shared by the functional API and the modules)
@@ -142,8 +146,10 @@ class AttentionOptions:
     ``num_prefix_tokens``: leading tokens never pooled; ``eps``: Attention-BN's variance floor;
     ``fused``: SDPA / the primal form (False: the explicit math path, the tests' reference);
     ``causal``: output i is the variant applied to the prefix 1..i (:mod:`.causal`, 1-D only);
-    ``pack_heads``: SH with several scales in one attention call for every head (True), one call
-    per scale (False), or as :func:`packs_heads` measured best (None). Same outputs either way.
+    ``pack_heads``: SH with several scales in one attention call for every head (True: keys
+    pooled by one matrix product, one masked SDPA call; ``"flex"``: one FlexAttention call that
+    skips the key blocks past each head's pooled keys, softmax kernel, trains on CUDA only), one
+    call per scale (False), or as :func:`packs_heads` measured best (None). Same outputs any way.
 
     Values are checked on construction (one message per mistake); what depends on the input
     (heads, tokens) by :meth:`check_input`. A new switch is one field here and its use below.
@@ -158,15 +164,19 @@ class AttentionOptions:
     eps: float = 1e-5
     fused: bool = True
     causal: bool = False
-    pack_heads: bool | None = None
+    pack_heads: bool | Literal["flex"] | None = None
 
     def __post_init__(self) -> None:
         get_kernel(self.kernel)
         for name in ("bn", "fused", "causal"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.pack_heads is not None and not isinstance(self.pack_heads, bool):
-            raise TypeError(f"pack_heads must be True, False or None (automatic), got {self.pack_heads!r}")
+        if not (self.pack_heads is None or isinstance(self.pack_heads, bool) or self.pack_heads == "flex"):
+            raise TypeError(f"pack_heads must be True, False, 'flex' or None (automatic), "
+                            f"got {self.pack_heads!r}")
+        if self.pack_heads == "flex" and self.kernel != "softmax":
+            raise ValueError(f"pack_heads='flex' runs the softmax kernel in FlexAttention, "
+                             f"got kernel={self.kernel!r}")
         normalised = {
             "head_scales": None if self.head_scales is None else check_head_scales(self.head_scales),
             "window": None if self.window is None else check_positive_int(
@@ -901,7 +911,11 @@ def packed_attention(
     """Attention-SH with every head in one call: ``kv`` ``(B, 2, H, N, D)`` (keys and values
     side by side) pooled for all heads by one product with :func:`head_pooling`'s matrix, then
     one :func:`attend` whose per-head padding mask hides the rows a head does not have. Equal
-    to :func:`grouped_attention` (the tests check it); :func:`packs_heads` says when it is used."""
+    to :func:`grouped_attention` (the tests check it); :func:`packs_heads` says when it is used.
+    With ``pack_heads="flex"`` the call is :func:`flex_packed_attention` unless the math path,
+    maps or weight dropout are asked for (FlexAttention gives none of them)."""
+    if options.pack_heads == "flex" and options.fused and not need_weights and dropout_p == 0.0:
+        return flex_packed_attention(q, kv, options, key_padding_mask=key_padding_mask), None
     pooling, pooled_mask = head_pooling(kv.shape[3], options, key_padding_mask, dtype=kv.dtype,
                                         device=kv.device)
     with torch.autocast(kv.device.type, enabled=False):  # pool in kv's dtype, as pool_tokens does
@@ -909,6 +923,92 @@ def packed_attention(
     out, weights = attend(q, k, v, options, key_padding_mask=pooled_mask, dropout_p=dropout_p,
                           need_weights=need_weights)
     return out, (weights @ pooling if need_weights else None)
+
+
+FLEX_BLOCK = 128  # FlexAttention's default block of queries and keys
+
+
+def _flex_attention() -> Callable[..., Tensor]:
+    """FlexAttention, through ``torch.compile`` when called eagerly (its uncompiled form is a
+    slow reference); inside a compiled model the outer graph compiles it."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention if torch.compiler.is_compiling() else _compiled(flex_attention)
+
+
+@functools.cache
+def _compiled(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    return torch.compile(function)
+
+
+def _key_block_mask(hidden: Tensor, batch: int, num_queries: int) -> BlockMask:
+    """FlexAttention mask of the keys ``hidden`` ``(B or 1, H, L)`` (True: not a key of that
+    sample and head), the same for every query. Key blocks without a visible key are skipped and
+    blocks of visible keys only run unmasked; built from the block tables directly, in tensor
+    operations that compile (no ``create_block_mask`` pass over every query-key pair)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    length = hidden.shape[-1]
+    key_blocks, query_blocks = -(-length // FLEX_BLOCK), -(-num_queries // FLEX_BLOCK)
+    hidden = F.pad(hidden, (0, key_blocks * FLEX_BLOCK - length), value=True)
+    hidden = hidden.expand(batch, -1, -1).contiguous()  # the mask is read at every sample's index
+    visible = ~hidden.unflatten(-1, (key_blocks, FLEX_BLOCK))
+    every, some = visible.all(-1), visible.any(-1)
+
+    def block_table(selected: Tensor) -> tuple[Tensor, Tensor]:
+        """Per query block: how many key blocks are selected, and their indices listed first."""
+        count = selected.sum(-1, dtype=torch.int32)[:, :, None].expand(-1, -1, query_blocks)
+        order = torch.argsort((~selected).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return count.contiguous(), order[:, :, None].expand(-1, -1, query_blocks, -1).contiguous()
+
+    def key_visible(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return ~hidden[b, h, kv_idx]
+
+    return BlockMask.from_kv_blocks(*block_table(some & ~every), *block_table(every), BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=key_visible, seq_lengths=(num_queries, length))
+
+
+def flex_packed_attention(
+    q: Tensor, kv: Tensor, options: AttentionOptions, *, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """Attention-SH (softmax kernel, optionally BN) with every head in one FlexAttention call.
+
+    Each head group pools its keys and values as :func:`grouped_attention` does
+    (:func:`pool_tokens`); they are padded to the longest group's and put back in head order, and
+    the block mask hides each head's padding (SPEC.md §2), so a head at scale s computes about
+    1/s of the key blocks (``FLEX_BLOCK`` keys each) of a scale-1 head. ``kv`` is
+    ``(B, 2, H, N, D)``; returns ``(B, H, N, D)``. Trains, and compiles into a model, on CUDA only
+    (torch's FlexAttention has no CPU backward, and inductor's CPU template cannot read the mask
+    built in the same graph): on other devices those calls are errors.
+    """
+    if q.device.type != "cuda" and torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
+        raise ValueError(f"pack_heads='flex' trains on CUDA only (torch's FlexAttention has no "
+                         f"{q.device.type} backward); use pack_heads=True, False or None there, or "
+                         "run without gradients")
+    if q.device.type != "cuda" and torch.compiler.is_compiling():
+        raise ValueError(f"pack_heads='flex' compiles into a model on CUDA only (inductor's "
+                         f"{q.device.type} FlexAttention cannot read a mask made in the same graph); "
+                         "call the model uncompiled there (FlexAttention itself is still compiled)")
+    batch, _, num_heads, num_tokens, _ = kv.shape
+    grid = options.check_input(num_heads, num_tokens)
+    groups = head_groups(options.head_scales, num_heads)
+    pool = dict(grid_size=grid, num_prefix_tokens=options.num_prefix_tokens)
+    pooled = [pool_tokens(kv_g, g.scale, key_padding_mask, **pool)
+              for g, kv_g in zip(groups, split_heads(kv, groups, dim=2), strict=True)]
+    length = max([kv_g.shape[-2] for kv_g, _ in pooled])
+    kv_parts, hidden_parts = [], []
+    for kv_g, mask_g in pooled:
+        extra, heads_g = length - kv_g.shape[-2], kv_g.shape[2]
+        kv_parts.append(F.pad(kv_g, (0, 0, 0, extra)).transpose(1, 2))  # (B, Hg, 2, L, D)
+        hidden = (torch.arange(length, device=kv.device) >= kv_g.shape[-2])[None] if mask_g is None else (
+            F.pad(mask_g, (0, extra), value=True))
+        hidden_parts.append(hidden[:, None].expand(-1, heads_g, -1))  # (B or 1, Hg, L)
+    k, v = _merge_heads(kv_parts, groups, num_heads).unbind(2)
+    hidden = _merge_heads(hidden_parts, groups, num_heads)
+    if options.bn:
+        q, k = get_kernel("softmax").bn(q, k, hidden, options.eps)
+    block_mask = _key_block_mask(hidden, batch, q.shape[-2])
+    return _flex_attention()(q, k, v, block_mask=block_mask)
 
 
 # --------------------------------------------------------------------------------------------
