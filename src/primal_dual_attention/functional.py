@@ -938,6 +938,7 @@ def _flex_attention() -> Callable[..., Tensor]:
 
 @functools.cache
 def _compiled(function: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``torch.compile(function)``, made once per function."""
     return torch.compile(function)
 
 
@@ -1000,9 +1001,9 @@ def flex_packed_attention(
     for kv_g, mask_g in pooled:
         extra, heads_g = length - kv_g.shape[-2], kv_g.shape[2]
         kv_parts.append(F.pad(kv_g, (0, 0, 0, extra)).transpose(1, 2))  # (B, Hg, 2, L, D)
-        hidden = (torch.arange(length, device=kv.device) >= kv_g.shape[-2])[None] if mask_g is None else (
+        hidden_g = (torch.arange(length, device=kv.device) >= kv_g.shape[-2])[None] if mask_g is None else (
             F.pad(mask_g, (0, extra), value=True))
-        hidden_parts.append(hidden[:, None].expand(-1, heads_g, -1))  # (B or 1, Hg, L)
+        hidden_parts.append(hidden_g[:, None].expand(-1, heads_g, -1))  # (B or 1, Hg, L)
     k, v = _merge_heads(kv_parts, groups, num_heads).unbind(2)
     hidden = _merge_heads(hidden_parts, groups, num_heads)
     if options.bn:
