@@ -112,6 +112,12 @@ def test_flex_errors_name_the_option():
         AttentionConfig(variant="sh", pack_heads="Flex")
 
 
+def test_flex_on_a_torch_without_block_tables_of_any_length_is_an_error(monkeypatch):
+    monkeypatch.setattr(PF, "_flex_block_tables_available", lambda: False)
+    with pytest.raises(ValueError, match=r"pack_heads='flex' needs .*seq_lengths.*which torch \S+ lacks"):
+        AttentionConfig(variant="bn_sh", pack_heads="flex")
+
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="FlexAttention trains on CUDA only")
 @pytest.mark.parametrize("variant", ["sh", "bn_sh"])
 @pytest.mark.parametrize("shape", list(SHAPES))

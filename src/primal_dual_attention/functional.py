@@ -177,6 +177,10 @@ class AttentionOptions:
         if self.pack_heads == "flex" and self.kernel != "softmax":
             raise ValueError(f"pack_heads='flex' runs the softmax kernel in FlexAttention, "
                              f"got kernel={self.kernel!r}")
+        if self.pack_heads == "flex" and not _flex_block_tables_available():
+            raise ValueError(f"pack_heads='flex' needs FlexAttention block masks of any length "
+                             f"(BlockMask.from_kv_blocks(seq_lengths=...)), which torch "
+                             f"{torch.__version__} lacks")
         normalised = {
             "head_scales": None if self.head_scales is None else check_head_scales(self.head_scales),
             "window": None if self.window is None else check_positive_int(
@@ -926,6 +930,16 @@ def packed_attention(
 
 
 FLEX_BLOCK = 128  # FlexAttention's default block of queries and keys
+
+
+@functools.cache
+def _flex_block_tables_available() -> bool:
+    """Whether this torch builds FlexAttention masks from block tables for any sequence length."""
+    import inspect
+
+    from torch.nn.attention.flex_attention import BlockMask
+
+    return "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
 def _flex_attention() -> Callable[..., Tensor]:
