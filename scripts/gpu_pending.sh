@@ -30,7 +30,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$WORK"
 left() { echo $(( TOTAL - ($(date +%s) - start) )); }
 
-timeout 60 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_flex.py > "$OUT/test_flex.txt" 2>&1
+timeout 60 "$PYTHON" -m pytest -o addopts="" -q -rs -p no:cacheprovider tests/test_flex.py > "$OUT/test_flex.txt" 2>&1
 echo "flex tests done at $(( $(date +%s) - start )) s: $(tail -n 1 "$OUT/test_flex.txt")"
 
 { for buckets in 0 8; do
