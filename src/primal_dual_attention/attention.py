@@ -268,8 +268,7 @@ class MultiHeadAttention(nn.Module):
     def _causal_forward(self, x: Tensor, key_padding_mask: Tensor | None, need_weights: bool,
                         cache: DecodingCache | None) -> Tensor | tuple[Tensor, Tensor]:
         """The forward of a causal layer: project, :func:`.causal.causal_attention` (or
-        :func:`.causal.decode` with a ``cache``), project back. (Pooling the input first, as the
-        non-causal SH layer does, would save nothing: every position has its own partial window.)"""
+        :func:`.causal.decode` with a ``cache``), project back."""
         if not self.config.causal:
             raise ValueError("a decoding cache needs a causal layer (AttentionConfig(causal=True))")
         batch, num_tokens, _ = x.shape  # checked by forward

@@ -787,9 +787,9 @@ def grouped_attention(
 ) -> tuple[Tensor, Tensor | None]:
     """Run :func:`attend` once per head group and put the heads back in order.
 
-    ``keys_values(i, group)`` returns group i's (pooled) ``k, v`` and their padding mask; this
-    lets :func:`attention` pool projected keys while the module pools its input before the
-    key/value projection (exact, as pooling commutes with a linear map; SPEC.md §2).
+    ``keys_values(i, group)`` returns group i's (pooled) ``k, v`` and their padding mask, so
+    each caller pools in its own layout (:func:`attention` keys and values apart, the module both
+    in one call).
     With ``need_weights`` pooled maps are spread back to ``num_keys`` keys (SPEC.md §3).
     """
     num_heads = q.shape[1]
