@@ -13,6 +13,7 @@ import torch
 
 from primal_dual_attention import functional as PF
 from primal_dual_attention.attention import AttentionConfig, MultiHeadAttention
+from primal_dual_attention.training.config import TrainConfig
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -106,6 +107,10 @@ def test_flex_errors_name_the_option():
     x = torch.randn(2, 17, 32)
     with pytest.raises(ValueError, match="pack_heads='flex' trains on CUDA only .*cpu backward"):
         flex(x)
+    cfg = TrainConfig(task="uea", dataset="JapaneseVowels", variant="bn_sh", device="cpu",
+                      data_dir="/nonexistent", attention_options={"pack_heads": "flex"})
+    with pytest.raises(ValueError, match="pack_heads='flex' trains on CUDA only .*got device cpu"):
+        cfg.validate()  # before any data is read
     with pytest.raises(ValueError, match="pack_heads='flex' runs the softmax kernel .*got kernel='linear'"):
         AttentionConfig(variant="linear_sh", pack_heads="flex")
     with pytest.raises(TypeError, match="pack_heads must be True, False, 'flex' or None .*got 'Flex'"):

@@ -202,6 +202,16 @@ class AttentionOptions:
                 "causal attention is defined on 1-D sequences (a prefix of a 2-D grid is not a grid); "
                 f"got grid_size={self.grid_size}, num_prefix_tokens={self.num_prefix_tokens}")
 
+    def check_device(self, device: torch.device | str, *, gradients: bool = True) -> None:
+        """Check the options against the device they run on (``gradients``: while training):
+        called before data loads (:func:`~primal_dual_attention.training.tasks.check_task`) and
+        by the call itself."""
+        device = torch.device(device)
+        if self.pack_heads == "flex" and device.type != "cuda" and gradients:
+            raise ValueError(f"pack_heads='flex' trains on CUDA only (torch's FlexAttention has no "
+                             f"{device.type} backward), got device {device}; use pack_heads=True, False "
+                             "or None there, or run without gradients")
+
     def check_input(self, num_heads: int, num_tokens: int) -> tuple[int, int] | None:
         """Check the options against ``num_heads`` heads over ``num_tokens`` keys; return the grid."""
         if self.head_scales is not None:
@@ -996,10 +1006,8 @@ def flex_packed_attention(
     (torch's FlexAttention has no CPU backward, and inductor's CPU template cannot read the mask
     built in the same graph): on other devices those calls are errors.
     """
-    if q.device.type != "cuda" and torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad):
-        raise ValueError(f"pack_heads='flex' trains on CUDA only (torch's FlexAttention has no "
-                         f"{q.device.type} backward); use pack_heads=True, False or None there, or "
-                         "run without gradients")
+    gradients = torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)
+    options.check_device(q.device, gradients=gradients)
     if q.device.type != "cuda" and torch.compiler.is_compiling():
         raise ValueError(f"pack_heads='flex' compiles into a model on CUDA only (inductor's "
                          f"{q.device.type} FlexAttention cannot read a mask made in the same graph); "
