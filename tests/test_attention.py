@@ -30,7 +30,8 @@ def project(module: MultiHeadAttention, x: torch.Tensor):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("fused", [True, False])
 def test_module_matches_reference(variant, fused):
-    """The module pools its input before projecting; the reference pools projected k, v."""
+    """The module (one projection, pooled k and v in one call per head group) against the
+    reference loop on the same projections."""
     module = make(variant, fused=fused)
     x = torch.randn(2, 11, DIM, dtype=torch.float64)
     mask = ragged_mask(11, [11, 7])

@@ -13,7 +13,6 @@ import torch
 
 from primal_dual_attention import functional as PF
 from primal_dual_attention.attention import AttentionConfig, MultiHeadAttention
-from primal_dual_attention.training.config import TrainConfig
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -23,9 +22,11 @@ def ragged_mask(num_tokens: int, lengths: list[int], device: str = "cpu") -> tor
 
 
 # 1-D: 300 tokens over 8 heads at scales 1..8 spans 3, 3, 2, 2, 1, 1, 1, 1 key blocks of 128;
-# 2-D: class token + 4x4 grid, heads not grouped in order
+# 2-D: class token + 4x4 grid, heads not grouped in order. 16 features per head, the fewest
+# FlexAttention's GPU kernels take.
 SHAPES = {"1d": (8, 300, {}),
           "grid": (4, 17, {"grid_size": (4, 4), "num_prefix_tokens": 1, "head_scales": (1, 2, 1, 2)})}
+HEAD_DIM = 16
 
 
 def layers(variant: str, shape: str, device: str = "cpu") -> tuple[MultiHeadAttention, MultiHeadAttention]:
@@ -35,23 +36,27 @@ def layers(variant: str, shape: str, device: str = "cpu") -> tuple[MultiHeadAtte
     for pack in ("flex", False):
         torch.manual_seed(0)
         config = AttentionConfig(variant=variant, pack_heads=pack, **options)
-        pair.append(MultiHeadAttention(32, heads, config, device=device))
+        pair.append(MultiHeadAttention(heads * HEAD_DIM, heads, config, device=device))
     return pair[0], pair[1]
 
 
 @pytest.mark.parametrize("variant", ["sh", "bn_sh"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("padded", [False, True])
-def test_flex_matches_grouped(variant, shape, padded):
-    """Same outputs as the grouped path, padding (a sample without any key too) included."""
+def test_flex_matches_grouped(variant, shape, padded, monkeypatch):
+    """Same outputs as the grouped path, padding (a sample without any key too) included, and
+    FlexAttention did run (once per call)."""
+    calls = []
+    flex_call = PF.flex_packed_attention
+    monkeypatch.setattr(PF, "flex_packed_attention", lambda *a, **k: calls.append(1) or flex_call(*a, **k))
     flex, grouped = layers(variant, shape)
-    n = SHAPES[shape][1]
-    x = torch.randn(3, n, 32)
+    heads, n, _ = SHAPES[shape]
+    x = torch.randn(3, n, heads * HEAD_DIM)
     mask = ragged_mask(n, [n, n - 6, 0]) if padded else None
     with torch.no_grad():
         out = flex(x, key_padding_mask=mask)
         torch.testing.assert_close(out, grouped(x, key_padding_mask=mask), rtol=1e-5, atol=1e-5)
-    assert PF.packs_heads(flex.config, n, mask)
+    assert len(calls) == 1
 
 
 def test_flex_block_mask_skips_the_blocks_past_each_heads_keys():
@@ -70,7 +75,7 @@ def test_flex_compiles_as_one_graph(device):
     """On CUDA the compiled layer (one graph) gives the grouped outputs and gradients; on the CPU,
     where inductor's FlexAttention cannot read the mask built in the graph, a clear error."""
     flex, grouped = layers("bn_sh", "1d", device)
-    x, mask = torch.randn(2, 300, 32, device=device), ragged_mask(300, [300, 129], device)
+    x, mask = torch.randn(2, 300, 8 * HEAD_DIM, device=device), ragged_mask(300, [300, 129], device)
     compiled = torch.compile(flex, fullgraph=True)
     if device == "cpu":
         with torch.no_grad(), pytest.raises(RuntimeError, match="compiles into a model on CUDA only"):
@@ -90,8 +95,8 @@ def test_flex_maps_and_math_path_take_the_matrix_path():
     them, with gradients, on any device."""
     flex, _ = layers("sh", "grid")
     torch.manual_seed(0)
-    packed = MultiHeadAttention(32, 4, replace(flex.config, pack_heads=True))
-    x = torch.randn(2, 17, 32, requires_grad=True)
+    packed = MultiHeadAttention(4 * HEAD_DIM, 4, replace(flex.config, pack_heads=True))
+    x = torch.randn(2, 17, 4 * HEAD_DIM, requires_grad=True)
     out, maps = flex(x, need_weights=True)
     out_ref, maps_ref = packed(x, need_weights=True)
     torch.testing.assert_close(maps, maps_ref)
@@ -104,13 +109,12 @@ def test_flex_maps_and_math_path_take_the_matrix_path():
 
 def test_flex_errors_name_the_option():
     flex, _ = layers("sh", "grid")
-    x = torch.randn(2, 17, 32)
-    with pytest.raises(ValueError, match="pack_heads='flex' trains on CUDA only .*cpu backward"):
+    x = torch.randn(2, 17, 4 * HEAD_DIM)
+    with pytest.raises(ValueError, match="trains on CUDA only .*cpu backward.*got device cpu"):
         flex(x)
-    cfg = TrainConfig(task="uea", dataset="JapaneseVowels", variant="bn_sh", device="cpu",
-                      data_dir="/nonexistent", attention_options={"pack_heads": "flex"})
-    with pytest.raises(ValueError, match="pack_heads='flex' trains on CUDA only .*got device cpu"):
-        cfg.validate()  # before any data is read
+    narrow = MultiHeadAttention(32, 4, replace(flex.config))
+    with torch.no_grad(), pytest.raises(ValueError, match="head dimension of at least 16 .*got 8"):
+        narrow(torch.randn(2, 17, 32))
     with pytest.raises(ValueError, match="pack_heads='flex' runs the softmax kernel .*got kernel='linear'"):
         AttentionConfig(variant="linear_sh", pack_heads="flex")
     with pytest.raises(TypeError, match="pack_heads must be True, False, 'flex' or None .*got 'Flex'"):
@@ -129,11 +133,11 @@ def test_flex_on_a_torch_without_block_tables_of_any_length_is_an_error(monkeypa
 def test_flex_gradients_match_grouped_on_cuda(variant, shape):
     flex, grouped = layers(variant, shape, device="cuda")
     n = SHAPES[shape][1]
-    mask = ragged_mask(n, [n, n - 6, 1], device="cuda")
+    mask = ragged_mask(n, [n, n - 6, 0], device="cuda")  # not 1 key: BN's variance would be 0
     results = []
     for layer in (flex, grouped):
-        x = torch.randn(3, n, 32, device="cuda", generator=torch.Generator("cuda").manual_seed(0),
-                        requires_grad=True)
+        x = torch.randn(3, n, SHAPES[shape][0] * HEAD_DIM, device="cuda",
+                        generator=torch.Generator("cuda").manual_seed(0), requires_grad=True)
         out = layer(x, key_padding_mask=mask)
         out.square().sum().backward()
         results.append((out, x.grad, layer.qkv.weight.grad))

@@ -203,9 +203,9 @@ class AttentionOptions:
                 f"got grid_size={self.grid_size}, num_prefix_tokens={self.num_prefix_tokens}")
 
     def check_device(self, device: torch.device | str, *, gradients: bool = True) -> None:
-        """Check the options against the device they run on (``gradients``: while training):
-        called before data loads (:func:`~primal_dual_attention.training.tasks.check_task`) and
-        by the call itself."""
+        """Check the options against the device they run on (``gradients``: while training).
+        Called by the attention call; not by config validation, since a model trained with
+        ``pack_heads="flex"`` on CUDA may be evaluated on the CPU."""
         device = torch.device(device)
         if self.pack_heads == "flex" and device.type != "cuda" and gradients:
             raise ValueError(f"pack_heads='flex' trains on CUDA only (torch's FlexAttention has no "
@@ -940,6 +940,7 @@ def packed_attention(
 
 
 FLEX_BLOCK = 128  # FlexAttention's default block of queries and keys
+FLEX_MIN_HEAD_DIM = 16  # the smallest head dimension FlexAttention's GPU kernels take
 
 
 @functools.cache
@@ -947,8 +948,10 @@ def _flex_block_tables_available() -> bool:
     """Whether this torch builds FlexAttention masks from block tables for any sequence length."""
     import inspect
 
-    from torch.nn.attention.flex_attention import BlockMask
-
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:
+        return False
     return "seq_lengths" in inspect.signature(BlockMask.from_kv_blocks).parameters
 
 
@@ -1001,13 +1004,17 @@ def flex_packed_attention(
     Each head group pools its keys and values as :func:`grouped_attention` does
     (:func:`pool_tokens`); they are padded to the longest group's and put back in head order, and
     the block mask hides each head's padding (SPEC.md §2), so a head at scale s computes about
-    1/s of the key blocks (``FLEX_BLOCK`` keys each) of a scale-1 head. ``kv`` is
+    1/s (1/s^2 on a 2-D grid) of the key blocks (``FLEX_BLOCK`` keys each) of a scale-1 head.
+    Heads need ``FLEX_MIN_HEAD_DIM`` features or more. ``kv`` is
     ``(B, 2, H, N, D)``; returns ``(B, H, N, D)``. Trains, and compiles into a model, on CUDA only
     (torch's FlexAttention has no CPU backward, and inductor's CPU template cannot read the mask
     built in the same graph): on other devices those calls are errors.
     """
     gradients = torch.is_grad_enabled() and (q.requires_grad or kv.requires_grad)
     options.check_device(q.device, gradients=gradients)
+    if q.shape[-1] < FLEX_MIN_HEAD_DIM:
+        raise ValueError(f"pack_heads='flex' needs a head dimension of at least {FLEX_MIN_HEAD_DIM} "
+                         f"(FlexAttention's GPU kernels), got {q.shape[-1]}")
     if q.device.type != "cuda" and torch.compiler.is_compiling():
         raise ValueError(f"pack_heads='flex' compiles into a model on CUDA only (inductor's "
                          f"{q.device.type} FlexAttention cannot read a mask made in the same graph); "

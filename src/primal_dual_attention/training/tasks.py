@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 from primal_dual_attention.models.vision import CIFAR, DEIT
 from primal_dual_attention.training.config import TrainConfig
-from primal_dual_attention.training.distributed import resolve_device
 from primal_dual_attention.training.engine import Task
 
 TASKS: dict[str, Callable[[TrainConfig], Task]] = {}
@@ -27,16 +26,14 @@ def register_task(name: str, heads: Callable[[TrainConfig], int | None] = lambda
 
 
 def check_task(cfg: TrainConfig) -> None:
-    """Check that the task exists and that its attention fits its model's heads and the device:
-    called by :meth:`TrainConfig.validate`, so every attention mistake is reported before data
-    loads."""
+    """Check that the task exists and that its attention fits its model's heads: called by
+    :meth:`TrainConfig.validate`, so every attention mistake is reported before data loads."""
     if cfg.task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}")
     attention = cfg.attention()
     heads = TASK_HEADS[cfg.task](cfg)
     if heads is not None:
         attention.for_heads(heads)
-    attention.check_device(resolve_device("auto") if cfg.device == "auto" else cfg.device)
 
 
 def warn_long_scales(cfg: TrainConfig, length: int) -> None:
