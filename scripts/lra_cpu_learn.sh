@@ -28,7 +28,11 @@
 # which finished the fp32 ListOps runs of softmax and BN; the sixth session's queues began with
 #   A: listops:linear:0, then the listops5k jobs below; B: listops:sh:0, then the image jobs below
 # which finished linear and SH (the finished jobs are dropped from the defaults, so that a new
-# session does not repeat the ListOps fp32 cost measurement).
+# session does not repeat the ListOps fp32 cost measurement). The seventh session finished Image
+# softmax, SH, linear and BN (seed 0), so B now begins with Image BN+SH. A job with several
+# variants runs one sweep per variant, so that each adds its rows to the results folder when it
+# ends (a sweep merges only at its end; the seventh session merged the four Image rows by hand
+# with the same sweep command, every run already finished).
 # Resumable: `pda sweep` skips runs already in runs.csv and continues an interrupted run from its
 # last.pt (at most one evaluation round is lost), so the same command continues the queue in a
 # later session; a sweep that fails (e.g. killed for memory) is retried twice, a minute apart
@@ -49,7 +53,7 @@ EVAL_SAMPLES=${EVAL_SAMPLES:-1000}
 LISTOPS_PRECISION=${LISTOPS_PRECISION:-fp32}
 IMAGE_PRECISION=${IMAGE_PRECISION:-bf16}
 LANE_A=${LANE_A:-listops5k:softmax:0 listops5k:sh:0 listops5k:bn_sh:0 listops5k:softmax,sh,bn_sh:1,2}
-LANE_B=${LANE_B:-image:softmax,sh,linear,bn,bn_sh:0 listops5k:bn:0 listops5k:linear:0 listops5k:bn,linear:1,2 image:softmax,sh,linear,bn,bn_sh:1,2}
+LANE_B=${LANE_B:-image:bn_sh:0 listops5k:bn:0 listops5k:linear:0 listops5k:bn,linear:1,2 image:softmax,sh,linear,bn,bn_sh:1,2}
 export OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
 mkdir -p "$RESULTS" "$RUNS" "$RESULTS_5K" "$RUNS_5K"
 
@@ -94,7 +98,10 @@ job() {  # one queue entry suite:variants:seeds: the sweep, then (once per suite
                    --set max_eval_samples="$EVAL_SAMPLES" --datasets "$dataset"
                    --set budget="$budget" --set precision="$precision")
     [[ -n $extra ]] && options+=(--set "$extra")
-    retry $PDA sweep "${options[@]}" --variants "$variants" --seeds "$seeds" || echo "$1 failed"
+    local variant
+    for variant in ${variants//,/ }; do  # one sweep per variant: each adds its rows when it ends
+        retry $PDA sweep "${options[@]}" --variants "$variant" --seeds "$seeds" || echo "$suite:$variant:$seeds failed"
+    done
     local marker="$runs/.bench_$suite"
     {  # once per suite, whichever lane comes first (the marker is checked under the lock)
         flock 9
