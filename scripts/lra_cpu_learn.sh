@@ -19,6 +19,13 @@
 # 2,000-step fp32 table stayed at one class for softmax and BN. Its own run and results folders
 # (a sweep refuses a folder that holds another budget of the same dataset).
 #
+# listops5k_lr: the same at a learning rate of 5e-4 instead of the published 1e-4. Added on
+# 2026-11-28 when softmax at 1e-4 was still at one class after 3,000 of the 5,000 steps: the probe
+# scripts/probe_listops_init.py (results/lra/probe_listops_plateau.md; shorter generated
+# expressions and their own validation split, never the task's) showed that the same model leaves
+# the one-class plateau, and that the plateau grows with the length of the expressions; 5e-4 was
+# taken from that probe before any full-length accuracy at 5e-4 was seen. Own folders again.
+#
 # Two lanes, each one process with one thread (the probe: 2 x 1 thread gives more steps per
 # second in aggregate than 1 x 2 threads on this shared machine); together they use 2 threads.
 # Each lane works through a queue of jobs `suite:variants:seeds` (LANE_A, LANE_B), split so that
@@ -32,7 +39,9 @@
 # softmax, SH, linear and BN (seed 0), so B now begins with Image BN+SH. A job with several
 # variants runs one sweep per variant, so that each adds its rows to the results folder when it
 # ends (a sweep merges only at its end; the seventh session merged the four Image rows by hand
-# with the same sweep command, every run already finished).
+# with the same sweep command, every run already finished). On 2026-11-28 (first session) Image
+# BN+SH finished; B's ListOps 5k BN at 1e-4 (round 1 begun) gave way to the lr-5e-4 table, and
+# both queues now put listops5k_lr's variants before the remaining 1e-4 ones.
 # Resumable: `pda sweep` skips runs already in runs.csv and continues an interrupted run from its
 # last.pt (at most one evaluation round is lost), so the same command continues the queue in a
 # later session; a sweep that fails (e.g. killed for memory) is retried twice, a minute apart
@@ -47,22 +56,25 @@ RESULTS=${RESULTS:-results/lra}
 RUNS=${RUNS:-runs/lra_learn}
 RESULTS_5K=${RESULTS_5K:-results/lra/listops_5000_steps}
 RUNS_5K=${RUNS_5K:-runs/lra_listops_5000_steps}
+RESULTS_5K_LR=${RESULTS_5K_LR:-results/lra/listops_5000_steps_lr5e-4}
+RUNS_5K_LR=${RUNS_5K_LR:-runs/lra_listops_5000_steps_lr5e-4}
 LISTOPS_BUDGET=${LISTOPS_BUDGET:-0.4}
 IMAGE_BUDGET=${IMAGE_BUDGET:-0.008}
 EVAL_SAMPLES=${EVAL_SAMPLES:-1000}
 LISTOPS_PRECISION=${LISTOPS_PRECISION:-fp32}
 IMAGE_PRECISION=${IMAGE_PRECISION:-bf16}
-LANE_A=${LANE_A:-listops5k:softmax:0 listops5k:sh:0 listops5k:bn_sh:0 listops5k:softmax,sh,bn_sh:1,2}
-LANE_B=${LANE_B:-image:bn_sh:0 listops5k:bn:0 listops5k:linear:0 listops5k:bn,linear:1,2 image:softmax,sh,linear,bn,bn_sh:1,2}
+LANE_A=${LANE_A:-listops5k:softmax:0 listops5k_lr:sh:0 listops5k_lr:bn:0 listops5k:sh,bn_sh,bn,linear:0 listops5k_lr:softmax,sh,bn:1,2}
+LANE_B=${LANE_B:-listops5k_lr:softmax:0 listops5k_lr:bn_sh:0 listops5k_lr:linear:0 image:softmax,sh,linear,bn,bn_sh:1,2 listops5k_lr:bn_sh,linear:1,2}
 export OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
-mkdir -p "$RESULTS" "$RUNS" "$RESULTS_5K" "$RUNS_5K"
+mkdir -p "$RESULTS" "$RUNS" "$RESULTS_5K" "$RUNS_5K" "$RESULTS_5K_LR" "$RUNS_5K_LR"
 
-# suite -> "dataset precision budget runs results extra-option" (one table, no if/elif chain;
+# suite -> "dataset precision budget runs results extra-options..." (one table, no if/elif chain;
 # the words are split on spaces, so the folders must not contain any)
 declare -A SUITE=(
     [listops]="listops $LISTOPS_PRECISION $LISTOPS_BUDGET $RUNS $RESULTS"
     [image]="image $IMAGE_PRECISION $IMAGE_BUDGET $RUNS $RESULTS"
     [listops5k]="listops bf16 1.0 $RUNS_5K $RESULTS_5K length_buckets=8"
+    [listops5k_lr]="listops bf16 1.0 $RUNS_5K_LR $RESULTS_5K_LR length_buckets=8 lr=5e-4"
 )
 
 retry() {  # a sweep killed for memory (or anything else) resumes from its last.pt; a refusal
@@ -97,7 +109,8 @@ job() {  # one queue entry suite:variants:seeds: the sweep, then (once per suite
     local options=(--task lra --workers 1 --threads 1 --out "$runs" --merge-into "$results"
                    --set max_eval_samples="$EVAL_SAMPLES" --datasets "$dataset"
                    --set budget="$budget" --set precision="$precision")
-    [[ -n $extra ]] && options+=(--set "$extra")
+    local option
+    for option in $extra; do options+=(--set "$option"); done
     local variant
     for variant in ${variants//,/ }; do  # one sweep per variant: each adds its rows when it ends
         retry $PDA sweep "${options[@]}" --variants "$variant" --seeds "$seeds" || echo "$suite:$variant:$seeds failed"
@@ -123,3 +136,4 @@ lane $LANE_B >> "$RUNS/lane_b.log" 2>&1 &
 wait
 $PDA sweep --task lra --report-only --results "$RESULTS"
 $PDA sweep --task lra --report-only --results "$RESULTS_5K"
+$PDA sweep --task lra --report-only --results "$RESULTS_5K_LR"

@@ -8,7 +8,8 @@
 # Usage: scripts/lra_restore_progress.sh
 set -euo pipefail
 SAVED=checkpoints/lra_in_progress
-declare -A RESULTS_OF=([lra_learn]=results/lra [lra_listops_5000_steps]=results/lra/listops_5000_steps)
+declare -A RESULTS_OF=([lra_learn]=results/lra [lra_listops_5000_steps]=results/lra/listops_5000_steps
+                       [lra_listops_5000_steps_lr5e-4]=results/lra/listops_5000_steps_lr5e-4)
 for name in "${!RESULTS_OF[@]}"; do
   runs=runs/$name results=${RESULTS_OF[$name]}
   mkdir -p "$runs"

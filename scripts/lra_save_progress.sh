@@ -5,9 +5,9 @@
 # scripts/lra_cpu_learn.sh is committed under checkpoints/lra_in_progress/<run folder>/.
 # scripts/lra_restore_progress.sh puts it back (finished runs are skipped, unfinished ones
 # continue from last.pt when the runner starts again).
-# Usage: [RUN_FOLDERS="runs/lra_learn runs/lra_listops_5000_steps"] scripts/lra_save_progress.sh
+# Usage: [RUN_FOLDERS="runs/lra_learn runs/lra_listops_5000_steps ..."] scripts/lra_save_progress.sh
 set -euo pipefail
-RUN_FOLDERS=${RUN_FOLDERS:-runs/lra_learn runs/lra_listops_5000_steps}
+RUN_FOLDERS=${RUN_FOLDERS:-runs/lra_learn runs/lra_listops_5000_steps runs/lra_listops_5000_steps_lr5e-4}
 DEST=checkpoints/lra_in_progress
 rm -rf "${DEST:?}/lra"  # the layout before run folders were named (2026-11-27, fifth session)
 for runs in $RUN_FOLDERS; do
