@@ -21,15 +21,17 @@
 #
 # listops5k_lr: the same at a learning rate of 5e-4 instead of the published 1e-4. Added on
 # 2026-11-28 when softmax at 1e-4 was still at one class after 3,000 of the 5,000 steps: the probe
-# scripts/probe_listops_init.py (results/lra/probe_listops_plateau.md; shorter generated
+# scripts/probe_listops_plateau.py (results/lra/probe_listops_plateau.md; shorter generated
 # expressions and their own validation split, never the task's) showed that the same model leaves
 # the one-class plateau, and that the plateau grows with the length of the expressions; 5e-4 was
-# taken from that probe before any full-length accuracy at 5e-4 was seen. Own folders again.
+# taken from that probe before any full-length accuracy at 5e-4 was seen. Own folders again, and
+# its own cost table (the same model as listops5k, measured again beside its own results).
 #
 # Two lanes, each one process with one thread (the probe: 2 x 1 thread gives more steps per
 # second in aggregate than 1 x 2 threads on this shared machine); together they use 2 threads.
-# Each lane works through a queue of jobs `suite:variants:seeds` (LANE_A, LANE_B), split so that
-# the lanes' work is about equal. The first queues (until 2026-11-27, fifth session) were
+# Each lane works through a queue of jobs `suite:variants:seeds` (LANE_A, LANE_B; an empty value
+# leaves that lane idle), split so that the lanes' work is roughly equal (about 15 ListOps
+# 5,000-step runs each, of ~4.5 h on this machine; Image runs take under an hour). The first queues (until 2026-11-27, fifth session) were
 #   A: listops:softmax,linear,bn_sh:0 image:softmax,linear,bn_sh:0 listops:...:1,2 image:...:1,2
 #   B: the same for bn,sh
 # which finished the fp32 ListOps runs of softmax and BN; the sixth session's queues began with
@@ -41,7 +43,8 @@
 # ends (a sweep merges only at its end; the seventh session merged the four Image rows by hand
 # with the same sweep command, every run already finished). On 2026-11-28 (first session) Image
 # BN+SH finished; B's ListOps 5k BN at 1e-4 (round 1 begun) gave way to the lr-5e-4 table, and
-# both queues now put listops5k_lr's variants before the remaining 1e-4 ones.
+# both queues now put listops5k_lr's variants before the remaining 1e-4 ones. (That session ran
+# lane B alone from this script, `LANE_A= `, beside lane A's process of the old queue.)
 # Resumable: `pda sweep` skips runs already in runs.csv and continues an interrupted run from its
 # last.pt (at most one evaluation round is lost), so the same command continues the queue in a
 # later session; a sweep that fails (e.g. killed for memory) is retried twice, a minute apart
@@ -63,8 +66,8 @@ IMAGE_BUDGET=${IMAGE_BUDGET:-0.008}
 EVAL_SAMPLES=${EVAL_SAMPLES:-1000}
 LISTOPS_PRECISION=${LISTOPS_PRECISION:-fp32}
 IMAGE_PRECISION=${IMAGE_PRECISION:-bf16}
-LANE_A=${LANE_A:-listops5k:softmax:0 listops5k_lr:sh:0 listops5k_lr:bn:0 listops5k:sh,bn_sh,bn,linear:0 listops5k_lr:softmax,sh,bn:1,2}
-LANE_B=${LANE_B:-listops5k_lr:softmax:0 listops5k_lr:bn_sh:0 listops5k_lr:linear:0 image:softmax,sh,linear,bn,bn_sh:1,2 listops5k_lr:bn_sh,linear:1,2}
+LANE_A=${LANE_A-listops5k:softmax:0 listops5k_lr:sh:0 listops5k_lr:bn:0 listops5k:sh:0 listops5k:bn_sh:0 listops5k_lr:softmax,sh,bn:1,2 listops5k:softmax,sh:1,2}
+LANE_B=${LANE_B-listops5k_lr:softmax:0 listops5k_lr:bn_sh:0 listops5k_lr:linear:0 image:softmax,sh,linear,bn,bn_sh:1,2 listops5k:bn:0 listops5k:linear:0 listops5k_lr:bn_sh,linear:1,2 listops5k:bn_sh,bn,linear:1,2}
 export OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
 mkdir -p "$RESULTS" "$RUNS" "$RESULTS_5K" "$RUNS_5K" "$RESULTS_5K_LR" "$RUNS_5K_LR"
 
@@ -109,8 +112,9 @@ job() {  # one queue entry suite:variants:seeds: the sweep, then (once per suite
     local options=(--task lra --workers 1 --threads 1 --out "$runs" --merge-into "$results"
                    --set max_eval_samples="$EVAL_SAMPLES" --datasets "$dataset"
                    --set budget="$budget" --set precision="$precision")
-    local option
-    for option in $extra; do options+=(--set "$option"); done
+    local option extras
+    read -ra extras <<< "$extra"
+    for option in "${extras[@]}"; do options+=(--set "$option"); done
     local variant
     for variant in ${variants//,/ }; do  # one sweep per variant: each adds its rows when it ends
         retry $PDA sweep "${options[@]}" --variants "$variant" --seeds "$seeds" || echo "$suite:$variant:$seeds failed"

@@ -63,6 +63,12 @@ class TokenSplit(Dataset):
         self.lengths = torch.as_tensor(lengths, dtype=torch.long)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
 
+    @classmethod
+    def from_sequences(cls, sequences: list[np.ndarray], labels, width: int, dtype=np.uint8) -> TokenSplit:
+        """Variable-length token sequences (cut to ``width``) padded with 0, and their labels."""
+        tokens, lengths = _pad(sequences, width, dtype)
+        return cls(tokens, lengths, np.asarray(labels))
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -258,8 +264,7 @@ def read_listops_tsv(path: str | Path, max_len: int = 2000) -> TokenSplit:
                 raise ValueError(f"{path}:{line}: expected 2 columns, got {len(row)}")
             sequences.append(tokenize_listops(row[0]))
             labels.append(int(row[1]))
-    tokens, lengths = _pad(sequences, max_len, np.uint8)
-    return TokenSplit(tokens, lengths, np.asarray(labels))
+    return TokenSplit.from_sequences(sequences, labels, max_len, np.uint8)
 
 
 def load_listops(data_dir: str | Path | None = None, *, seed: int = 0, sizes=(96_000, 2_000, 2_000),
@@ -300,8 +305,7 @@ def read_imdb_zip(path: str | Path, split: str, max_len: int = 4096) -> TokenSpl
     for name, text in imdb_reviews(path, split):
         sequences.append(np.frombuffer(text[:max_len], dtype=np.uint8).astype(np.int16) + 1)
         labels.append(1 if name.split("/")[-2] == "pos" else 0)
-    tokens, lengths = _pad(sequences, max_len, np.int16)
-    return TokenSplit(tokens, lengths, np.asarray(labels))
+    return TokenSplit.from_sequences(sequences, labels, max_len, np.int16)
 
 
 def load_text(data_dir: str | Path | None = None, *, seed: int = 0, val_fraction: float = 0.1,

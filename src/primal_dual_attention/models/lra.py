@@ -3,8 +3,8 @@
 Token embedding + learned positional embedding, ``depth`` pre-norm encoder blocks (dim 64,
 2 heads, FFN 128, 2 layers in the LRA set-up), a masked mean over the valid tokens and a
 two-layer ReLU classifier head. The token embedding keeps PyTorch's default N(0, 1)
-initialisation (Nystromformer's port draws it from N(0, 0.02); on shorter ListOps expressions
-both learned alike, ``results/lra/probe_listops_plateau.md``). For Retrieval (``dual=True``)
+initialisation (Nystromformer's port draws it from N(0, 0.02); on shorter ListOps expressions at
+lr 5e-4 both learned nearly alike, ``results/lra/probe_listops_plateau.md``). For Retrieval (``dual=True``)
 both documents are encoded by the same encoder and the head sees ``[u, v, u * v, u - v]``.
 """
 

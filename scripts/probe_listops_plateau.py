@@ -1,4 +1,4 @@
-"""Probe (issue 16): does the token-embedding initialisation decide whether ListOps learns?
+"""Probe (issue 16): what decides how long ListOps stays at one class (embedding scale, lr, length)?
 
 The 5,000-step ListOps runs stayed at the level of one class. The LRA classifier initialised its
 token embedding with PyTorch's default N(0, 1) beside a positional embedding of std 0.02, so the
@@ -10,9 +10,13 @@ dropout 0.1, masked mean) on *short* generated ListOps expressions (``--min-len`
 ``--max-len`` tokens; same generator, operators and depth as the LRA task) with each embedding
 std in ``--stds`` and each seed in ``--seeds``, and prints validation accuracy every
 ``--every`` steps. Short expressions keep a run to a few CPU minutes; only the validation split
-is read. Batch 32, AdamW, linear warm-up then linear decay.
+is read. The model is that of ``configs/lra/listops.yaml``; the schedule is the probe's own:
+batch 32, AdamW, fp32, no length buckets, linear warm-up over the first 10 % of the steps (the
+task's is 20 %), then linear decay to 0, cycling one fixed training set of ``--train-size``
+expressions. The data always come from generator seed 0; ``--seeds`` varies the initialisation
+and the batch order only.
 
-Usage: PYTHONPATH=src python scripts/probe_listops_init.py --stds 1.0,0.02 --seeds 0,1
+Usage: PYTHONPATH=src python scripts/probe_listops_plateau.py --stds 1.0,0.02 --seeds 0,1
 """
 
 from __future__ import annotations
@@ -25,14 +29,13 @@ import torch
 import torch.nn.functional as F
 
 from primal_dual_attention.attention import AttentionConfig
-from primal_dual_attention.data.lra import LISTOPS_VOCAB_SIZE, TokenSplit, _pad, generate_listops
+from primal_dual_attention.data.lra import LISTOPS_VOCAB_SIZE, TokenSplit, generate_listops
 from primal_dual_attention.models.lra import LRAClassifier
 
 
 def splits(count: int, seed: int, min_len: int, max_len: int) -> tuple[TokenSplit, TokenSplit]:
     sequences, labels = generate_listops(count + 2000, seed, min_len=min_len, max_len=max_len)
-    tokens, lengths = _pad(sequences, max_len, np.uint8)
-    data = TokenSplit(tokens, lengths, labels)
+    data = TokenSplit.from_sequences(sequences, labels, max_len)
     return data.subset(torch.arange(count)), data.subset(torch.arange(count, count + 2000))
 
 
@@ -53,7 +56,7 @@ def run(std: float, seed: int, train: TokenSplit, val: TokenSplit, args: argpars
     with torch.no_grad():
         model.embed.weight[0].zero_()  # padding row, as nn.Embedding(padding_idx=0) keeps it
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    warmup = args.steps // 10
+    warmup = max(1, args.steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (args.steps - s) / (args.steps - warmup))))
     generator = torch.Generator().manual_seed(seed)
