@@ -64,7 +64,8 @@ class TokenSplit(Dataset):
         self.labels = torch.as_tensor(labels, dtype=torch.long)
 
     @classmethod
-    def from_sequences(cls, sequences: list[np.ndarray], labels, width: int, dtype=np.uint8) -> TokenSplit:
+    def from_sequences(cls, sequences: list[np.ndarray], labels: list[int] | np.ndarray, width: int,
+                       dtype: type[np.integer] = np.uint8) -> TokenSplit:
         """Variable-length token sequences (cut to ``width``) padded with 0, and their labels."""
         tokens, lengths = _pad(sequences, width, dtype)
         return cls(tokens, lengths, np.asarray(labels))
