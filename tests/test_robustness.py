@@ -115,3 +115,22 @@ def test_nan_in_a_batch_is_an_error_naming_the_batch(tmp_path):
     task.train.x[5, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"inputs of epoch 1, batch \d+"):
         fit(cfg, task)
+
+
+def test_nan_in_a_batch_is_one_error_line_from_the_command(tmp_path, monkeypatch, capsys):
+    from primal_dual_attention.cli import main
+    from primal_dual_attention.training import tasks
+
+    build_task = tasks.build_task
+
+    def poisoned(cfg):
+        task = build_task(cfg)
+        task.train.x[5, 0, 0] = float("nan")
+        return task
+
+    monkeypatch.setattr(tasks, "build_task", poisoned)
+    code = main(["train", *TINY, "--epochs", "1", "--out-dir", str(tmp_path)])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert error.startswith("pda: error: non-finite values (NaN/inf) in the inputs of epoch 1, batch")
+    assert "Traceback" not in error

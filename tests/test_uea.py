@@ -185,7 +185,10 @@ def test_yaml_config_rejects_unknown_keys_and_wrong_types(tmp_path):
     with pytest.raises(ValueError, match="unknown option.*learning_rate"):
         load_yaml_config(bad)
     bad.write_text("epochs: three\n")
-    with pytest.raises(ValueError, match="option 'epochs' must be of type"):
+    with pytest.raises(ValueError, match="option 'epochs' must be of type int, got str 'three'"):
+        load_yaml_config(bad)
+    bad.write_text("head_scales: [1, two]\n")
+    with pytest.raises(ValueError, match=r"'head_scales' must be of type list\[int\] \| None, got list"):
         load_yaml_config(bad)
 
 

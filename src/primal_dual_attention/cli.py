@@ -495,15 +495,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; a bad option or input prints ``pda: error: ...`` and exits with 2; a warning
-    prints as one ``pda: warning: ...`` line."""
+    """Entry point; a bad option or input (non-finite training data included) prints
+    ``pda: error: ...`` and exits with 2; a warning prints as one ``pda: warning: ...`` line."""
     args = build_parser().parse_args(argv)
     args.command = command_line(argv)  # as typed, for the records that name it
     formatwarning = warnings.formatwarning
     warnings.formatwarning = lambda message, *_, **__: f"pda: warning: {message}\n"
     try:
         return args.func(args)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, FloatingPointError) as error:
         print(f"pda: error: {error}", file=sys.stderr)
         return 2
     finally:

@@ -186,6 +186,11 @@ def _field_types() -> dict[str, Any]:
     return typing.get_type_hints(TrainConfig)
 
 
+def _type_name(annotation: Any) -> str:
+    """``int``, ``float | None``, ``list[int]``: an annotation as it reads in the source."""
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
 def _accepts(annotation: Any, value: Any) -> bool:
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
@@ -234,8 +239,8 @@ def config_from_mapping(values: dict[str, Any], where: str, base: TrainConfig | 
     for key, value in values.items():
         if not _accepts(types_[key], value):
             raise ValueError(
-                f"{where}: option {key!r} must be of type {types_[key]}, got {type(value).__name__} "
-                f"{value!r}")
+                f"{where}: option {key!r} must be of type {_type_name(types_[key])}, "
+                f"got {type(value).__name__} {value!r}")
     current = dataclasses.asdict(base) if base is not None else {}
     return TrainConfig(**{**current, **values})
 
