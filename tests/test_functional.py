@@ -357,3 +357,17 @@ def test_linear_feature_map_is_elu_plus_one_to_the_second_derivative():
         else:
             torch.testing.assert_close(expected, second)
     assert PF.elu_feature_map(torch.randn(4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("pack_heads", [False, True])
+def test_bn_in_float16_survives_a_head_pooled_to_one_key(pack_heads):
+    """A head whose keys have no variance (scale 8 on 8 tokens: one pooled key) must not
+    overflow float16 (the folded queries (q - mu) / s^2 would reach ~1e5 |q - mu|)."""
+    q, k, v = (3.0 + torch.randn(2, 2, 8, 16) for _ in range(3))
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[1, 5:] = True
+    options = dict(bn=True, head_scales=(1, 8), key_padding_mask=mask, pack_heads=pack_heads)
+    ref = attention(q.double(), k.double(), v.double(), **options)
+    out = attention(q.half(), k.half(), v.half(), **options)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)

@@ -172,5 +172,5 @@ def test_budget_scales_steps_and_the_alias_selects_the_dataset():
     cfg.validate()
     assert (cfg.task, cfg.dataset, cfg.steps, cfg.batch_size) == ("lra", "listops", 5000, 32)
     assert cfg.total_steps() == 500
-    with pytest.raises(ValueError, match="budget must be > 0"):
+    with pytest.raises(ValueError, match="budget must be a finite number > 0"):
         TrainConfig(budget=0).validate()

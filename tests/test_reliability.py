@@ -170,8 +170,19 @@ def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--protocol", "best"], "protocol must be one of ['paper', 'clean'], got 'best'"),
     (["--epochs", "0"], "epochs must be >= 1, got 0"),
-    (["--lr", "-1"], "lr must be > 0, got -1.0"),
+    (["--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
+    (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    (["--grad-clip", "nan"], "grad_clip must be a finite number > 0 or None (no clipping), got nan"),
+    (["--weight-decay", "-1"], "weight_decay must be a finite number >= 0, got -1.0"),
+    (["--gamma", "0"], "gamma must be a finite number > 0, got 0.0"),
     (["--dropout", "1"], "dropout must be in [0, 1), got 1.0"),
+    (["--label-smoothing", "2"], "label_smoothing must be in [0, 1), got 2.0"),
+    (["--step-size", "0"], "step_size must be >= 1, got 0"),
+    (["--img-size", "0"], "img_size must be >= 1, got 0"),
+    (["--warmup-epochs", "-5"], "warmup_epochs must be >= 0, got -5"),
+    (["--warmup-steps", "-1"], "warmup_steps must be >= 0 or None, got -1"),
+    (["--threads", "-1"], "threads must be >= 0 or None (0 and None: torch's default), got -1"),
+    (["--device", "foo"], "device must be auto, cpu, cuda, cuda:<index> or another torch device, got 'foo'"),
     (["--run-name", "../x"], "run_name must be a plain folder name, got '../x'"),
     (["--resume", "--overwrite"], "resume and overwrite exclude each other"),
 ])
@@ -214,3 +225,70 @@ def test_exclusive_lock_serialises_processes(tmp_path):
     assert acquired >= released
     with exclusive(None):  # no lock asked for: nothing to wait for
         pass
+
+
+def _subcommands(parser, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    import argparse
+
+    found = [prefix]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found += _subcommands(sub, prefix + (name,))
+    return found
+
+
+@pytest.mark.parametrize("command", _subcommands(build_parser()), ids=" ".join)
+def test_every_help_runs(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: pda" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--attention-options", "{a: "], "argument --attention-options: not valid YAML"),
+    (["sweep", "--set", "lr=[1,"], "argument --set: not valid YAML"),
+    (["bench", "attention", "--repeats", "0"], "argument --repeats: expected an integer >= 1, got '0'"),
+    (["bench", "precision", "--precisions", "fp8"], "argument --precisions: unknown precision(s) ['fp8']"),
+    (["sweep", "--workers", "0"], "argument --workers: expected an integer >= 1, got '0'"),
+    (["heads", "x.pt", "--samples", "0"], "argument --samples: expected an integer >= 1, got '0'"),
+    (["bench", "scaling", "--time-limit", "inf"], "argument --time-limit: expected a finite number > 0"),
+])
+def test_bad_arguments_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_checkpoint_mistakes_are_one_line(tmp_path, capsys):
+    """A run folder instead of its checkpoint, and a layer the model does not have."""
+    cfg = _one_epoch(tmp_path / "runs")
+    err = one_line_error(capsys, ["eval", str(cfg.run_dir())])
+    assert "is a folder; name a checkpoint file in it (best.pt, last.pt)" in err
+    err = one_line_error(capsys, ["heads", str(cfg.run_dir() / "best.pt"), "--layer", "2", "--samples", "4",
+                                  "--out", str(tmp_path / "heads")])
+    assert "layer must be in 1..1" in err and "got 2" in err
+
+
+def test_config_that_is_not_text_is_one_line(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"epochs: \xff\xfe\n")
+    err = one_line_error(capsys, ["train", "--config", str(path)])
+    assert f"{path}: not a UTF-8 text file" in err
+
+
+def test_report_never_replaces_a_readme_it_did_not_write(tmp_path, capsys):
+    own = tmp_path / "README.md"
+    own.write_text("# My project\n")
+    err = one_line_error(capsys, ["report", "--results", str(tmp_path)])
+    assert "its README.md was not written by pda report" in err
+    assert own.read_text() == "# My project\n"
+    err = one_line_error(capsys, ["report", "--results", str(tmp_path / "missing")])
+    assert "is not a folder" in err
+    results = tmp_path / "results"
+    results.mkdir()
+    assert main(["report", "--results", str(results)]) == 0  # a new results folder is fine
+    assert main(["report", "--results", str(results)]) == 0  # and its own README is replaced

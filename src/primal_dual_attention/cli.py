@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from primal_dual_attention.attention import PAPER_VARIANTS, STUDIED_VARIANTS, VARIANTS
-from primal_dual_attention.training.config import PROTOCOLS, TrainConfig
+from primal_dual_attention.training.config import PRECISIONS, PROTOCOLS, TrainConfig
 from primal_dual_attention.utils import command_line, exclusive
 
 
@@ -31,6 +31,47 @@ def _int_tuple(text: str, lowest: int) -> tuple[int, ...]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def _names_from(allowed: Sequence[str], what: str):
+    """An argparse type: comma-separated names, each one of ``allowed``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        names = tuple(text.split(","))
+        unknown = [n for n in names if n not in allowed]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {what}(s) {unknown}; choose from {list(allowed)}")
+        return names
+
+    parse.__name__ = what
+    return parse
+
+
+def _yaml_value(text: str) -> object:
+    """A YAML value; its syntax errors become one argument error."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        reason = getattr(error, "problem", None) or "not valid YAML"
+        raise argparse.ArgumentTypeError(f"not valid YAML ({reason}): {text!r}") from None
+
+
 def _sizes(text: str) -> tuple[int, ...]:
     return _int_tuple(text, 1)
 
@@ -39,12 +80,8 @@ def _seeds(text: str) -> tuple[int, ...]:
     return _int_tuple(text, 0)
 
 
-def _variants(text: str) -> tuple[str, ...]:
-    names = tuple(text.split(","))
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    return names
+_variants = _names_from(tuple(VARIANTS), "variant")
+_precisions = _names_from(PRECISIONS, "precision")
 
 
 def _bench_attention(args: argparse.Namespace) -> int:
@@ -77,9 +114,7 @@ def _int_list(text: str) -> list[int] | None:
 
 def _mapping(text: str) -> dict | None:
     """A YAML mapping, e.g. ``'{pack_heads: true, eps: 1.0e-3}'``, or ``none``."""
-    import yaml
-
-    value = yaml.safe_load(text)
+    value = _yaml_value(text)
     if value is not None and not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{eps: 1.0e-3}}', got {text!r}")
     return value
@@ -207,12 +242,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _overrides(text: str) -> tuple[str, object]:
-    import yaml
-
     key, sep, value = text.partition("=")
     if not key or not sep:
         raise argparse.ArgumentTypeError(f"expected OPTION=VALUE (a pda train option), got {text!r}")
-    return key.replace("-", "_"), yaml.safe_load(value)
+    return key.replace("-", "_"), _yaml_value(value)
 
 
 SWEEP_DEFAULT_DATASETS = {"image": ("CIFAR10",)}
@@ -284,7 +317,7 @@ def _heads(args: argparse.Namespace) -> int:
 def _bench_precision(args: argparse.Namespace) -> int:
     from primal_dual_attention.analysis.precision import precision_check
 
-    rows = precision_check(args.device, tuple(args.precisions.split(",")), num_tokens=args.tokens,
+    rows = precision_check(args.device, args.precisions, num_tokens=args.tokens,
                            compile_model=args.compile)
     return 0 if all(r["finite"] for r in rows) else 1
 
@@ -338,7 +371,7 @@ def _add_bench_attention(kinds: Commands) -> None:
                       help="sequence lengths N, comma separated (default 256,1024,2048,4096)")
     attn.add_argument("--variants", type=_variants, default=tuple(VARIANTS),
                       help="variants, comma separated (default: all)")
-    attn.add_argument("--repeats", type=int, default=7, help="timed runs per point (median)")
+    attn.add_argument("--repeats", type=_positive_int, default=7, help="timed runs per point (median)")
     attn.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     attn.add_argument("--out", default="results/bench", help="output folder")
     attn.set_defaults(func=_bench_attention)
@@ -348,9 +381,9 @@ def _add_bench_scaling(kinds: Commands) -> None:
     scaling = kinds.add_parser("scaling", help="one attention layer per variant as N grows")
     scaling.add_argument("--sizes", type=_sizes, default=(256, 512, 1024, 2048, 4096, 8192))
     scaling.add_argument("--variants", type=_variants, default=STUDIED_VARIANTS)
-    scaling.add_argument("--batch", type=int, default=2)
-    scaling.add_argument("--repeats", type=int, default=3)
-    scaling.add_argument("--time-limit", type=float, default=4.0,
+    scaling.add_argument("--batch", type=_positive_int, default=2)
+    scaling.add_argument("--repeats", type=_positive_int, default=3)
+    scaling.add_argument("--time-limit", type=_positive_float, default=4.0,
                          help="stop a variant once one forward+backward call takes longer (s)")
     scaling.add_argument("--no-memory", action="store_true")
     scaling.add_argument("--out", default="results/bench", help="output folder")
@@ -360,8 +393,9 @@ def _add_bench_scaling(kinds: Commands) -> None:
 def _add_bench_precision(kinds: Commands) -> None:
     precision = kinds.add_parser("precision", help="bf16/fp16 autocast vs fp32 per variant")
     precision.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    precision.add_argument("--precisions", default="fp32,bf16", help="comma separated: fp32,bf16,fp16")
-    precision.add_argument("--tokens", type=int, default=1024, help="sequence length")
+    precision.add_argument("--precisions", type=_precisions, default=("fp32", "bf16"),
+                           help="comma separated: fp32,bf16,fp16 (default fp32,bf16)")
+    precision.add_argument("--tokens", type=_positive_int, default=1024, help="sequence length")
     precision.add_argument("--compile", action="store_true", help="run the layer through torch.compile")
     precision.set_defaults(func=_bench_precision)
 
@@ -371,8 +405,8 @@ def _add_bench_model(kinds: Commands) -> None:
     model.add_argument("--task", default="image", help="image, uea or an lra-* task")
     model.add_argument("--dataset", default="CIFAR10")
     model.add_argument("--variants", type=_variants, default=PAPER_VARIANTS)
-    model.add_argument("--batch", type=int, default=128)
-    model.add_argument("--repeats", type=int, default=10, help="timed rounds (median per variant)")
+    model.add_argument("--batch", type=_positive_int, default=128)
+    model.add_argument("--repeats", type=_positive_int, default=10, help="timed rounds (median per variant)")
     model.add_argument("--modes", type=lambda t: tuple(t.split(",")), default=("eager",),
                        help="comma separated: eager, compile (torch.compile), cudagraphs "
                             "(torch.compile mode reduce-overhead); default eager")
@@ -409,11 +443,11 @@ def _add_eval(commands: Commands) -> None:
 
 def _add_demo(commands: Commands) -> None:
     demo = commands.add_parser("demo", help="softmax vs BN vs SH vs BN+SH on JapaneseVowels")
-    demo.add_argument("--epochs", type=int, default=60, help="epochs per variant (default 60)")
+    demo.add_argument("--epochs", type=_positive_int, default=60, help="epochs per variant (default 60)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--protocol", choices=PROTOCOLS, default=TrainConfig.protocol,
-                      help=f"default {TrainConfig.protocol}: {PROTOCOL_NOTES['clean']}; paper: "
-                           f"{PROTOCOL_NOTES['paper']}")
+                      help=(f"default {TrainConfig.protocol}: {PROTOCOL_NOTES['clean']}; paper: "
+                            f"{PROTOCOL_NOTES['paper']}").replace("%", "%%"))  # argparse formats help
     demo.add_argument("--data-dir", default=None, help="UEA folder (default: ../shared/data/uea or aeon)")
     demo.add_argument("--out", default="runs/demo", help="run folder")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -436,13 +470,13 @@ def _add_sweep(commands: Commands) -> None:
     sweep.add_argument("--protocols", type=lambda t: tuple(t.split(",")), default=None,
                        help="default: paper,clean for UEA main, clean otherwise")
     sweep.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="default 0,1,2")
-    sweep.add_argument("--epochs", type=int, default=None, help="override every config's epochs")
+    sweep.add_argument("--epochs", type=_positive_int, default=None, help="override every config's epochs")
     sweep.add_argument("--dataset-epochs", type=_dataset_epochs, action="append", default=[],
                        metavar="NAME=EPOCHS", help="epochs for one dataset (repeatable)")
     sweep.add_argument("--set", type=_overrides, action="append", default=[], metavar="OPTION=VALUE",
                        help="any pda train option for every run, e.g. --set precision=bf16 (repeatable)")
-    sweep.add_argument("--workers", type=int, default=1, help="parallel training processes")
-    sweep.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    sweep.add_argument("--workers", type=_positive_int, default=1, help="parallel training processes")
+    sweep.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker")
     sweep.add_argument("--out", default=None,
                        help="the sweep's own folder: run folders, runs.csv, logs, sweep_commands.txt, "
                             "README.md (default runs/sweep/uea, runs/sweep/cifar10, ...)")
@@ -471,8 +505,10 @@ def _add_verify(commands: Commands) -> None:
 def _add_heads(commands: Commands) -> None:
     heads = commands.add_parser("heads", help="head redundancy (js, cos_maps, cos_out) per layer")
     heads.add_argument("checkpoints", nargs="+", help="checkpoints to compare side by side")
-    heads.add_argument("--samples", type=int, default=256, help="test series evaluated (default 256)")
-    heads.add_argument("--layer", type=int, default=1, help="layer whose maps are drawn")
+    heads.add_argument("--samples", type=_positive_int, default=256,
+                       help="test series evaluated (default 256)")
+    heads.add_argument("--layer", type=_positive_int, default=1,
+                       help="layer whose maps are drawn (1 = first)")
     heads.add_argument("--data-dir", default=None)
     heads.add_argument("--out", default="results/heads", help="output folder")
     heads.set_defaults(func=_heads)

@@ -191,8 +191,9 @@ class AttentionOptions:
         }
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps >= 0:
-            raise ValueError(f"eps must be a number >= 0, got {self.eps!r}")
+        if (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float))
+                or not 0 <= self.eps < math.inf):
+            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
         if self.window is not None and self.head_scales is not None and max(self.head_scales) > 1:
             raise ValueError(
                 "window (sparse attention) cannot be combined with head_scales > 1: pooled keys "
@@ -353,8 +354,13 @@ def bn_fold_queries(
     ``((q - mu) / s^2, k)``, whose softmax attention equals that of ``bn_normalize(q, k)``.
 
     One transform instead of two: fewer operations per step, and the keys reach the fused
-    kernel untouched.
+    kernel untouched. In float16 it normalises both instead (:func:`bn_normalize`): there
+    ``(q - mu) / s^2`` overflows float16's range (65504) when a head's keys have (almost) no
+    variance, e.g. an SH head pooled to one key, while ``(q - mu) / s`` stays below
+    ``|q - mu| / sqrt(eps)``.
     """
+    if q.dtype == torch.float16:
+        return bn_normalize(q, k, key_padding_mask, eps)
     return _BNFoldQueries.apply(q, k, key_padding_mask, eps), k
 
 

@@ -142,6 +142,9 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
     rows, drawn = [], []
     for path in checkpoints:
         cfg, task = _checkpoint_model(path, data_dir)
+        depth = len(attention_layers(task.model))
+        if not 1 <= layer <= depth:
+            raise ValueError(f"layer must be in 1..{depth} (the attention layers of {path}), got {layer}")
         evaluation = task.test.subset(torch.arange(min(samples, len(task.test))))
         label = f"{cfg.variant} (seed {cfg.seed})"
         for number, metrics in enumerate(model_redundancy(task.model, evaluation.batches(64)), start=1):

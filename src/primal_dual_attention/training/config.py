@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 import yaml
 
 from primal_dual_attention.training.compilation import COMPILE_CHOICES
@@ -25,6 +28,52 @@ PROTOCOLS = ("paper", "clean")
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adamw", "radam")
 SCHEDULES = ("cosine", "linear", "step", "none")
+
+
+@dataclass(frozen=True)
+class NumberRule:
+    """What a numeric option allows, said in words for the error (``text``)."""
+
+    text: str
+    holds: Callable[[float], bool]
+    allows_none: bool = False
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+#: every numeric option of :class:`TrainConfig` and its allowed range, checked before data loads
+NUMBER_RULES: dict[NumberRule, tuple[str, ...]] = {
+    NumberRule(">= 1", lambda v: v >= 1): (
+        "epochs", "batch_size", "eval_batch_size", "dim", "depth", "heads", "mlp_dim", "img_size",
+        "step_size"),
+    NumberRule(">= 1 or None", lambda v: v >= 1, allows_none=True): (
+        "steps", "max_len", "max_eval_samples", "max_train_samples", "lr_base_batch"),
+    NumberRule(">= 0", lambda v: v >= 0): ("mixup", "cutmix", "num_workers", "repeated_aug", "warmup_epochs"),
+    NumberRule(">= 0 or None (0 and None: torch's default)", lambda v: v >= 0,
+               allows_none=True): ("threads",),
+    NumberRule(">= 0 or None", lambda v: v >= 0, allows_none=True): ("warmup_steps",),
+    NumberRule("a finite number >= 0", lambda v: _finite(v) and v >= 0): ("weight_decay",),
+    NumberRule("a finite number > 0", lambda v: _finite(v) and v > 0): ("lr", "budget", "gamma"),
+    NumberRule("a finite number > 0 or None (no clipping)", lambda v: _finite(v) and v > 0,
+               allows_none=True): ("grad_clip",),
+    NumberRule("in [0, 1)", lambda v: 0.0 <= v < 1.0): (
+        "dropout", "drop_path", "random_erase", "label_smoothing"),
+    NumberRule("in (0, 1)", lambda v: 0.0 < v < 1.0): ("val_fraction",),
+}
+
+
+def check_device_name(device: str) -> str:
+    """``auto`` or a torch device string (``cpu``, ``cuda``, ``cuda:1``, ``mps``); whether the
+    device exists is checked when the run starts (``training.distributed.resolve_device``)."""
+    if device != "auto":
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:<index> or another torch device, "
+                             f"got {device!r}") from None
+    return device
 
 
 @dataclass
@@ -107,39 +156,22 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        for name in ("epochs", "batch_size", "eval_batch_size", "dim", "depth", "heads", "mlp_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        for rule, names in NUMBER_RULES.items():
+            for name in names:
+                value = getattr(self, name)
+                if not (value is None and rule.allows_none or value is not None and rule.holds(value)):
+                    raise ValueError(f"{name} must be {rule.text}, got {value!r}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: --resume continues a run, "
                              "--overwrite starts it again")
         if self.run_name is not None and (not self.run_name or Path(self.run_name).name != self.run_name
                                           or self.run_name in (".", "..")):
             raise ValueError(f"run_name must be a plain folder name, got {self.run_name!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        for name in ("drop_path", "random_erase"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ("mixup", "cutmix", "num_workers", "repeated_aug"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.lr_base_batch is not None and self.lr_base_batch < 1:
-            raise ValueError(f"lr_base_batch must be >= 1 or None, got {self.lr_base_batch}")
-        if not self.budget > 0:
-            raise ValueError(f"budget must be > 0 (a fraction of the configured steps), got {self.budget}")
         buckets = self.length_buckets
         if buckets is not None and (buckets < 0 or buckets & (buckets - 1)):
             raise ValueError(f"length_buckets must be 0 (no buckets), a power of two or None (8 on CUDA), "
                              f"got {buckets}")
-        for name in ("steps", "max_len", "max_eval_samples", "max_train_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 or None, got {value}")
+        check_device_name(self.device)
         self.task, self.dataset = canonical_task(self.task, self.dataset)
         from primal_dual_attention.training.tasks import check_task
 
@@ -253,6 +285,8 @@ def load_yaml_config(path: str | os.PathLike | Traversable, base: TrainConfig | 
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not a UTF-8 text file (byte {error.start}: {error.reason})") from None
     except yaml.YAMLError as error:  # one line: where, and PyYAML's reason without its excerpt
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

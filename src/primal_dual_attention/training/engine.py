@@ -252,6 +252,10 @@ def atomic_save(obj: Any, path: Path) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely (``weights_only=True``); a clear error if it is not ours."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(p.name for p in path.glob("*.pt"))
+        raise ValueError(f"checkpoint {str(path)!r} is a folder; name a checkpoint file in it "
+                         f"({', '.join(found) if found else 'it holds no .pt file'})")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
