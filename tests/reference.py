@@ -64,10 +64,12 @@ def reference_attention(
                 logits = Q @ K.T / math.sqrt(Q.shape[-1])
                 sim = torch.exp(logits - logits.max(-1, keepdim=True).values)
             else:
-                # elu(x) + 1 written piecewise: expm1(x) + 1 rounds to 0 for x < -37 (float64),
-                # which would hide a valid key behind a zero normaliser after BN over one key
-                phi = lambda x: torch.where(x > 0, x + 1, torch.exp(x))  # noqa: E731
-                sim = phi(Q) @ phi(K).T
+                # log(elu(x) + 1) is x below 0 and log1p(x) above: similarities in log space, each
+                # row shifted by its maximum (a query's scale cancels), so that neither expm1(x) + 1
+                # (0 below x = -37) nor exp (0 below -745) hides a valid key after BN over one key
+                log_phi = lambda x: torch.where(x > 0, torch.log1p(x.clamp_min(0)), x)  # noqa: E731
+                log_sim = torch.logsumexp(log_phi(Q)[:, None, :] + log_phi(K)[None, :, :], dim=-1)
+                sim = torch.exp(log_sim - log_sim.max(-1, keepdim=True).values)
             if window is not None:
                 pos = torch.tensor(positions)
                 sim = sim * ((torch.arange(n_q)[:, None] - pos[None, :]).abs() <= window)

@@ -160,3 +160,31 @@ def test_cache_memory_per_token():
         assert per_token(constant, 512) == pytest.approx(per_token(constant, 256) / 2, rel=0.01)
     with pytest.raises(ValueError, match="causal layer"):
         MultiHeadAttention(DIM, HEADS)(torch.randn(1, 3, DIM), cache=DecodingCache())
+
+
+@pytest.mark.parametrize("variant", [name for name, spec in VARIANTS.items() if spec.bn])
+@pytest.mark.parametrize("fused", [True, False])
+def test_bn_in_float16_is_finite_and_close(variant, fused):
+    """The first position sees one key (no variance): (q - mu) / s^2 would overflow float16, so
+    causal BN runs in float32 there (functional call, module under autocast, decoding)."""
+    cfg = config(variant, causal=True, fused=fused)
+    q, k, v = (t.half() for t in qkv())
+    mask = padding()
+    expected = attention(q.double(), k.double(), v.double(), cfg, key_padding_mask=mask)
+    out = attention(q, k, v, cfg, key_padding_mask=mask)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
+
+    layer = MultiHeadAttention(DIM, HEADS, cfg)
+    x = torch.randn(2, 6, DIM)
+    with torch.no_grad():
+        reference = layer.double()(x.double())
+        layer.float()
+        with torch.autocast("cpu", dtype=torch.float16):
+            full = layer(x)
+            cache = DecodingCache()
+            steps = torch.cat([layer(x[:, :3], cache=cache)] + [layer(x[:, t:t + 1], cache=cache)
+                                                                 for t in range(3, 6)], dim=1)
+    for result in (full, steps):
+        assert torch.isfinite(result).all()
+        torch.testing.assert_close(result.double(), reference, rtol=1e-2, atol=1e-2)

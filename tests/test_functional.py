@@ -371,3 +371,57 @@ def test_bn_in_float16_survives_a_head_pooled_to_one_key(pack_heads):
     out = attention(q.half(), k.half(), v.half(), **options)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("scales", [None, (1, 8)])
+def test_bn_gradients_in_float32_stay_accurate_without_key_variance(scales):
+    """Keys with a large mean and one valid key (a short sequence, or an SH head pooled to one
+    key): float32 gradients as accurate as the inputs allow. Folding BN into the queries with
+    raw keys made the kernel cancel q'.mu and gave gradients of ~100 where float64 has ~0."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (100.0 + torch.randn(2, 2, 8, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    mask = torch.zeros(2, 8, dtype=torch.bool)
+    mask[1, 1:] = True  # one valid token
+    weight = torch.randn(2, 2, 8, 4, generator=generator, dtype=torch.float64) * ~mask[:, None, :, None]
+
+    def grads(dtype: torch.dtype) -> list[torch.Tensor]:
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs, bn=True, head_scales=scales, key_padding_mask=mask)
+        (out.double() * weight).sum().backward()
+        return [t.grad.double() for t in inputs]
+
+    for low, high in zip(grads(torch.float32), grads(torch.float64), strict=True):
+        torch.testing.assert_close(low, high, rtol=1e-4, atol=1e-4 * high.abs().max().item() + 1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_linear_bn_against_one_key_returns_its_value(fused):
+    """One key: BN makes the query (q - mu) / sqrt(eps), every feature far below 0 here, whose
+    elu + 1 underflows in float32; the output must still be that key's value, gradients finite."""
+    k, v = torch.randn(2, 1, 1, 4), torch.randn(2, 1, 1, 4)
+    q = (k - 0.5).requires_grad_()
+    out = attention(q, k, v, kernel="linear", bn=True, fused=fused)
+    torch.testing.assert_close(out, v)
+    out.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+def test_linear_bn_padding_stays_inert_in_float16():
+    """Padded keys normalise to -mu / s, which overflows float16 here; the explicit matrix must
+    not turn that inf into NaN in the valid rows."""
+    q = torch.ones(1, 1, 3, 4, dtype=torch.float16)
+    mask = torch.tensor([[False, True, True]])
+    out = attention(q, -q, q, kernel="linear", bn=True, key_padding_mask=mask, fused=False)
+    assert torch.isfinite(out[:, :, 0]).all()
+
+
+@pytest.mark.parametrize("bn", [False, True])
+def test_math_path_in_bfloat16_is_as_accurate_as_the_fused_kernel(bn):
+    """Large logits (inputs around 100): the explicit path computes them in float32, as the
+    fused kernel accumulates; bf16 logits were off by about 0.5 (errors of 0.1-2 in the output)."""
+    q, k, v = (100.0 + torch.randn(1, 2, 8, 16) for _ in range(3))
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    expected = attention(q.double(), k.double(), v.double(), bn=bn)
+    fused, math = (attention(q, k, v, bn=bn, fused=f).double() for f in (True, False))
+    math_error, fused_error = (math - expected).abs().max(), (fused - expected).abs().max()
+    assert math_error <= 2 * fused_error + 1e-2

@@ -18,6 +18,8 @@ keys of a cache). Every function here is pure but :func:`decode`, which updates 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -30,6 +32,7 @@ from primal_dual_attention.functional import (
     check_key_padding_mask,
     elu_feature_map,
     head_groups,
+    query_feature_map,
     split_heads,
 )
 
@@ -243,20 +246,21 @@ class _LinearBNSimilarity(torch.autograd.Function):
         blocks = _query_blocks(visible)
         shift = -mean * inv_std
         out = a.new_zeros(a.shape[:3] + (keys.shape[2],))
-        for start, stop, width in blocks:
-            rows = slice(start, stop)
-            centred = _block_centred(keys, shift, inv_std, rows, width)
-            features = centred.clamp_max(0.0).exp_().add_(centred.clamp_min_(0.0))
-            out[:, :, rows, :width] = (features @ a[:, :, rows, :, None]).squeeze(-1)
+        with torch.autocast(a.device.type, enabled=False):  # in the inputs' float32, not autocast's
+            for start, stop, width in blocks:
+                rows = slice(start, stop)
+                centred = _block_centred(keys, shift, inv_std, rows, width)
+                features = centred.clamp_max(0.0).exp_().add_(centred.clamp_min_(0.0))
+                out[:, :, rows, :width] = (features @ a[:, :, rows, :, None]).squeeze(-1)
         ctx.blocks = blocks
         ctx.save_for_backward(a, keys, mean, inv_std, visible)
-        return out * visible
+        return out.where(visible, 0.0)  # not out * visible: a hidden key's inf must not become NaN
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor):
         a, keys, mean, inv_std, visible = ctx.saved_tensors
-        grad = grad * visible
+        grad = grad.to(a.dtype).where(visible, 0.0)
         shift = -mean * inv_std
         grad_a, grad_keys = torch.zeros_like(a), torch.zeros_like(keys)
         grad_mean, grad_inv = torch.zeros_like(mean), torch.zeros_like(inv_std)
@@ -299,13 +303,13 @@ def _dual_weights(
     if moments is not None:  # Phi((x - mu_p) / s_p): the keys' features change with every query
         mean, var = moments
         inv_std = torch.rsqrt(var + options.eps)
-        phi_q = elu_feature_map(((q - mean) * inv_std).to(q.dtype))
+        phi_q = query_feature_map(((q - mean) * inv_std).to(q.dtype))
         stat = inv_std.dtype
         similarity = _LinearBNSimilarity.apply(phi_q.to(stat), keys.to(stat), mean, inv_std,
                                                visible.expand(*phi_q.shape[:3], -1)).to(q.dtype)
         phi_p = elu_feature_map(((partial_keys - mean) * inv_std).to(q.dtype))
     else:
-        phi_q = elu_feature_map(q)
+        phi_q = query_feature_map(q)
         similarity = phi_q @ elu_feature_map(keys).transpose(-2, -1)
         phi_p = elu_feature_map(partial_keys)
     partial = (phi_q * phi_p).sum(-1, keepdim=True) * partial_visible
@@ -349,7 +353,7 @@ def _causal_group(
     partial_visible = _last(windows.partial_valid, num_queries)[:, None, :, None]
     if (options.kernel == "linear" and not options.bn and options.window is None and dropout_p == 0.0
             and not explicit):
-        phi_q = elu_feature_map(F.pad(q, (0, 0, k.shape[2] - num_queries, 0)))  # at every position
+        phi_q = query_feature_map(F.pad(q, (0, 0, k.shape[2] - num_queries, 0)))  # at every position
         numerator, denominator = (_last(x, num_queries) for x in _linear_closed(phi_q, windows))
         return _linear_primal(_last(phi_q, num_queries), numerator, denominator, partial_keys, partial_values,
                               partial_visible), None
@@ -379,6 +383,20 @@ def _check_causal_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"last positions), got {q.shape[2]} queries and {k.shape[2]} keys")
 
 
+@contextmanager
+def _in_float32(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
+    """``tensors`` in float32, with autocast off: causal Attention-BN in float16 runs in float32,
+    because ``(q - mu) / s^2`` reaches ``|q - mu| / eps`` where a position sees keys without
+    variance (the first position sees one), past float16's range (65504); the decoding cache then
+    holds float32 state."""
+    with torch.autocast(tensors[0].device.type, enabled=False):
+        yield tuple(t.float() for t in tensors)
+
+
+def _to(result: Tensor | tuple[Tensor, Tensor], dtype: torch.dtype) -> Tensor | tuple[Tensor, Tensor]:
+    return tuple(t.to(dtype) for t in result) if isinstance(result, tuple) else result.to(dtype)
+
+
 def causal_attention(
     q: Tensor,
     k: Tensor,
@@ -396,6 +414,10 @@ def causal_attention(
     ``(out, weights)`` with ``(B, H, T, S)`` maps when ``need_weights``.
     """
     _check_causal_qkv(q, k, v)
+    if options.bn and q.dtype == torch.float16:
+        with _in_float32(q, k, v) as (q, k, v):
+            return _to(causal_attention(q, k, v, options, key_padding_mask=key_padding_mask,
+                                        dropout_p=dropout_p, need_weights=need_weights), torch.float16)
     batch, num_heads, length = k.shape[:3]
     key_padding_mask = check_key_padding_mask(key_padding_mask, batch, length)
     options.check_input(num_heads, length)
@@ -557,7 +579,7 @@ def _step(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, state: GroupState, sca
     partial_keys, partial_values = state.open_keys / count, state.open_values / count
     partial_visible = state.open_count > 0
     if state.primal is not None:
-        phi_q = elu_feature_map(q)
+        phi_q = query_feature_map(q)
         out = _linear_primal(phi_q, phi_q @ state.primal, (phi_q * state.normaliser).sum(-1, keepdim=True),
                              partial_keys, partial_values, partial_visible)
     else:
@@ -585,6 +607,9 @@ def decode(
     cache runs the full causal pass (the prompt) and keeps its state; a filled one steps token by
     token through :class:`GroupState`, which reproduces the full pass."""
     _check_causal_qkv(q, k, v)
+    if options.bn and q.dtype == torch.float16:
+        with _in_float32(q, k, v) as (q, k, v):
+            return decode(q, k, v, options, cache, key_padding_mask).half()
     batch, num_heads, length = k.shape[:3]
     key_padding_mask = check_key_padding_mask(key_padding_mask, batch, length)
     options.check_input(num_heads, length)

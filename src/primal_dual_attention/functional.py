@@ -238,6 +238,22 @@ def _token_weights(mask: Tensor, like: Tensor) -> Tensor:
     return (~mask).to(like.dtype).view(shape)
 
 
+def _masked_moments(x: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, x - mean, var)`` over the valid tokens of ``x``, in at least float32; see
+    :func:`masked_mean_var`."""
+    xs = x.to(torch.promote_types(x.dtype, torch.float32))
+    if key_padding_mask is None:
+        # two passes: torch.var_mean over a non-last dim is ~10-30x slower on CPU
+        mean = xs.mean(dim=-2, keepdim=True)
+        centred = xs - mean
+        return mean, centred, centred.square().mean(dim=-2, keepdim=True)
+    weights = _token_weights(key_padding_mask, xs)
+    count = weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
+    mean = (xs * weights).sum(dim=-2, keepdim=True) / count
+    centred = xs - mean
+    return mean, centred, (centred.square() * weights).sum(dim=-2, keepdim=True) / count
+
+
 def masked_mean_var(
     x: Tensor, key_padding_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -247,19 +263,11 @@ def masked_mean_var(
     with no valid token (under a mask) gets mean 0 and variance 0, never NaN. Statistics are computed in at
     least float32 so that half-precision inputs keep accurate moments.
     """
-    stat_dtype = torch.promote_types(x.dtype, torch.float32)
-    xs = x.to(stat_dtype)
-    if key_padding_mask is None:
-        if xs.is_cuda:  # one kernel for both moments
-            var, mean = torch.var_mean(xs, dim=-2, correction=0, keepdim=True)
-            return mean, var
-        # two passes: torch.var_mean over a non-last dim is ~10-30x slower on CPU
-        mean = xs.mean(dim=-2, keepdim=True)
-        return mean, (xs - mean).square().mean(dim=-2, keepdim=True)
-    weights = _token_weights(key_padding_mask, xs)
-    count = weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
-    mean = (xs * weights).sum(dim=-2, keepdim=True) / count
-    var = ((xs - mean).square() * weights).sum(dim=-2, keepdim=True) / count
+    if key_padding_mask is None and x.is_cuda:  # one kernel for both moments
+        var, mean = torch.var_mean(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-2,
+                                   correction=0, keepdim=True)
+        return mean, var
+    mean, _, var = _masked_moments(x, key_padding_mask)
     return mean, var
 
 
@@ -309,59 +317,65 @@ class _BNNormalize(torch.autograd.Function):
 
 
 class _BNFoldQueries(torch.autograd.Function):
-    """Attention-BN for the softmax kernel folded into the queries (SPEC.md §2):
-    ``q' = (q - mu) / d`` with ``d = var + eps``, keys unchanged.
+    """Attention-BN for the softmax kernel with the scale folded into the queries (SPEC.md §2):
+    ``q' = (q - mu) / d`` with ``d = var + eps``, and the keys only centred, ``k' = k - mu``.
 
-    ``q^.k^_j = q'.k_j - q'.mu``; the last term is the same for every key j, so the softmax over
-    j is unchanged, and only the queries need a transform. Backward, with ``g' = g / d`` (which
-    is ``dq``) and the masked key statistics over the ``n`` valid keys, for a valid key j:
-    ``dk_j = -(1 / n) (sum_i g'_i + 2 (k_j - mu) sum_i g'_i.q'_i)`` (added by autograd to the
-    gradient that reaches k through the kernel). Written so that forward and backward launch few
-    kernels (3 + the statistics, and 8), the cost of BN in a small model.
+    ``q'.k'_j = q^.k^_j`` exactly, so the softmax kernel sees BN's logits, with one transform
+    fewer than normalising both (the centred keys come from the statistics' own pass). The keys
+    are centred rather than left raw (``q'.k_j`` differs from ``q^.k^_j`` by a per-query
+    constant, which the softmax ignores): raw keys make the kernel cancel ``q'.mu`` in its
+    working precision, whose error ``|q'||mu|`` grows as ``1 / d``, and a key without variance
+    (an SH head pooled to one key) then turned float32 rounding into gradients a thousand
+    times less accurate than softmax's. Backward, with ``G = g' / d`` (which is ``dq``),
+    ``g_k`` the gradient reaching ``k'`` and the masked statistics over the ``n`` valid keys:
+    ``dk_j = g_k,j - (w_j / n) (sum_i G_i + sum_valid g_k + 2 (k_j - mu) sum_i G_i.q'_i)``.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, eps: float) -> Tensor:
-        mean, var = masked_mean_var(k, key_padding_mask)
+    def forward(ctx, q: Tensor, k: Tensor, key_padding_mask: Tensor | None, eps: float):
+        mean, centred, var = _masked_moments(k, key_padding_mask)
         denom = var + eps
         q_folded = (q - mean) / denom  # in the statistics' dtype (at least float32)
-        ctx.save_for_backward(q_folded, k, mean, denom, key_padding_mask)
-        ctx.q_dtype = q.dtype
-        return q_folded.to(q.dtype)
+        ctx.save_for_backward(q_folded, centred, denom, key_padding_mask)
+        ctx.dtypes = q.dtype, k.dtype
+        return q_folded.to(q.dtype), centred.to(k.dtype)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: Tensor):
-        q_folded, k, mean, denom, key_padding_mask = ctx.saved_tensors
-        grad_q = grad.to(denom.dtype) / denom
+    def backward(ctx, grad_q_folded: Tensor, grad_centred: Tensor):
+        q_folded, centred, denom, key_padding_mask = ctx.saved_tensors
+        grad_q = grad_q_folded.to(denom.dtype) / denom
+        grad_centred = grad_centred.to(denom.dtype)
         if key_padding_mask is None:
-            weights, count = None, -float(max(k.shape[-2], 1))
+            weights, count = None, -float(max(centred.shape[-2], 1))
+            valid_grad = grad_centred
         else:
             weights = _token_weights(key_padding_mask, denom)
             count = -weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
-        sum_grad = grad_q.sum(dim=-2, keepdim=True) / count
+            valid_grad = grad_centred * weights
+        sum_grad = (grad_q.sum(dim=-2, keepdim=True) + valid_grad.sum(dim=-2, keepdim=True)) / count
         sum_grad_q = (grad_q * q_folded).sum(dim=-2, keepdim=True) * (2.0 / count)
-        grad_k = torch.addcmul(sum_grad, k - mean, sum_grad_q)
+        stats_term = torch.addcmul(sum_grad, centred, sum_grad_q)
         if weights is not None:
-            grad_k = grad_k * weights
-        return grad_q.to(ctx.q_dtype), grad_k.to(k.dtype), None, None
+            stats_term = stats_term * weights
+        q_dtype, k_dtype = ctx.dtypes
+        return grad_q.to(q_dtype), (grad_centred + stats_term).to(k_dtype), None, None
 
 
 def bn_fold_queries(
     q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None, eps: float = 1e-5
 ) -> tuple[Tensor, Tensor]:
-    """Attention-BN for the softmax kernel (SPEC.md §2) as a query transform: returns
-    ``((q - mu) / s^2, k)``, whose softmax attention equals that of ``bn_normalize(q, k)``.
+    """Attention-BN for the softmax kernel (SPEC.md §2): returns ``((q - mu) / s^2, k - mu)``,
+    whose softmax attention equals that of :func:`bn_normalize` (the same logits ``q^.k^``).
 
-    One transform instead of two: fewer operations per step, and the keys reach the fused
-    kernel untouched. In float16 it normalises both instead (:func:`bn_normalize`): there
-    ``(q - mu) / s^2`` overflows float16's range (65504) when a head's keys have (almost) no
-    variance, e.g. an SH head pooled to one key, while ``(q - mu) / s`` stays below
-    ``|q - mu| / sqrt(eps)``.
+    One scaling instead of two: fewer operations per step. In float16 it normalises both
+    instead (:func:`bn_normalize`): there ``(q - mu) / s^2`` overflows float16's range (65504)
+    when a head's keys have (almost) no variance, e.g. an SH head pooled to one key, while
+    ``(q - mu) / s`` stays below ``|q - mu| / sqrt(eps)``.
     """
     if q.dtype == torch.float16:
         return bn_normalize(q, k, key_padding_mask, eps)
-    return _BNFoldQueries.apply(q, k, key_padding_mask, eps), k
+    return _BNFoldQueries.apply(q, k, key_padding_mask, eps)
 
 
 def bn_normalize(
@@ -473,19 +487,22 @@ def pooling_matrix(
 
 
 class _EluPlusOne(torch.autograd.Function):
-    """``Phi(x) = exp(min(x, 0)) + max(x, 0)``, ``Phi'(x) = exp(min(x, 0))``, in ``x``'s dtype
-    (CUDA autocast would run ``exp`` in float32). The backward is differentiable again
-    (``create_graph``), as ``elu``'s is."""
+    """``Phi(x) = exp(min(x, 0) - shift) + max(x, 0)`` with ``shift`` 0 (None) or, for queries,
+    ``min(max_d x, 0)``, held constant (:func:`query_feature_map`); ``Phi'(x) = exp(min(x, 0) -
+    shift)``; in ``x``'s dtype (CUDA autocast would run ``exp`` in float32). The backward is
+    differentiable again (``create_graph``), as ``elu``'s is."""
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return (torch.exp(x.clamp_max(0.0)) + x.clamp_min(0.0)).to(x.dtype)
+    def forward(ctx, x: Tensor, shift: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, shift)
+        negative = x.clamp_max(0.0) if shift is None else x.clamp_max(0.0) - shift
+        return (torch.exp(negative) + x.clamp_min(0.0)).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        (x,) = ctx.saved_tensors
-        return grad * torch.exp(x.clamp_max(0.0)).to(grad.dtype)
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        x, shift = ctx.saved_tensors
+        negative = x.clamp_max(0.0) if shift is None else x.clamp_max(0.0) - shift
+        return grad * torch.exp(negative).to(grad.dtype), None
 
 
 def elu_feature_map(x: Tensor) -> Tensor:
@@ -493,7 +510,20 @@ def elu_feature_map(x: Tensor) -> Tensor:
     as ``exp(min(x, 0)) + max(x, 0)``: the same function, on the CPU about ten times faster than
     ``elu``, whose ``expm1`` is not vectorised there (4M floats: 4.5 ms against 54 ms), and
     positive wherever ``exp`` is (``expm1(x) + 1`` rounds to 0 below x = -17 in float32)."""
-    return _EluPlusOne.apply(x)
+    return _EluPlusOne.apply(x, None)
+
+
+def query_feature_map(x: Tensor) -> Tensor:
+    """A query's features ``Phi(x) / Phi(m)`` with ``m = min(max_d x, 0)``: the largest is at
+    least 1, so no query underflows.
+
+    Linear attention divides ``Phi(q).sum_j Phi(k_j) v_j`` by ``Phi(q).sum_j Phi(k_j)``, so a
+    query's scale cancels (SPEC.md §1), and with it that scale's gradient, which is why ``m`` is
+    held constant. Unscaled, a BN-normalised query ``(q - mu) / sqrt(eps)`` against keys without
+    variance (one key) easily has every feature below -104, where ``exp``, and with it output and
+    normaliser, are 0 in float32: the output was 0 instead of the key's value, the gradients NaN.
+    """
+    return _EluPlusOne.apply(x, x.detach().amax(dim=-1, keepdim=True).clamp_max(0.0))
 
 
 def visibility_mask(
@@ -538,15 +568,17 @@ def _softmax_log_kernel(x: Tensor, y: Tensor) -> Tensor:
 
 
 def _softmax_weights(q: Tensor, k: Tensor, visible: Tensor | None) -> Tensor:
-    """Explicit softmax attention matrix (rows sum to 1, or 0 with no visible key)."""
-    logits = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    """Explicit softmax attention matrix (rows sum to 1, or 0 with no visible key), in ``q``'s
+    dtype. Logits and softmax in at least float32 (bf16/fp16 inputs, autocast), as the fused
+    kernels accumulate: bf16 logits of size L carry errors of about L / 256."""
+    stat = torch.promote_types(q.dtype, torch.float32)
+    with torch.autocast(q.device.type, enabled=False):
+        logits = (q.to(stat) @ k.to(stat).transpose(-2, -1)) * (q.shape[-1] ** -0.5)
     if visible is not None:
         logits = logits.masked_fill(~visible, float("-inf"))
         # rows without any visible key: avoid exp(-inf - (-inf)) = NaN
         logits = logits.masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
-    # softmax in at least fp32 (bf16/fp16 inputs under autocast), float64 kept
-    weights = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
-    weights = weights.to(logits.dtype)
+    weights = torch.softmax(logits, dim=-1).to(q.dtype)
     if visible is not None:
         weights = weights * visible.any(dim=-1, keepdim=True)
     return weights
@@ -565,9 +597,9 @@ def _linear_log_kernel(x: Tensor, y: Tensor) -> Tensor:
 
 def _linear_weights(q: Tensor, k: Tensor, visible: Tensor | None) -> Tensor:
     """Explicit linear-kernel attention matrix ``Phi(q_i).Phi(k_j) / sum_j Phi(q_i).Phi(k_j)``."""
-    similarity = elu_feature_map(q) @ elu_feature_map(k).transpose(-2, -1)
-    if visible is not None:
-        similarity = similarity * visible
+    similarity = query_feature_map(q) @ elu_feature_map(k).transpose(-2, -1)
+    if visible is not None:  # where, not a product: a hidden key's inf must not become NaN
+        similarity = similarity.where(visible, 0.0)
     normaliser = similarity.sum(dim=-1, keepdim=True)
     return similarity / _nonzero(normaliser)
 
@@ -593,7 +625,7 @@ def _linear_fused(
     """
     if window is not None or dropout_p > 0.0:
         return None
-    phi_q, phi_k = elu_feature_map(q), elu_feature_map(k)
+    phi_q, phi_k = query_feature_map(q), elu_feature_map(k)
     if key_padding_mask is not None:
         phi_k = phi_k * _token_weights(key_padding_mask, phi_k)
     kv = phi_k.transpose(-2, -1) @ v  # (B, H, D, Dv): the primal weights W^T
