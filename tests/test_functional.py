@@ -425,3 +425,26 @@ def test_math_path_in_bfloat16_is_as_accurate_as_the_fused_kernel(bn):
     fused, math = (attention(q, k, v, bn=bn, fused=f).double() for f in (True, False))
     math_error, fused_error = (math - expected).abs().max(), (fused - expected).abs().max()
     assert math_error <= 2 * fused_error + 1e-2
+
+
+@pytest.mark.parametrize("transform", [PF.bn_fold_queries, PF.bn_normalize])
+@pytest.mark.parametrize("mask", [None, torch.tensor([[False, False, True, True]]),
+                                  torch.tensor([[[False, True, True, True], [False, False, False, True]]])])
+def test_bn_transforms_differentiate_every_returned_key(transform, mask):
+    """Padded keys come back as (k - mu) (r): a caller that uses them must get their gradient
+    through the statistics too (the attention kernels never do, the public function may)."""
+    q = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k: transform(q, k, mask, 1e-3), (q, k))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_bn_of_float32_inputs_under_float16_autocast(causal):
+    """The float16 guards look at the dtype autocast computes in, not only at the inputs'."""
+    q, k, v = (torch.randn(1, 2, 8, 8) for _ in range(3))
+    options = dict(bn=True, causal=causal, head_scales=None if causal else (1, 8))
+    expected = attention(q.double(), k.double(), v.double(), **options)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = attention(q, k, v, **options)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)

@@ -114,3 +114,14 @@ def test_bad_input(call, match):
     keys, values = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
     with pytest.raises(ValueError, match=match):
         call(keys, values)
+
+
+def test_primal_layer_of_one_key_returns_its_value():
+    """The linear primal f(x) = W Phi(x) / h(x) of one key is that key's value for every query,
+    as the attention it reproduces, even where every feature of a query is far below 0."""
+    from primal_dual_attention.primal import EluFeatureMap, dual_to_primal
+
+    keys, values = torch.zeros(1, 3), torch.tensor([[1.5, -2.0]])
+    layer = dual_to_primal(keys, values, EluFeatureMap())
+    queries = torch.full((2, 3), -200.0)
+    torch.testing.assert_close(layer(queries), values.expand(2, -1))

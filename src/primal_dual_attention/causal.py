@@ -30,6 +30,7 @@ from primal_dual_attention.functional import (
     AttentionOptions,
     HeadGroup,
     check_key_padding_mask,
+    computes_in_float16,
     elu_feature_map,
     head_groups,
     query_feature_map,
@@ -414,7 +415,7 @@ def causal_attention(
     ``(out, weights)`` with ``(B, H, T, S)`` maps when ``need_weights``.
     """
     _check_causal_qkv(q, k, v)
-    if options.bn and q.dtype == torch.float16:
+    if options.bn and computes_in_float16(q):
         with _in_float32(q, k, v) as (q, k, v):
             return _to(causal_attention(q, k, v, options, key_padding_mask=key_padding_mask,
                                         dropout_p=dropout_p, need_weights=need_weights), torch.float16)
@@ -607,7 +608,7 @@ def decode(
     cache runs the full causal pass (the prompt) and keeps its state; a filled one steps token by
     token through :class:`GroupState`, which reproduces the full pass."""
     _check_causal_qkv(q, k, v)
-    if options.bn and q.dtype == torch.float16:
+    if options.bn and computes_in_float16(q):
         with _in_float32(q, k, v) as (q, k, v):
             return decode(q, k, v, options, cache, key_padding_mask).half()
     batch, num_heads, length = k.shape[:3]

@@ -32,9 +32,13 @@ def _int_tuple(text: str, lowest: int) -> tuple[int, ...]:
 
 
 def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return int(text)
+    return value
 
 
 def _positive_float(text: str) -> float:

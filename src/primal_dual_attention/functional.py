@@ -238,6 +238,14 @@ def _token_weights(mask: Tensor, like: Tensor) -> Tensor:
     return (~mask).to(like.dtype).view(shape)
 
 
+def computes_in_float16(x: Tensor) -> bool:
+    """Whether products of ``x`` run in float16: ``x`` is float16, or float16 autocast is on
+    for its device (which casts the attention kernels' inputs)."""
+    device = x.device.type
+    return x.dtype == torch.float16 or (
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16)
+
+
 def _masked_moments(x: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
     """``(mean, x - mean, var)`` over the valid tokens of ``x``, in at least float32; see
     :func:`masked_mean_var`."""
@@ -276,7 +284,8 @@ class _BNNormalize(torch.autograd.Function):
 
     With ``x^ = (x - mu) r``, ``r = (var + eps)^-1/2`` and key statistics over the ``n`` valid keys:
     ``dq = r gq^`` and ``dk_j = r (gk^_j - w_j (S_g + k^_j S_gx) / n)``, where
-    ``S_g = sum_valid gk^ + sum_i gq^`` and ``S_gx = sum_valid gk^ k^ + sum_i gq^ q^``.
+    ``S_g = sum_l gk^_l + sum_i gq^`` and ``S_gx = sum_l gk^_l k^_l + sum_i gq^ q^``, over every
+    returned key (padded ones too) and ``w_j`` 1 for a valid key, 0 for padding.
     """
 
     @staticmethod
@@ -297,13 +306,12 @@ class _BNNormalize(torch.autograd.Function):
         grad_q_hat, grad_k_hat = grad_q_hat.to(stat), grad_k_hat.to(stat)
         if key_padding_mask is None:
             weights, count = None, float(max(k_hat.shape[-2], 1))
-            valid_grad = grad_k_hat
         else:
             weights = _token_weights(key_padding_mask, grad_k_hat)
             count = weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
-            valid_grad = grad_k_hat * weights
-        sum_grad = valid_grad.sum(dim=-2, keepdim=True) + grad_q_hat.sum(dim=-2, keepdim=True)
-        sum_grad_x = (valid_grad * k_hat).sum(dim=-2, keepdim=True) + (
+        # every returned key (padded ones too, (k - mu) r) depends on mu and r
+        sum_grad = grad_k_hat.sum(dim=-2, keepdim=True) + grad_q_hat.sum(dim=-2, keepdim=True)
+        sum_grad_x = (grad_k_hat * k_hat).sum(dim=-2, keepdim=True) + (
             grad_q_hat * q_hat).sum(dim=-2, keepdim=True)
         # grad_k = r gk^ - w (r S_g / n + k^ r S_gx / n), as two fused multiply-adds
         scaled_grad, scaled_grad_x = -inv_std * sum_grad / count, -inv_std * sum_grad_x / count
@@ -328,7 +336,9 @@ class _BNFoldQueries(torch.autograd.Function):
     (an SH head pooled to one key) then turned float32 rounding into gradients a thousand
     times less accurate than softmax's. Backward, with ``G = g' / d`` (which is ``dq``),
     ``g_k`` the gradient reaching ``k'`` and the masked statistics over the ``n`` valid keys:
-    ``dk_j = g_k,j - (w_j / n) (sum_i G_i + sum_valid g_k + 2 (k_j - mu) sum_i G_i.q'_i)``.
+    ``dk_j = g_k,j - (w_j / n) (sum_i G_i + sum_l g_k,l + 2 (k_j - mu) sum_i G_i.q'_i)``, the
+    sum over every returned key (padded ones too: each is ``k_l - mu``) and ``w_j`` 1 for a
+    valid key, 0 for padding.
     """
 
     @staticmethod
@@ -348,12 +358,11 @@ class _BNFoldQueries(torch.autograd.Function):
         grad_centred = grad_centred.to(denom.dtype)
         if key_padding_mask is None:
             weights, count = None, -float(max(centred.shape[-2], 1))
-            valid_grad = grad_centred
         else:
             weights = _token_weights(key_padding_mask, denom)
             count = -weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
-            valid_grad = grad_centred * weights
-        sum_grad = (grad_q.sum(dim=-2, keepdim=True) + valid_grad.sum(dim=-2, keepdim=True)) / count
+        # every returned key (padded ones too, k - mu) depends on mu
+        sum_grad = (grad_q.sum(dim=-2, keepdim=True) + grad_centred.sum(dim=-2, keepdim=True)) / count
         sum_grad_q = (grad_q * q_folded).sum(dim=-2, keepdim=True) * (2.0 / count)
         stats_term = torch.addcmul(sum_grad, centred, sum_grad_q)
         if weights is not None:
@@ -373,7 +382,7 @@ def bn_fold_queries(
     when a head's keys have (almost) no variance, e.g. an SH head pooled to one key, while
     ``(q - mu) / s`` stays below ``|q - mu| / sqrt(eps)``.
     """
-    if q.dtype == torch.float16:
+    if computes_in_float16(q):
         return bn_normalize(q, k, key_padding_mask, eps)
     return _BNFoldQueries.apply(q, k, key_padding_mask, eps)
 

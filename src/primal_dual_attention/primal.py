@@ -16,7 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from primal_dual_attention.functional import elu_feature_map, get_kernel, masked_mean_var, pool_tokens
+from primal_dual_attention.functional import (
+    elu_feature_map,
+    get_kernel,
+    masked_mean_var,
+    pool_tokens,
+    query_feature_map,
+)
 
 
 def _check_pairs(keys: Tensor, values: Tensor, queries: Tensor | None = None) -> None:
@@ -63,6 +69,11 @@ class FeatureMap(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def query(self, x: Tensor) -> Tensor:
+        """``Phi(x)`` up to a positive factor per row, for the side whose scale cancels in
+        ``W Phi(x) / h(x)`` (the queries); :meth:`forward` unless a map rescales it."""
+        return self(x)
+
 
 class EluFeatureMap(FeatureMap):
     """``Phi(x) = elu(x) + 1``: the linear kernel, exact and finite (D features)."""
@@ -71,6 +82,11 @@ class EluFeatureMap(FeatureMap):
 
     def forward(self, x: Tensor) -> Tensor:
         return elu_feature_map(x)
+
+    def query(self, x: Tensor) -> Tensor:
+        """Rescaled so the largest feature is at least 1 (:func:`.functional.query_feature_map`):
+        no row underflows, as in the attention it reproduces."""
+        return query_feature_map(x)
 
 
 class PositiveRandomFeatures(FeatureMap):
@@ -146,7 +162,7 @@ class PrimalLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.shift is not None:
             x = (x - self.shift) / self.scale
-        features = self.feature_map(x)  # (..., Nq, D_phi)
+        features = self.feature_map.query(x)  # (..., Nq, D_phi); its row scale cancels below
         h = (features * self.normaliser.unsqueeze(-2)).sum(-1, keepdim=True)
         out = features @ self.weight.transpose(-2, -1) / h.clamp_min(torch.finfo(h.dtype).tiny)
         return out + self.bias.unsqueeze(-2)

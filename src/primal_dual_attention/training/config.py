@@ -50,16 +50,16 @@ NUMBER_RULES: dict[NumberRule, tuple[str, ...]] = {
         "step_size"),
     NumberRule(">= 1 or None", lambda v: v >= 1, allows_none=True): (
         "steps", "max_len", "max_eval_samples", "max_train_samples", "lr_base_batch"),
-    NumberRule(">= 0", lambda v: v >= 0): ("mixup", "cutmix", "num_workers", "repeated_aug", "warmup_epochs"),
+    NumberRule(">= 0", lambda v: v >= 0): ("num_workers", "repeated_aug", "warmup_epochs"),
     NumberRule(">= 0 or None (0 and None: torch's default)", lambda v: v >= 0,
                allows_none=True): ("threads",),
     NumberRule(">= 0 or None", lambda v: v >= 0, allows_none=True): ("warmup_steps",),
-    NumberRule("a finite number >= 0", lambda v: _finite(v) and v >= 0): ("weight_decay",),
+    NumberRule("a finite number >= 0", lambda v: _finite(v) and v >= 0): ("weight_decay", "mixup", "cutmix"),
     NumberRule("a finite number > 0", lambda v: _finite(v) and v > 0): ("lr", "budget", "gamma"),
-    NumberRule("a finite number > 0 or None (no clipping)", lambda v: _finite(v) and v > 0,
+    NumberRule("a finite number >= 0 or None (0 and None: no clipping)", lambda v: _finite(v) and v >= 0,
                allows_none=True): ("grad_clip",),
-    NumberRule("in [0, 1)", lambda v: 0.0 <= v < 1.0): (
-        "dropout", "drop_path", "random_erase", "label_smoothing"),
+    NumberRule("in [0, 1)", lambda v: 0.0 <= v < 1.0): ("dropout", "drop_path", "random_erase"),
+    NumberRule("in [0, 1]", lambda v: 0.0 <= v <= 1.0): ("label_smoothing",),
     NumberRule("in (0, 1)", lambda v: 0.0 < v < 1.0): ("val_fraction",),
 }
 
