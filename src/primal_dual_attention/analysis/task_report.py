@@ -91,13 +91,18 @@ def _configs(results_dir: Path, dataset: str, protocol: str) -> list[dict]:
             for p in sorted((results_dir / "logs" / dataset / protocol).glob("*/seed*.yaml"))]
 
 
+def _percent(value: float) -> str:
+    """Two significant digits, whole numbers from 100 (``.2g`` writes 100 as ``1e+02``)."""
+    return f"{value:.2g}" if value < 100 else f"{value:.0f}"
+
+
 def _step_budget(cfg: dict) -> str:
     """One line on a step-budgeted run: steps run against the configured (published) steps."""
     run = max(cfg["epochs"], round(cfg["steps"] * cfg["budget"]))
     evaluation = (f"; validation and test on {cfg['max_eval_samples']} samples each (fixed seed)"
                   if cfg.get("max_eval_samples") else "")
     return (f"Budget: {run} steps of batch {cfg['batch_size']} = {cfg['budget']:g} of the configured "
-            f"{cfg['steps']} steps ({100 * run / cfg['steps']:.2g} %){evaluation}; sequence length "
+            f"{cfg['steps']} steps ({_percent(100 * run / cfg['steps'])} %){evaluation}; sequence length "
             f"{cfg.get('max_len')}.")
 
 
