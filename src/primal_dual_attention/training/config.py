@@ -39,10 +39,6 @@ class NumberRule:
     allows_none: bool = False
 
 
-def _finite(value: float) -> bool:
-    return math.isfinite(value)
-
-
 #: every numeric option of :class:`TrainConfig` and its allowed range, checked before data loads
 NUMBER_RULES: dict[NumberRule, tuple[str, ...]] = {
     NumberRule(">= 1", lambda v: v >= 1): (
@@ -54,10 +50,11 @@ NUMBER_RULES: dict[NumberRule, tuple[str, ...]] = {
     NumberRule(">= 0 or None (0 and None: torch's default)", lambda v: v >= 0,
                allows_none=True): ("threads",),
     NumberRule(">= 0 or None", lambda v: v >= 0, allows_none=True): ("warmup_steps",),
-    NumberRule("a finite number >= 0", lambda v: _finite(v) and v >= 0): ("weight_decay", "mixup", "cutmix"),
-    NumberRule("a finite number > 0", lambda v: _finite(v) and v > 0): ("lr", "budget", "gamma"),
-    NumberRule("a finite number >= 0 or None (0 and None: no clipping)", lambda v: _finite(v) and v >= 0,
-               allows_none=True): ("grad_clip",),
+    NumberRule("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0): (
+        "weight_decay", "mixup", "cutmix"),
+    NumberRule("a finite number > 0", lambda v: math.isfinite(v) and v > 0): ("lr", "budget", "gamma"),
+    NumberRule("a finite number >= 0 or None (0 and None: no clipping)",
+               lambda v: math.isfinite(v) and v >= 0, allows_none=True): ("grad_clip",),
     NumberRule("in [0, 1)", lambda v: 0.0 <= v < 1.0): ("dropout", "drop_path", "random_erase"),
     NumberRule("in [0, 1]", lambda v: 0.0 <= v <= 1.0): ("label_smoothing",),
     NumberRule("in (0, 1)", lambda v: 0.0 < v < 1.0): ("val_fraction",),
