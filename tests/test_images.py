@@ -92,9 +92,14 @@ def test_image_sweep_report_and_cost_bench(tmp_path):
         ("softmax", "2", "clean"), ("sh", "2", "clean")]
     assert main(sweep) == 0  # finished runs are skipped, not appended again
     assert len(read(results / "runs.csv")) == 2
-    assert main(["bench", "model", "--variants", "softmax,sh", "--batch", "4", "--repeats", "1",
-                 "--device", "cpu", "--set", f"data_dir={path}", "--out", str(results),
-                 "--timing-lock", str(tmp_path / "device.lock")]) == 0
+    threads = torch.get_num_threads()
+    try:  # `--set threads` is honoured: one more thread than the sweep above left
+        assert main(["bench", "model", "--variants", "softmax,sh", "--batch", "4", "--repeats", "1",
+                     "--device", "cpu", "--set", f"data_dir={path}", "--set", f"threads={threads + 1}",
+                     "--out", str(results), "--timing-lock", str(tmp_path / "device.lock")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert f"with {threads + 1} threads" in (results / "speed.md").read_text()
     costs = {r["variant"]: r for r in read(results / "cost.csv")}
     assert float(costs["sh"]["gflops_fwd_per_sample"]) < float(costs["softmax"]["gflops_fwd_per_sample"])
     assert all(float(c["train_samples_per_s"]) > 0 for c in costs.values())

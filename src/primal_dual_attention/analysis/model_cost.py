@@ -141,6 +141,8 @@ def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int 
     unknown = [m for m in modes if m not in COMPILE_MODES]
     if unknown:
         raise ValueError(f"modes must be among {list(COMPILE_MODES)}, got {unknown}")
+    if cfgs and cfgs[0].threads:  # `--set threads=N`, as `pda train` takes it (one CLI, one value)
+        torch.set_num_threads(cfgs[0].threads)
     prepared = {cfg.variant: _prepare(cfg, batch, device) for cfg in cfgs}
     flops = {variant: (_flops(item.model, *item.batch, backward=False),
                        _flops(item.model, *item.batch, backward=True)) for variant, item in prepared.items()}
