@@ -30,7 +30,6 @@ TEST_WINDOWS = 2048
 PROMPT_BYTES = 64
 GENERATED_BYTES = 192
 SAMPLE_PROMPTS = 3
-SCRIPT = "scripts/lm_cpu.sh"
 
 
 def evaluate_run(run_dir: str | Path, test_windows: int = TEST_WINDOWS) -> dict[str, Any]:
