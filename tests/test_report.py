@@ -72,3 +72,25 @@ def test_scaling_benchmark_at_toy_size(tmp_path):
     assert growth_exponent(points, "softmax") is None  # needs two points with N >= 1024
     path = write_scaling(points, tmp_path, "test", 1, 2, 4)
     assert (tmp_path / "scaling.png").is_file() and "growth exponent" in path.read_text()
+
+
+def test_cost_rows_measured_again_replace_the_old_ones_in_place(tmp_path):
+    """`pda bench model` into a folder of several tables: a table measured again keeps its
+    place, its command its line (so a committed speed table does not reorder or repeat)."""
+    from primal_dual_attention.analysis.model_cost import ModelCost, write_costs, write_speed_table
+
+    def costs(dataset: str, ms: float) -> list[ModelCost]:
+        return [ModelCost("uea", dataset, variant, 16, "23x12", 100, 0.02, 0.06, 16e3 / (ms * ratio),
+                          1e4 / ms, None, "cpu", "fp32", "eager", ms * ratio, ratio, 1.0)
+                for variant, ratio in (("softmax", 1.0), ("sh", 1.1))]
+
+    for dataset, ms in (("A", 10.0), ("B", 20.0), ("A", 12.5)):
+        write_costs(costs(dataset, ms), tmp_path, f"pda bench model --dataset {dataset}")
+    with open(tmp_path / "cost.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["dataset"], r["variant"], r["train_ms"]) for r in rows] == [
+        ("A", "softmax", "12.5"), ("A", "sh", "13.75"), ("B", "softmax", "20"), ("B", "sh", "22")]
+    commands = (tmp_path / "cost_commands.txt").read_text().splitlines()
+    assert [c.split("    # ")[0] for c in commands] == [f"pda bench model --dataset {d}" for d in "AB"]
+    table = write_speed_table(tmp_path).read_text()
+    assert table.index("uea A") < table.index("uea B") and "| sh | 13.75 (1.10) |" in table

@@ -210,6 +210,7 @@ def _cpu_peak_in_subprocess(cfg: TrainConfig, batch: int) -> float | None:
 
 
 COST_COLUMNS = [f for f in ModelCost.__dataclass_fields__]
+COMMAND_NOTE = "    # "  # between a command and the machine it ran on, in cost_commands.txt
 
 
 def _cost_key(row: dict) -> tuple:
@@ -220,22 +221,30 @@ def _cost_key(row: dict) -> tuple:
 
 
 def write_costs(costs: Sequence[ModelCost], out_dir: Path, command: str) -> Path:
-    """Append to ``out_dir/cost.csv`` (rows of one dataset/variant/device replace older ones)."""
+    """Add ``costs`` to ``out_dir/cost.csv`` and the command to ``cost_commands.txt``. A row of the
+    same dataset, variant, device, precision, mode and batch as an older one replaces it where it
+    stood, and a command run again replaces its older line, so tables keep their order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "cost.csv"
-    fresh = {_cost_key(asdict(c)) for c in costs}
-    kept = []
+    fresh = {_cost_key(row): row for row in (
+        {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in asdict(c).items()} for c in costs)}
+    rows = []
     if path.is_file():
         with open(path, newline="") as handle:
-            kept = [r for r in csv.DictReader(handle) if _cost_key(r) not in fresh]
+            rows = [fresh.pop(_cost_key(r), r) for r in csv.DictReader(handle)]
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COST_COLUMNS)
         writer.writeheader()
-        writer.writerows(kept)
-        for cost in costs:
-            writer.writerow({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in asdict(cost).items()})
-    with open(out_dir / "cost_commands.txt", "a") as handle:
-        handle.write(f"{command}    # {machine_description()}\n")
+        writer.writerows(rows + list(fresh.values()))
+    commands_path = out_dir / "cost_commands.txt"
+    line = f"{command}{COMMAND_NOTE}{machine_description()}"
+    lines = commands_path.read_text().splitlines() if commands_path.is_file() else []
+    same = [i for i, old in enumerate(lines) if old.split(COMMAND_NOTE)[0] == command]
+    if same:
+        lines[same[0]] = line
+    else:
+        lines.append(line)
+    commands_path.write_text("".join(f"{text}\n" for text in lines))
     return path
 
 
@@ -272,7 +281,8 @@ def write_speed_table(out_dir: Path) -> Path:
             flop = "" if "softmax" not in flops else f"{flops[variant] / flops['softmax']:.2f}"
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {flop} |")
         lines.append("")
-    lines += ["## Commands", "", *[f"- `{c.split('    # ')[0]}` ({c.split('    # ')[-1]})" for c in commands]]
+    lines += ["## Commands", "",
+              *[f"- `{c.split(COMMAND_NOTE)[0]}` ({c.split(COMMAND_NOTE)[-1]})" for c in commands]]
     path = out_dir / "speed.md"
     path.write_text("\n".join(lines) + "\n")
     return path
