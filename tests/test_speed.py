@@ -4,6 +4,7 @@ of operations one layer dispatches per variant, compiled == eager, bounded recom
 from __future__ import annotations
 
 import collections
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -137,6 +138,32 @@ def test_packed_sh_compiles_whole_and_matches_eager(grid):
     (grad_compiled,) = torch.autograd.grad(compiled.sum(), x)
     (grad_eager,) = torch.autograd.grad(eager.sum(), x)
     torch.testing.assert_close(grad_compiled, grad_eager, rtol=1e-5, atol=1e-5)
+
+
+def _compiled_calls_sdpa(tokens: int, padded: bool, variant: str = "softmax") -> bool:
+    """Whether the graph torch.compile traces for one masked (or unmasked) layer calls SDPA."""
+    torch._dynamo.reset()
+    targets: set[str] = set()
+
+    def record(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        targets.update(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph.forward
+
+    layer = MultiHeadAttention(16, 4, AttentionConfig(variant=variant))
+    x = torch.randn(2, tokens, 16)
+    mask = torch.arange(tokens)[None] >= torch.tensor([tokens, tokens - 3])[:, None] if padded else None
+    torch.compile(layer, backend=record, fullgraph=True)(x, key_padding_mask=mask)
+    return any("scaled_dot_product_attention" in target for target in targets)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "bn"])
+def test_compiled_cpu_takes_the_math_path_for_masked_calls_over_few_keys(variant):
+    """``functional.COMPILED_CPU_MATH_MAX_KEYS``: compiled CPU code runs a masked call over few keys
+    on the math path (SDPA with a mask is slow there); more keys, or no mask, keep SDPA."""
+    few, many = PF.COMPILED_CPU_MATH_MAX_KEYS, PF.COMPILED_CPU_MATH_MAX_KEYS + 8
+    assert not _compiled_calls_sdpa(few, padded=True, variant=variant)
+    assert _compiled_calls_sdpa(many, padded=True, variant=variant)
+    assert _compiled_calls_sdpa(few, padded=False, variant=variant)
 
 
 def test_inductor_code_matches_eager(monkeypatch):

@@ -613,12 +613,33 @@ def _linear_weights(q: Tensor, k: Tensor, visible: Tensor | None) -> Tensor:
     return similarity / _nonzero(normaliser)
 
 
+COMPILED_CPU_MATH_MAX_KEYS = 24
+
+
+def _compiled_cpu_prefers_math(k: Tensor, key_padding_mask: Tensor | None) -> bool:
+    """Whether compiled CPU code should take the math path for a masked call over few keys.
+
+    Inductor fuses the explicit masked softmax into a few kernels around two batched products,
+    while SDPA with a boolean mask is slow on the CPU over few keys. Compiled, forward and
+    backward, the math path took 0.30-0.94 of SDPA's time at 4-24 keys both with 2 threads on a
+    quiet machine and with 1 thread beside other work; at 32-64 keys 0.54-0.72 with 2 threads but
+    0.97-1.39 with one, so the rule stops at 24 keys (SH's pooled heads of short series have
+    4-15; ``scripts/probe_masked_sdpa.py``, ``results/speed/cpu/masked_sdpa*.md``). Eager math was
+    not faster with one thread, so eager mode keeps SDPA; without a mask Inductor turns the math
+    path into SDPA itself (issue 13)."""
+    return (key_padding_mask is not None and k.device.type == "cpu"
+            and k.shape[-2] <= COMPILED_CPU_MATH_MAX_KEYS and torch.compiler.is_compiling())
+
+
 def _softmax_fused(
     q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, window: int | None, dropout_p: float
-) -> Tensor:
-    """SDPA, or the blocked O(N * window) path for a narrow sparse window."""
+) -> Tensor | None:
+    """SDPA, or the blocked O(N * window) path for a narrow sparse window; None (the math path)
+    where compiled CPU code runs that faster (:func:`_compiled_cpu_prefers_math`)."""
     if window is not None and q.shape[-2] == k.shape[-2] and 4 * window + 2 < q.shape[-2]:
         return _attend_banded_softmax(q, k, v, window, key_padding_mask, dropout_p)
+    if _compiled_cpu_prefers_math(k, key_padding_mask):
+        return None
     visible = visibility_mask(q.shape[-2], key_padding_mask, k.shape[-2], window, q.device)
     sdpa_mask, has_key = _sdpa_safe_mask(visible)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, dropout_p=dropout_p)
