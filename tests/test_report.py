@@ -5,7 +5,16 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import pytest
+
 from primal_dual_attention.analysis.bench import run_attention_benchmark, write_results
+from primal_dual_attention.analysis.model_cost import (
+    COMMAND_NOTE,
+    COST_COLUMNS,
+    ModelCost,
+    write_costs,
+    write_speed_table,
+)
 from primal_dual_attention.analysis.report import write_report
 from primal_dual_attention.analysis.scaling import growth_exponent, run_scaling, write_scaling
 from primal_dual_attention.analysis.uea_report import write_uea_report
@@ -77,8 +86,6 @@ def test_scaling_benchmark_at_toy_size(tmp_path):
 def test_cost_rows_measured_again_replace_the_old_ones_in_place(tmp_path):
     """`pda bench model` into a folder of several tables: a table measured again keeps its
     place, its command its line (so a committed speed table does not reorder or repeat)."""
-    from primal_dual_attention.analysis.model_cost import ModelCost, write_costs, write_speed_table
-
     def costs(dataset: str, ms: float) -> list[ModelCost]:
         return [ModelCost("uea", dataset, variant, 16, "23x12", 100, 0.02, 0.06, 16e3 / (ms * ratio),
                           1e4 / ms, None, "cpu", "fp32", "eager", ms * ratio, ratio, 1.0)
@@ -91,6 +98,15 @@ def test_cost_rows_measured_again_replace_the_old_ones_in_place(tmp_path):
     assert [(r["dataset"], r["variant"], r["train_ms"]) for r in rows] == [
         ("A", "softmax", "12.5"), ("A", "sh", "13.75"), ("B", "softmax", "20"), ("B", "sh", "22")]
     commands = (tmp_path / "cost_commands.txt").read_text().splitlines()
-    assert [c.split("    # ")[0] for c in commands] == [f"pda bench model --dataset {d}" for d in "AB"]
+    assert [c.rpartition(COMMAND_NOTE)[0] for c in commands] == ["pda bench model --dataset A",
+                                                                 "pda bench model --dataset B"]
     table = write_speed_table(tmp_path).read_text()
     assert table.index("uea A") < table.index("uea B") and "| sh | 13.75 (1.10) |" in table
+
+
+def test_a_cost_file_of_another_version_is_refused_and_kept(tmp_path):
+    old = tmp_path / "cost.csv"
+    old.write_text(",".join([*COST_COLUMNS, "retired_column"]) + "\n")
+    with pytest.raises(ValueError, match="retired_column"):
+        write_costs([], tmp_path, "pda bench model")
+    assert "retired_column" in old.read_text()

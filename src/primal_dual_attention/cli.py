@@ -337,12 +337,16 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 
 
 def _bench_model(args: argparse.Namespace) -> int:
+    import torch
+
     from primal_dual_attention.analysis.model_cost import measure_model_costs, write_costs, write_speed_table
     from primal_dual_attention.training.config import TrainConfig, bundled_config, config_from_mapping
 
     base = bundled_config(args.task, args.dataset, TrainConfig(task=args.task, dataset=args.dataset))
     base = config_from_mapping(dict(args.set), "bench --set", base)
     cfgs = [config_from_mapping({"variant": variant}, "bench", base).validate() for variant in args.variants]
+    if base.threads:  # `--set threads=N`, as `pda train` takes it
+        torch.set_num_threads(base.threads)
     costs = measure_model_costs(cfgs, batch=args.batch, repeats=args.repeats, device=args.device,
                                 modes=args.modes, memory=not args.no_memory, timing_lock=args.timing_lock)
     for cost in costs:

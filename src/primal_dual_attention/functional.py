@@ -8,7 +8,8 @@ Two execution paths share one entry point, :func:`attention`:
 
 * the **fused** path (default) calls :func:`torch.nn.functional.scaled_dot_product_attention`
   for the softmax kernel (BN only transforms its inputs; SH makes one call per distinct scale,
-  or one for every head, see :func:`packs_heads`)
+  or one for every head, see :func:`packs_heads`; compiled CPU code takes the math path for
+  padded calls over few keys, :func:`_compiled_cpu_prefers_math`)
   and the O(N) **primal** form for the linear kernel;
 * the **math** path (``fused=False`` or ``need_weights=True``) forms the attention matrix
   explicitly. It is the reference the tests compare against and the source of attention maps.
@@ -623,12 +624,13 @@ def _compiled_cpu_prefers_math(k: Tensor, key_padding_mask: Tensor | None) -> bo
     while SDPA with a boolean mask is slow on the CPU over few keys. Compiled, forward and
     backward, the math path took 0.30-0.94 of SDPA's time at 4-24 keys both with 2 threads on a
     quiet machine and with 1 thread beside other work; at 32-64 keys 0.54-0.72 with 2 threads but
-    0.97-1.39 with one, so the rule stops at 24 keys (SH's pooled heads of short series have
-    4-15; ``scripts/probe_masked_sdpa.py``, ``results/speed/cpu/masked_sdpa*.md``). Eager math was
-    not faster with one thread, so eager mode keeps SDPA; without a mask Inductor turns the math
-    path into SDPA itself (issue 13)."""
-    return (key_padding_mask is not None and k.device.type == "cpu"
-            and k.shape[-2] <= COMPILED_CPU_MATH_MAX_KEYS and torch.compiler.is_compiling())
+    0.97-1.39 with one, so the rule stops at 24 keys (``scripts/probe_masked_sdpa.py``,
+    ``results/speed/cpu/masked_sdpa*.md``; short series such as JapaneseVowels' and SH's pooled
+    heads of them). Eager math was not reliably faster with one thread (0.83-2.11), so eager mode
+    keeps SDPA; without a mask Inductor turns the math path into SDPA itself (issue 13). The
+    key count becomes a shape guard: data whose lengths straddle 24 compile one graph more."""
+    return (torch.compiler.is_compiling() and key_padding_mask is not None and k.device.type == "cpu"
+            and k.shape[-2] <= COMPILED_CPU_MATH_MAX_KEYS)
 
 
 def _softmax_fused(

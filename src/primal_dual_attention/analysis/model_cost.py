@@ -17,6 +17,7 @@ before the step, in a fresh process.
 from __future__ import annotations
 
 import csv
+import io
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -141,8 +142,6 @@ def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int 
     unknown = [m for m in modes if m not in COMPILE_MODES]
     if unknown:
         raise ValueError(f"modes must be among {list(COMPILE_MODES)}, got {unknown}")
-    if cfgs and cfgs[0].threads:  # `--set threads=N`, as `pda train` takes it (one CLI, one value)
-        torch.set_num_threads(cfgs[0].threads)
     prepared = {cfg.variant: _prepare(cfg, batch, device) for cfg in cfgs}
     flops = {variant: (_flops(item.model, *item.batch, backward=False),
                        _flops(item.model, *item.batch, backward=True)) for variant, item in prepared.items()}
@@ -223,7 +222,8 @@ def _cost_key(row: dict) -> tuple:
 def write_costs(costs: Sequence[ModelCost], out_dir: Path, command: str) -> Path:
     """Add ``costs`` to ``out_dir/cost.csv`` and the command to ``cost_commands.txt``. A row of the
     same dataset, variant, device, precision, mode and batch as an older one replaces it where it
-    stood, and a command run again replaces its older line, so tables keep their order."""
+    stood (one row per such key), and a command run again replaces its older line, so tables keep
+    their order. Both files are written whole once they are complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "cost.csv"
     fresh = {_cost_key(row): row for row in (
@@ -231,15 +231,20 @@ def write_costs(costs: Sequence[ModelCost], out_dir: Path, command: str) -> Path
     rows = []
     if path.is_file():
         with open(path, newline="") as handle:
-            rows = [fresh.pop(_cost_key(r), r) for r in csv.DictReader(handle)]
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COST_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows + list(fresh.values()))
+            reader = csv.DictReader(handle)
+            if unknown := sorted(set(reader.fieldnames or ()) - set(COST_COLUMNS)):
+                raise ValueError(f"{path} has columns this version does not write ({unknown}): "
+                                 "move it aside or use another --out")
+            rows = [fresh.pop(_cost_key(r), r) for r in reader]
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COST_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows + list(fresh.values()))
+    path.write_text(table.getvalue(), newline="")
     commands_path = out_dir / "cost_commands.txt"
     line = f"{command}{COMMAND_NOTE}{machine_description()}"
     lines = commands_path.read_text().splitlines() if commands_path.is_file() else []
-    same = [i for i, old in enumerate(lines) if old.split(COMMAND_NOTE)[0] == command]
+    same = [i for i, old in enumerate(lines) if old.rpartition(COMMAND_NOTE)[0] == command]
     if same:
         lines[same[0]] = line
     else:
@@ -282,7 +287,7 @@ def write_speed_table(out_dir: Path) -> Path:
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {flop} |")
         lines.append("")
     lines += ["## Commands", "",
-              *[f"- `{c.split(COMMAND_NOTE)[0]}` ({c.split(COMMAND_NOTE)[-1]})" for c in commands]]
+              *[f"- `{c.rpartition(COMMAND_NOTE)[0]}` ({c.rpartition(COMMAND_NOTE)[2]})" for c in commands]]
     path = out_dir / "speed.md"
     path.write_text("\n".join(lines) + "\n")
     return path
