@@ -339,7 +339,12 @@ def _bench_scaling(args: argparse.Namespace) -> int:
 def _bench_model(args: argparse.Namespace) -> int:
     import torch
 
-    from primal_dual_attention.analysis.model_cost import measure_model_costs, write_costs, write_speed_table
+    from primal_dual_attention.analysis.model_cost import (
+        cpu_load,
+        measure_model_costs,
+        write_costs,
+        write_speed_table,
+    )
     from primal_dual_attention.training.config import TrainConfig, bundled_config, config_from_mapping
 
     base = bundled_config(args.task, args.dataset, TrainConfig(task=args.task, dataset=args.dataset))
@@ -347,6 +352,9 @@ def _bench_model(args: argparse.Namespace) -> int:
     cfgs = [config_from_mapping({"variant": variant}, "bench", base).validate() for variant in args.variants]
     if base.threads:  # `--set threads=N`, as `pda train` takes it
         torch.set_num_threads(base.threads)
+    if (load := cpu_load()) is not None and load >= 1.0:
+        warnings.warn(f"load average {load:.1f} before the bench: other processes use the CPU, so its "
+                      "timings are contended (the load is written beside the command)", stacklevel=1)
     costs = measure_model_costs(cfgs, batch=args.batch, repeats=args.repeats, device=args.device,
                                 modes=args.modes, memory=not args.no_memory, timing_lock=args.timing_lock)
     for cost in costs:
@@ -358,7 +366,7 @@ def _bench_model(args: argparse.Namespace) -> int:
               f"{cost.peak_train_mb if cost.peak_train_mb is None else round(cost.peak_train_mb)} MiB")
     out = Path(args.out)
     with exclusive(args.timing_lock):  # processes sharing the lock may share the folder
-        print(f"wrote {write_costs(costs, out, args.command)} and {write_speed_table(out)}")
+        print(f"wrote {write_costs(costs, out, args.command, load)} and {write_speed_table(out)}")
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -219,11 +220,13 @@ def _cost_key(row: dict) -> tuple:
             str(row["batch"]))
 
 
-def write_costs(costs: Sequence[ModelCost], out_dir: Path, command: str) -> Path:
-    """Add ``costs`` to ``out_dir/cost.csv`` and the command to ``cost_commands.txt``. A row of the
-    same dataset, variant, device, precision, mode and batch as an older one replaces it where it
-    stood (one row per such key), and a command run again replaces its older line, so tables keep
-    their order. Both files are written whole once they are complete."""
+def write_costs(costs: Sequence[ModelCost], out_dir: Path, command: str, load: float | None = None) -> Path:
+    """Add ``costs`` to ``out_dir/cost.csv`` and the command to ``cost_commands.txt`` with the
+    machine and, when given, the ``load`` average before the measurement (other work on the CPU
+    slows every timing). A row of the same dataset, variant, device, precision, mode and batch as
+    an older one replaces it where it stood (one row per such key), and a command run again
+    replaces its older line, so tables keep their order. Both files are written whole once they
+    are complete."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "cost.csv"
     fresh = {_cost_key(row): row for row in (
@@ -243,6 +246,8 @@ def write_costs(costs: Sequence[ModelCost], out_dir: Path, command: str) -> Path
     path.write_text(table.getvalue(), newline="")
     commands_path = out_dir / "cost_commands.txt"
     line = f"{command}{COMMAND_NOTE}{machine_description()}"
+    if load is not None:
+        line += f"; load average {load:.1f} before it"
     lines = commands_path.read_text().splitlines() if commands_path.is_file() else []
     same = [i for i, old in enumerate(lines) if old.rpartition(COMMAND_NOTE)[0] == command]
     if same:
@@ -251,6 +256,14 @@ def write_costs(costs: Sequence[ModelCost], out_dir: Path, command: str) -> Path
         lines.append(line)
     commands_path.write_text("".join(f"{text}\n" for text in lines))
     return path
+
+
+def cpu_load() -> float | None:
+    """The 1-minute load average (None where the system does not report one)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
 
 
 def write_speed_table(out_dir: Path) -> Path:
