@@ -16,7 +16,8 @@ from primal_dual_attention.training.sweep import read_rows
 RESULTS = Path(__file__).parents[1] / "results"
 #: every results folder with a report built from its runs.csv, and the sweep task that builds it
 REPORTS = {"uea": "uea", "cifar10": "image", "lra": "lra", "lra/history_issue8": "lra", "lra_gpu": "lra",
-           "lra_gpu/history_budget_0.0135": "lra", "lra/listops_5000_steps": "lra"}
+           "lra_gpu/history_budget_0.0135": "lra", "lra/listops_5000_steps": "lra",
+           "lra/listops_5000_steps_lr5e-4": "lra"}
 
 
 def test_every_committed_report_regenerates_byte_for_byte(tmp_path):
