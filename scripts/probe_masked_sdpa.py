@@ -1,11 +1,11 @@
 """Masked softmax attention on the CPU: SDPA against the explicit (math) path, eager and compiled.
 
 The probe behind ``functional.COMPILED_CPU_MATH_MAX_KEYS`` (issue 13): one forward and backward
-of ``functional._softmax_fused`` (SDPA with the library's boolean key padding mask) and of the
-math path (``_softmax_weights(q, k, visible) @ v``) for batch 16, 8 heads, head dimensions 16
-and 32, N queries and M keys (M <= N, as for SH's pooled heads), timed round-robin (median of
-9 rounds). Each cell is the math path's time over SDPA's, SDPA's time in brackets; below 1 the
-math path is faster. Run it on a quiet machine:
+of ``functional.attend`` on the fused path (SDPA with the library's boolean key padding mask; the
+rule is switched off while probing) and on the math path (``fused=False``) for batch 16, 8 heads,
+head dimensions 16 and 32, N queries and M keys (M <= N, as for SH's pooled heads), timed
+round-robin (median of 9 rounds). Each cell is the math path's time over SDPA's, SDPA's time in
+brackets; below 1 the math path is faster. Run it on a quiet machine:
 
     python scripts/probe_masked_sdpa.py --threads 2 --out results/speed/cpu/masked_sdpa.md
 """
@@ -24,23 +24,23 @@ import torch
 from torch import Tensor
 
 from primal_dual_attention import functional
-from primal_dual_attention.functional import _softmax_fused, _softmax_weights, visibility_mask
+from primal_dual_attention.functional import AttentionOptions, attend
 from primal_dual_attention.utils import machine_description
 
 BATCH, HEADS = 16, 8
 HEAD_DIMS = (16, 32)
 QUERIES = (16, 32, 64)
 KEYS = (4, 8, 16, 24, 32, 64)
+PATHS = {"sdpa": AttentionOptions(fused=True), "math": AttentionOptions(fused=False)}
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    out = _softmax_fused(q, k, v, mask, None, 0.0)
-    assert out is not None, "the fused path declined: run the probe outside torch.compile's rule"
-    return out
+def path_of(options: AttentionOptions) -> Callable[..., Tensor]:
+    """``functional.attend`` on one path: ``(q, k, v, mask) -> out``."""
 
+    def run(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return attend(q, k, v, options, key_padding_mask=mask)[0]
 
-def explicit(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    return _softmax_weights(q, k, visibility_mask(q.shape[-2], mask, k.shape[-2], None, q.device)) @ v
+    return run
 
 
 def median_us(steps: dict[str, Callable[[], None]], rounds: int = 9, calls: int = 5) -> dict[str, float]:
@@ -78,7 +78,7 @@ def cell(paths: dict[str, Callable[..., Tensor]], queries: int, keys: int, head_
 
 def table(compiled: bool) -> list[str]:
     wrap = (lambda f: torch.compile(f, dynamic=False)) if compiled else (lambda f: f)
-    paths = {"sdpa": wrap(sdpa), "math": wrap(explicit)}
+    paths = {name: wrap(path_of(options)) for name, options in PATHS.items()}
     generator = torch.Generator().manual_seed(0)
     lines = ["| head dim | N | " + " | ".join(f"M={keys}" for keys in KEYS) + " |",
              "|---|---|" + "---|" * len(KEYS)]
