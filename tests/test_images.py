@@ -113,6 +113,28 @@ def test_image_sweep_report_and_cost_bench(tmp_path, monkeypatch):
     assert all("worker(s)" in row["machine"] for row in read(results / "runs.csv"))
 
 
+def test_step_profile_script_counts_each_variants_calls_by_kind(tmp_path, monkeypatch):
+    """``scripts/profile_compiled_step.py`` (issue 13) on a tiny image set, eager: SH's head groups
+    show as more SDPA calls per step than softmax's one call per layer."""
+    pytest.importorskip("timm")
+    import runpy
+    import sys
+    from pathlib import Path
+
+    path, out = write_zip(tmp_path / "c.zip"), tmp_path / "profile.md"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_compiled_step.py"
+    monkeypatch.setattr(sys, "argv", [
+        str(script), "--task", "image", "--dataset", "CIFAR10", "--batch", "2", "--variants", "softmax,sh",
+        "--mode", "eager", "--steps", "1", "--threads", str(torch.get_num_threads()),
+        "--set", f"data_dir={path}", "--out", str(out)])
+    runpy.run_path(str(script), run_name="__main__")
+    text = out.read_text()
+    assert "--mode eager" in text and "## softmax" in text and "## sh" in text
+    sdpa_row = next(line for line in text.splitlines() if line.startswith("| SDPA kernels |"))
+    softmax_calls, sh_calls = (int(cell.split("(")[1].split()[0]) for cell in sdpa_row.split("|")[2:4])
+    assert 0 < softmax_calls < sh_calls
+
+
 def test_bad_sweep_override_is_a_clear_error(capsys):
     from primal_dual_attention.cli import main
 

@@ -245,7 +245,8 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _overrides(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object]:
+    """One ``--set OPTION=VALUE`` as ``(option, value)``, the value read as YAML."""
     key, sep, value = text.partition("=")
     if not key or not sep:
         raise argparse.ArgumentTypeError(f"expected OPTION=VALUE (a pda train option), got {text!r}")
@@ -431,7 +432,7 @@ def _add_bench_model(kinds: Commands) -> None:
                        help="time (and write) while holding an exclusive lock on FILE: processes "
                             "started together then compile at once and use the device one at a time")
     model.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
-    model.add_argument("--set", type=_overrides, action="append", default=[], metavar="OPTION=VALUE",
+    model.add_argument("--set", type=parse_override, action="append", default=[], metavar="OPTION=VALUE",
                        help="any pda train option, e.g. --set precision=bf16 (repeatable)")
     model.add_argument("--out", default="results/cifar10", help="folder of cost.csv")
     model.set_defaults(func=_bench_model)
@@ -489,7 +490,7 @@ def _add_sweep(commands: Commands) -> None:
     sweep.add_argument("--epochs", type=_positive_int, default=None, help="override every config's epochs")
     sweep.add_argument("--dataset-epochs", type=_dataset_epochs, action="append", default=[],
                        metavar="NAME=EPOCHS", help="epochs for one dataset (repeatable)")
-    sweep.add_argument("--set", type=_overrides, action="append", default=[], metavar="OPTION=VALUE",
+    sweep.add_argument("--set", type=parse_override, action="append", default=[], metavar="OPTION=VALUE",
                        help="any pda train option for every run, e.g. --set precision=bf16 (repeatable)")
     sweep.add_argument("--workers", type=_positive_int, default=1, help="parallel training processes")
     sweep.add_argument("--threads", type=_positive_int, default=1, help="torch threads per worker")

@@ -91,7 +91,7 @@ COMPILE_MODES = {"eager": None, "compile": "default", "cudagraphs": "reduce-over
 
 
 @dataclass
-class _Prepared:
+class PreparedModel:
     """One variant's model on its device, one real training batch, and its step closures."""
 
     cfg: TrainConfig
@@ -123,14 +123,15 @@ class _Prepared:
         return train_step, infer_step
 
 
-def _prepare(cfg: TrainConfig, batch: int, device: str) -> _Prepared:
+def prepare_model(cfg: TrainConfig, batch: int, device: str) -> PreparedModel:
+    """``cfg``'s model on ``device`` with its first real training batch of ``batch`` samples."""
     from primal_dual_attention.training.tasks import build_task
 
     task = build_task(replace(cfg, batch_size=batch))
     x, mask, y = next(task.train.batches(batch, torch.Generator().manual_seed(0)))
     target = resolve_device(device)
     placed = tuple(None if t is None else t.to(target) for t in (x, mask, y))
-    return _Prepared(cfg, task.model.to(target), placed, target)
+    return PreparedModel(cfg, task.model.to(target), placed, target)
 
 
 def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int = 3, repeats: int = 10,
@@ -143,7 +144,7 @@ def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int 
     unknown = [m for m in modes if m not in COMPILE_MODES]
     if unknown:
         raise ValueError(f"modes must be among {list(COMPILE_MODES)}, got {unknown}")
-    prepared = {cfg.variant: _prepare(cfg, batch, device) for cfg in cfgs}
+    prepared = {cfg.variant: prepare_model(cfg, batch, device) for cfg in cfgs}
     flops = {variant: (_flops(item.model, *item.batch, backward=False),
                        _flops(item.model, *item.batch, backward=True)) for variant, item in prepared.items()}
     peaks = {variant: _peak_memory(item) if memory else None for variant, item in prepared.items()}
@@ -175,11 +176,11 @@ def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int 
     return costs
 
 
-def _device_of(prepared: dict[str, _Prepared]) -> torch.device:
+def _device_of(prepared: dict[str, PreparedModel]) -> torch.device:
     return next(iter(prepared.values())).device
 
 
-def _peak_memory(item: _Prepared) -> float | None:
+def _peak_memory(item: PreparedModel) -> float | None:
     """Peak memory (MiB) of one eager training step above what was allocated before it."""
     if item.device.type == "cuda":
         train_step, _ = item.steps("eager")
@@ -196,7 +197,7 @@ def _peak_memory(item: _Prepared) -> float | None:
 def _cpu_peak_worker(cfg: TrainConfig, batch: int, threads: int) -> float:
     """In a fresh process: rise of the peak RSS (MiB) during one training step after warm-up."""
     torch.set_num_threads(threads)
-    train_step, _ = _prepare(cfg, batch, "cpu").steps("eager")
+    train_step, _ = prepare_model(cfg, batch, "cpu").steps("eager")
     train_step()
     return peak_rss_rise_mib(train_step)
 
