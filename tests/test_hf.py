@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -96,3 +98,86 @@ def test_config_settings_reach_the_attention():
     model.config.pda_head_scales = (1, 2)
     with pytest.raises(ValueError, match="one entry per head"):
         model(**batch)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "bn", "sh", "linear"])
+def test_static_cache_equals_no_cache(variant):
+    """A static cache holds more keys than are written: the unwritten ones are cut off, so the
+    queries still line up with their own positions (prefill and one decoding step)."""
+    model, batch = llama(), text_inputs()
+    model.set_attn_implementation(f"pda_{variant}")
+    expected = model(**batch, use_cache=False).logits
+    cache = transformers.StaticCache(config=model.config, max_cache_len=16)
+    # the keyword is `cache` from transformers 5.2x (`past_key_values` until then)
+    cache_keyword = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    prefill = model(**batch, **{cache_keyword: cache}, use_cache=True).logits
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(prefill[keep], expected[keep], rtol=0, atol=1e-5)
+    step = torch.randint(0, 40, (2, 1))
+    mask = torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1)
+    full = model(input_ids=torch.cat([batch["input_ids"], step], 1), attention_mask=mask, use_cache=False)
+    decoded = model(input_ids=step, attention_mask=mask, **{cache_keyword: cache}, use_cache=True)
+    torch.testing.assert_close(decoded.logits[:, -1], full.logits[:, -1], rtol=0, atol=1e-5)
+
+
+def mistral(sliding_window):
+    config = transformers.MistralConfig(vocab_size=40, hidden_size=32, intermediate_size=48,
+                                        num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                        max_position_embeddings=32, sliding_window=sliding_window)
+    return transformers.MistralForCausalLM(config).eval()
+
+
+def test_masks_beyond_padding_and_causal_order_are_refused():
+    """A sliding window shorter than the sequence and packed sequences hide keys the attention
+    would see: an error, not a different model. A window longer than the sequence hides nothing."""
+    ids = torch.randint(0, 40, (2, 9))
+    wide = mistral(sliding_window=16)
+    expected = wide(input_ids=ids).logits
+    wide.set_attn_implementation("pda_softmax")
+    torch.testing.assert_close(wide(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    narrow = mistral(sliding_window=3)
+    narrow.set_attn_implementation("pda_softmax")
+    with pytest.raises(ValueError, match="sliding window"):
+        narrow(input_ids=ids)
+    model = llama()
+    model.set_attn_implementation("pda_softmax")
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4]] * 2)
+    with pytest.raises(ValueError, match="packed sequences"):
+        model(input_ids=ids, position_ids=packed, use_cache=False)
+
+
+def test_score_biases_are_refused():
+    """T5's relative position bias and a 4-D mask that carries a bias (Swin's) are not key padding."""
+    from primal_dual_attention.hf import make_attention_function
+
+    config = transformers.T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=48, num_layers=1, num_heads=4)
+    t5 = transformers.T5Model(config).eval()
+    t5.set_attn_implementation("pda_softmax")
+    ids = torch.randint(0, 40, (1, 5))
+    with pytest.raises(ValueError, match="position_bias"):
+        t5(input_ids=ids, decoder_input_ids=ids)
+    q = k = v = torch.randn(1, 2, 4, 8)
+    biased = torch.zeros(1, 1, 4, 4)
+    biased[..., 0] = -100.0  # Swin's shifted-window mask: large, not -inf
+    with pytest.raises(ValueError, match="bias"):
+        make_attention_function("softmax")(torch.nn.Module(), q, k, v, biased)
+    hidden = torch.zeros(1, 1, 4, 4)
+    hidden[..., 0] = torch.finfo(torch.float32).min  # additive padding is fine
+    out, _ = make_attention_function("softmax")(torch.nn.Module(), q, k, v, hidden)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k[..., 1:, :], v[..., 1:, :])
+    torch.testing.assert_close(out.transpose(1, 2), expected)
+
+
+def test_vit_at_another_image_size():
+    """``interpolate_pos_encoding``: the variants that do not pool follow; SH needs
+    ``config.pda_num_prefix_tokens`` to find the patch grid, and says so."""
+    model, images = vit(), torch.randn(1, 3, 32, 32)
+    expected = model(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state
+    model.set_attn_implementation("pda_softmax")
+    torch.testing.assert_close(model(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state,
+                               expected, rtol=0, atol=1e-5)
+    model.set_attn_implementation("pda_sh")
+    with pytest.raises(ValueError, match="pda_num_prefix_tokens"):
+        model(pixel_values=images, interpolate_pos_encoding=True)
+    model.config.pda_num_prefix_tokens = 1
+    assert model(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state.shape == (1, 65, 32)

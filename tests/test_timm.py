@@ -21,7 +21,10 @@ def test_every_registered_model_trains(name):
     config = model.pretrained_cfg["pda_attention"]
     assert name.endswith(config.variant)
     side = 32 // model.patch_embed.patch_size[0]
-    assert config.num_prefix_tokens == 1 and config.grid_size == (side, side)
+    if config.spec.multi_scale:  # only SH pools the grid; the others take any input size
+        assert config.num_prefix_tokens == 1 and config.grid_size == (side, side)
+    else:
+        assert config.num_prefix_tokens == 0 and config.grid_size is None
 
 
 def test_every_grid_variant_is_registered():
@@ -67,6 +70,36 @@ def test_sh_pools_the_patch_grid_and_keeps_the_class_token():
     patches = maps[:, 3, :, 1:]
     torch.testing.assert_close(patches, patches[..., :1].expand_as(patches))
     assert (maps[:, 3, :, 0] != patches[..., 0]).any()
+
+
+@pytest.mark.parametrize("variant", ["softmax", "bn", "sh", "bn_sh"])
+def test_register_tokens_and_rectangular_images(variant):
+    """timm's own options keep working: register tokens are prefix tokens SH never pools, a
+    rectangular image gives a rectangular grid, and the variants that do not pool take any input
+    size timm does."""
+    model = timm.create_model(f"vit_cifar_{variant}", depth=1, reg_tokens=4, img_size=(32, 48)).eval()
+    config = model.pretrained_cfg["pda_attention"]
+    assert model(torch.randn(2, 3, 32, 48)).shape == (2, 10)
+    if config.spec.multi_scale:
+        assert config.grid_size == (8, 12) and config.num_prefix_tokens == 5
+        with pytest.raises(ValueError, match="dynamic_img_size"):
+            timm.create_model(f"vit_cifar_{variant}", depth=1, dynamic_img_size=True)
+    else:
+        resizable = timm.create_model(f"vit_cifar_{variant}", depth=1, dynamic_img_size=True).eval()
+        assert resizable(torch.randn(1, 3, 48, 48)).shape == (1, 10)
+
+
+def test_whole_models_pickle():
+    import io
+
+    model = timm.create_model("vit_cifar_bn_sh", depth=1).eval()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    clone = torch.load(buffer, weights_only=False)
+    images = torch.randn(1, 3, 32, 32)
+    assert type(clone.blocks[0].attn) is type(model.blocks[0].attn)
+    torch.testing.assert_close(clone(images), model(images))
 
 
 def test_unsupported_options_are_refused():

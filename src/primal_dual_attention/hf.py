@@ -6,8 +6,14 @@ function the ``(B, S)`` padding mask (True = keep) instead of a 4-D bias, so pad
 the BN statistics and the SH windows. A module with ``is_causal`` (Llama-style decoders) gets
 the causal variant (SPEC.md §2 "Causal"), others (BERT, ViT) the bidirectional one; on a model
 whose config has ``image_size`` and ``patch_size`` (ViT) SH pools the 2-D patch grid and leaves
-the leading class token unpooled. Generation uses the model's own key/value cache: the causal
-functions take the new queries against all cached keys.
+the leading tokens before the grid unpooled (``config.pda_num_prefix_tokens`` says how many
+where the input's size differs from the config's). Generation uses the model's own key/value
+cache, dynamic or static: the causal functions take the new queries against the cached keys.
+
+The attention is key padding plus (for decoders) causal order, exactly (SPEC.md §2). A model
+whose mask says more (a sliding window shorter than the sequence, packed sequences, a score
+bias such as T5's relative positions, logit soft-capping, attention sinks) gets an error naming
+it rather than a different model.
 
 Settings, per model through config attributes (``config.pda_head_scales``, ``config.pda_eps``,
 ``config.pda_window``) or for every model as keywords of :func:`register`.
@@ -32,28 +38,80 @@ PREFIX = "pda_"
 
 def _padding_mask(
     batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-    attention_mask: Tensor | None = None, **kwargs: object,
+    mask_function: Callable[..., Tensor] | None = None, attention_mask: Tensor | None = None,
+    **kwargs: object,
 ) -> Tensor | None:
-    """Mask function for ``AttentionMaskInterface``: the 2-D mask of the keys (True = keep),
-    padded with False as transformers pads it, or None without padding."""
-    if attention_mask is None:
-        return None
-    mask = attention_mask.to(torch.bool)
-    if (missing := kv_offset + kv_length - mask.shape[-1]) > 0:
-        mask = torch.nn.functional.pad(mask, (0, missing), value=False)
-    mask = mask[:, kv_offset : kv_offset + kv_length]
-    return None if bool(mask.all()) else mask
+    """Mask function for ``AttentionMaskInterface``: the keys' 2-D keep-mask (True = keep) that,
+    with the attention's own order (causal: the queries are the last keys), is exactly the mask
+    transformers asks for; None when every key is kept. Keys a static cache has not filled yet
+    (after the last query) are cut off, so the mask is then shorter than the keys and the
+    attention function drops the rest. Anything more than key padding and causal order (a
+    sliding window that reaches back less far than the sequence, packed sequences, a model's own
+    ``and``/``or`` masks) is an error: the attention has no such pattern (SPEC.md §2)."""
+    from transformers import masking_utils
+
+    padding = None if attention_mask is None else attention_mask.to(torch.bool)
+    if padding is not None and (missing := kv_offset + kv_length - padding.shape[-1]) > 0:
+        padding = torch.nn.functional.pad(padding, (0, missing), value=False)
+    if mask_function is masking_utils.causal_mask_function:  # the common cases, without a 4-D mask
+        written = max(0, min(kv_length, q_offset + q_length - kv_offset))  # keys up to the last query
+        keep = None if padding is None else padding[:, kv_offset : kv_offset + written]
+        if written < kv_length and keep is None:
+            keep = torch.ones(batch_size, written, dtype=torch.bool, device=kwargs.get("device", "cpu"))
+    elif mask_function is masking_utils.bidirectional_mask_function or mask_function is None:
+        keep = None if padding is None else padding[:, kv_offset : kv_offset + kv_length]
+    else:
+        full = masking_utils.sdpa_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+            allow_is_causal_skip=False, allow_is_bidirectional_skip=False,
+            use_vmap=bool(kwargs.get("use_vmap", False)), device=kwargs.get("device", "cpu"))
+        keep = _keys_of(full, q_length, causal=None)
+    return None if keep is None or (keep.shape[-1] == kv_length and bool(keep.all())) else keep
+
+
+def _expected(keep: Tensor, q_length: int, causal: bool) -> Tensor:
+    """``(B, 1, q, K)``: what the attention sees with key keep-mask ``keep`` ``(B, K)``, causal
+    (query i is key K - q + i and sees the keys up to it) or not."""
+    seen = keep[:, None, None, :].expand(-1, 1, q_length, -1)
+    if not causal:
+        return seen
+    num_keys = keep.shape[-1]
+    order = torch.arange(num_keys, device=keep.device) <= (
+        torch.arange(q_length, device=keep.device)[:, None] + num_keys - q_length)
+    return seen & order
+
+
+def _keys_of(full: Tensor, q_length: int, causal: bool | None) -> Tensor:
+    """The key keep-mask ``(B, K)`` that gives the 4-D keep-mask ``full`` ``(B, 1 or H, q, N)`` in
+    the attention's order (``causal`` None: whichever order matches), with K < N when the keys
+    after the last query are hidden from every query (an unfilled static cache). A mask that no
+    key padding gives is an error naming what the attention cannot do."""
+    visible = full.any(dim=-2).all(dim=1)  # (B, N): a key no query sees is padding
+    num_keys = full.shape[-1]
+    if causal is not False and q_length < num_keys:  # cut the keys nobody sees after the queries
+        seen = visible.any(dim=0).nonzero()
+        num_keys = max(q_length, int(seen.max()) + 1 if len(seen) else q_length)
+    keep, shown = visible[:, :num_keys], full[..., :num_keys]
+    orders = (False, True) if causal is None else (causal,)
+    if not full[..., num_keys:].any() and any(
+            torch.equal(shown, _expected(keep, q_length, order).expand_as(shown)) for order in orders):
+        return keep
+    raise ValueError(
+        f"{PREFIX}* attention takes key padding and causal order only, but this model's mask has "
+        "another pattern (a sliding window shorter than the sequence, packed sequences, chunked "
+        "or bidirectional blocks, or a bias): use an attention implementation of transformers for it")
 
 
 @functools.lru_cache(maxsize=256)
-def _config(variant: str, num_heads: int, causal: bool, num_tokens: int, grid: tuple[int, int] | None,
+def _config(variant: str, num_heads: int, causal: bool, grid: tuple[tuple[int, int], int] | None,
             head_scales: tuple[int, ...] | None, eps: float, window: int | None) -> AttentionConfig:
     spec = VARIANTS[variant]
     options: dict[str, object] = {"variant": variant, "eps": eps, "causal": causal}
     if spec.multi_scale:
         options["head_scales"] = head_scales
         if grid is not None and not causal:
-            options.update(grid_size=grid, num_prefix_tokens=num_tokens - grid[0] * grid[1])
+            options.update(grid_size=grid[0], num_prefix_tokens=grid[1])
     if spec.sparse:
         if window is None:
             raise ValueError(f"attn_implementation {PREFIX}{variant} needs a window: set config.pda_window "
@@ -62,29 +120,60 @@ def _config(variant: str, num_heads: int, causal: bool, num_tokens: int, grid: t
     return AttentionConfig(**options).for_heads(num_heads)
 
 
-def _grid(config: object, num_tokens: int) -> tuple[int, int] | None:
-    """The patch grid of a vision config (``image_size`` / ``patch_size``), else None."""
+def _grid(config: object, num_tokens: int) -> tuple[tuple[int, int], int] | None:
+    """``(grid, prefix tokens)`` of a vision config (``image_size`` / ``patch_size``), else None:
+    the tokens before the patch grid (class, distillation, register tokens) are
+    ``config.pda_num_prefix_tokens`` where set, else those the config's grid leaves over. An input
+    of another size than the config's (``interpolate_pos_encoding``) needs the setting, and then
+    a square grid; without it a grid that leaves as many tokens as it holds is an error, as it
+    would pool the wrong tokens."""
     image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
     if image is None or patch is None:
         return None
     image = (image, image) if isinstance(image, int) else tuple(image)
     patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     grid = (image[0] // patch[0], image[1] // patch[1])
-    if grid[0] * grid[1] > num_tokens:
-        raise ValueError(f"the {grid[0]}x{grid[1]} patch grid of image_size {image} and patch_size {patch} "
-                         f"holds more than the {num_tokens} tokens the attention received")
-    return grid
+    prefix = getattr(config, "pda_num_prefix_tokens", None)
+    if prefix is None:
+        prefix = num_tokens - grid[0] * grid[1]
+        if not 0 <= prefix < grid[0] * grid[1]:
+            raise ValueError(
+                f"the attention received {num_tokens} tokens, which the {grid[0]}x{grid[1]} patch grid of "
+                f"image_size {image} and patch_size {patch} does not fit (the input's size differs from the "
+                "config's?): set config.pda_num_prefix_tokens to the tokens before the patches")
+    elif num_tokens - prefix != grid[0] * grid[1]:
+        side = math.isqrt(max(num_tokens - prefix, 0))
+        if side * side != num_tokens - prefix:
+            raise ValueError(f"the attention received {num_tokens} tokens: the {num_tokens - prefix} after "
+                             f"config.pda_num_prefix_tokens={prefix} are neither the config's "
+                             f"{grid[0]}x{grid[1]} patch grid nor a square one")
+        grid = (side, side)
+    return grid, prefix
 
 
-def _key_padding_mask(attention_mask: Tensor | None, num_keys: int) -> Tensor | None:
-    """True = padding, from the 2-D keep-mask of :func:`_padding_mask` or a 4-D mask (bool keep,
-    or additive float with 0 = keep) of another mask function: a key no query keeps is padding."""
+def _key_padding_mask(attention_mask: Tensor | None, q_length: int, num_keys: int, causal: bool
+                      ) -> Tensor | None:
+    """True = padding, ``(B, K)`` with K <= ``num_keys`` (the attention drops the keys after K: an
+    unfilled static cache), from the 2-D keep-mask of :func:`_padding_mask` or a 4-D mask of
+    another mask function (bool keep, or additive float with 0 = keep and a large negative =
+    hidden), which must be key padding in the attention's order (:func:`_keys_of`)."""
     if attention_mask is None:
         return None
-    keep = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-    if keep.ndim == 4:
-        keep = keep.any(dim=-2).all(dim=1)
-    return ~keep[:, -num_keys:]
+    if attention_mask.ndim == 2:
+        keep = attention_mask.to(torch.bool)
+        return ~(keep[:, -num_keys:] if keep.shape[-1] > num_keys else keep)
+    if attention_mask.dtype == torch.bool:
+        keep = attention_mask
+    else:
+        keep = attention_mask == 0
+        hidden = attention_mask <= torch.finfo(attention_mask.dtype).min / 2
+        if not bool((keep | hidden).all()):
+            raise ValueError(f"{PREFIX}* attention takes key padding and causal order only, but this "
+                             "model's attention mask adds a bias to the scores (e.g. relative positions)")
+    return ~_keys_of(keep, q_length, causal)
+
+
+UNSUPPORTED_KEYWORDS = ("position_bias", "softcap", "s_aux", "sinks", "cu_seq_lens_q", "cu_seq_lens_k")
 
 
 def make_attention_function(variant: str, *, head_scales: Sequence[int] | None = None, eps: float = 1e-5,
@@ -102,18 +191,29 @@ def make_attention_function(variant: str, *, head_scales: Sequence[int] | None =
         settings = {name: getattr(config, f"pda_{name}", value) for name, value in defaults.items()}
         if settings["head_scales"] is not None:
             settings["head_scales"] = tuple(settings["head_scales"])
+        given = [name for name in UNSUPPORTED_KEYWORDS if kwargs.get(name) is not None]
+        if given:
+            raise ValueError(f"{PREFIX}{variant} does not take {given}, which {type(module).__name__} passes "
+                             "to its attention (a score bias, logit soft-capping, attention sinks or packed "
+                             "sequences change the attention SPEC.md §2 defines); use one of transformers' "
+                             "attention implementations for this model")
         causal = bool(getattr(module, "is_causal", False) if is_causal is None else is_causal)
         groups = query.shape[1] // key.shape[1]  # grouped-query attention: share each key/value head
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        padding = _key_padding_mask(attention_mask, query.shape[2], key.shape[2], causal)
+        if padding is not None:  # a mask broadcast over the batch
+            padding = padding.expand(query.shape[0], -1)
+        if padding is not None and padding.shape[-1] < key.shape[2]:  # keys a static cache has not filled
+            key, value = key[:, :, : padding.shape[-1]], value[:, :, : padding.shape[-1]]
         num_keys = key.shape[2]
-        grid = None if causal or query.shape[2] != num_keys else _grid(config, num_keys)
-        options = _config(variant, query.shape[1], causal, num_keys, grid, **settings)
+        pools_grid = VARIANTS[variant].multi_scale and not causal and query.shape[2] == num_keys
+        grid = _grid(config, num_keys) if pools_grid else None
+        options = _config(variant, query.shape[1], causal, grid, **settings)
         if scaling is not None and not math.isclose(scaling, query.shape[-1] ** -0.5):
             if options.bn or options.kernel != "softmax":
                 raise ValueError(f"{PREFIX}{variant} fixes its own scale (1/sqrt(D) after BN, none for the "
                                  f"linear kernel); the model asks for scaling={scaling}")
             query = query * (scaling * math.sqrt(query.shape[-1]))
-        padding = _key_padding_mask(attention_mask, num_keys)
         out = attention(query, key, value, options, key_padding_mask=padding, dropout_p=dropout)
         return out.transpose(1, 2).contiguous(), None
 

@@ -19,6 +19,7 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
+from timm.layers import to_2tuple
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor
@@ -47,6 +48,11 @@ class TimmAttention(MultiHeadAttention):
         super().__init__(dim, num_heads, self.pda_config, qkv_bias=qkv_bias, attn_drop=attn_drop,
                          proj_drop=proj_drop, device=device, dtype=dtype)
 
+    def __reduce_ex__(self, protocol: int) -> tuple[Any, ...]:
+        """Pickle (``torch.save(model)``) through the configuration: the bound subclass is made
+        at run time, so it cannot be found by name."""
+        return _new_attention, (self.pda_config,), self.__getstate__()
+
     def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False,
                 key_padding_mask: Tensor | None = None, need_weights: bool = False):
         if attn_mask is not None or is_causal:
@@ -59,16 +65,22 @@ def _cached_class(config: AttentionConfig) -> type[TimmAttention]:
     return type(f"TimmAttention_{config.variant}", (TimmAttention,), {"pda_config": config})
 
 
+def _new_attention(config: AttentionConfig) -> TimmAttention:
+    """An empty instance of the class bound to ``config``, for unpickling."""
+    return object.__new__(_cached_class(config))
+
+
 def attention_class(attention: AttentionConfig | str, **switches: Any) -> type[TimmAttention]:
     """A ``TimmAttention`` subclass bound to one configuration, for ``attn_layer=``:
     ``attention_class("bn_sh", grid_size=(14, 14), num_prefix_tokens=1)``."""
     return _cached_class(attention_config(attention, **switches))
 
 
-def _build(name: str, variant: str, pretrained: bool, *, img_size: int, patch_size: int,
+def _build(name: str, variant: str, pretrained: bool, *, img_size: int | tuple[int, int], patch_size: int,
            attention: AttentionConfig | None = None, **kwargs) -> VisionTransformer:
-    """``attention`` may set the variant's options (scales, eps, fused); the grid and the class
-    token come from the model."""
+    """``attention`` may set the variant's options (scales, eps, fused); a pooling (SH) variant
+    takes the patch grid and the prefix tokens (class and register tokens) from the model, which
+    fixes its input size; the other variants take any size timm does (``dynamic_img_size``)."""
     if pretrained:
         raise ValueError(f"{name} has no pretrained weights; train it (pda train --task image) or load "
                          "a checkpoint with load_state_dict")
@@ -78,14 +90,19 @@ def _build(name: str, variant: str, pretrained: bool, *, img_size: int, patch_si
                          f"variant {attention.variant!r}")
     for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # create_model's, not the net's
         kwargs.pop(key, None)
-    img_size = kwargs.pop("img_size", img_size)
-    patch_size = kwargs.pop("patch_size", patch_size)
-    grid = (img_size // patch_size, img_size // patch_size)
-    prefix = 0 if kwargs.get("class_token") is False else 1
-    layer = attention_class(replace(attention, grid_size=grid, num_prefix_tokens=prefix))
+    img_size = to_2tuple(kwargs.pop("img_size", img_size))
+    patch_size = to_2tuple(kwargs.pop("patch_size", patch_size))
+    if attention.spec.multi_scale:
+        if kwargs.get("dynamic_img_size"):
+            raise ValueError(f"{name} pools a fixed patch grid (SH), so dynamic_img_size=True is not "
+                             "supported; build the model for the input size (img_size=...)")
+        prefix = (0 if kwargs.get("class_token") is False else 1) + int(kwargs.get("reg_tokens") or 0)
+        grid = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
+        attention = replace(attention, grid_size=grid, num_prefix_tokens=prefix)
+    layer = attention_class(attention)
     model = VisionTransformer(img_size=img_size, patch_size=patch_size, attn_layer=layer, **kwargs)
     model.pretrained_cfg = {
-        "architecture": name, "num_classes": model.num_classes, "input_size": (3, img_size, img_size),
+        "architecture": name, "num_classes": model.num_classes, "input_size": (3, *img_size),
         "pda_attention": layer.pda_config,
     }
     return model
