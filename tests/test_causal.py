@@ -188,3 +188,21 @@ def test_bn_in_float16_is_finite_and_close(variant, fused):
     for result in (full, steps):
         assert torch.isfinite(result).all()
         torch.testing.assert_close(result.double(), reference, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "bn", "sh", "linear"])
+def test_decoding_no_new_token_after_a_prompt(variant):
+    """An empty step returns an empty output and leaves the cache as it was."""
+    layer = MultiHeadAttention(16, 4, variant=variant, causal=True).eval()
+    x = torch.randn(2, 6, 16)
+    cache = DecodingCache()
+    layer(x[:, :5], cache=cache)
+    assert layer(x[:, :0], cache=cache).shape == (2, 0, 16) and cache.length == 5
+    torch.testing.assert_close(layer(x[:, 5:], cache=cache), layer(x)[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_causal_options_refuse_grids_and_prefixes_one_message_each():
+    with pytest.raises(ValueError, match="got grid_size=\\(2, 2\\)"):
+        AttentionConfig(causal=True, grid_size=(2, 2))
+    with pytest.raises(ValueError, match="takes no unpooled prefix; got num_prefix_tokens=9"):
+        AttentionConfig(causal=True, num_prefix_tokens=9)

@@ -52,8 +52,10 @@ def test_no_model_constructor_has_an_attention_keyword_of_its_own(cls):
     ({"variant": "sh", "head_scales": (1, 0)}, ValueError, r"head_scales\[1\] must be a positive"),
     ({"variant": "sh", "head_scales": "12"}, TypeError, "head_scales must be a sequence"),
     ({"variant": "sparse", "window": -1}, ValueError, "window must be a non-negative integer"),
-    ({"eps": -1.0}, ValueError, "eps must be a finite number >= 0"),
-    ({"eps": float("inf")}, ValueError, "eps must be a finite number >= 0"),
+    ({"variant": "sparse", "window": 2, "grid_size": (2, 2)}, ValueError, "takes no 2-D grid"),
+    ({"eps": -1.0}, ValueError, "eps must be a finite number > 0"),
+    ({"eps": float("inf")}, ValueError, "eps must be a finite number > 0"),
+    ({"eps": 0.0}, ValueError, "eps must be a finite number > 0"),  # a constant key feature: 0 / 0
     ({"fused": "yes"}, TypeError, "fused must be True or False"),
     ({"grid_size": (4,)}, ValueError, r"grid_size must be a pair"),
     ({"num_prefix_tokens": -1}, ValueError, "num_prefix_tokens must be a non-negative"),
@@ -119,7 +121,7 @@ def test_every_variant_kernel_is_in_the_table():
     ({"task": "lra-listops", "heads": 2, "variant": "sparse"}, "needs window"),
     ({"attention_options": {"packheads": True}}, r"unknown attention option\(s\) \['packheads'\]"),
     ({"attention_options": {"pack_heads": "yes"}}, "pack_heads must be True, False, 'flex' or None"),
-    ({"attention_options": {"eps": -1.0}}, "eps must be a finite number >= 0"),
+    ({"attention_options": {"eps": -1.0}}, "eps must be a finite number > 0"),
     ({"attention_options": {"variant": "bn"}}, r"attention_options \['variant'\]: these are options"),
 ])
 def test_train_config_reports_attention_mistakes_before_any_data(kwargs, match, tmp_path):

@@ -97,13 +97,14 @@ def test_bn_invariant_to_per_feature_affine_map(kernel):
     q, k, v = qkv()
     scale = torch.randn(8, dtype=torch.float64).sign() * (torch.rand(8, dtype=torch.float64) + 0.5)
     shift = torch.randn(8, dtype=torch.float64) * 3
-    base = attention(q, k, v, kernel=kernel, bn=True, eps=0.0)
-    mapped = attention(q * scale + shift, k * scale + shift, v, kernel=kernel, bn=True, eps=0.0)
+    eps = 1e-300  # SPEC's "exactly when eps = 0": eps must be > 0, and this one vanishes beside any variance
+    base = attention(q, k, v, kernel=kernel, bn=True, eps=eps)
+    mapped = attention(q * scale + shift, k * scale + shift, v, kernel=kernel, bn=True, eps=eps)
     if kernel == "softmax":  # per-feature sign flips act on both q^ and k^: the dot product holds
         torch.testing.assert_close(mapped, base, rtol=1e-9, atol=1e-10)
     else:  # elu + 1 is not odd, so only positive scales keep the linear kernel invariant
         mapped = attention(q * scale.abs() + shift, k * scale.abs() + shift, v, kernel=kernel,
-                           bn=True, eps=0.0)
+                           bn=True, eps=eps)
         torch.testing.assert_close(mapped, base, rtol=1e-9, atol=1e-10)
 
 
@@ -371,6 +372,46 @@ def test_bn_in_float16_survives_a_head_pooled_to_one_key(pack_heads):
     out = attention(q.half(), k.half(), v.half(), **options)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kernel,fused", [("softmax", True), ("softmax", False), ("linear", True),
+                                          ("linear", False)])
+def test_bn_in_float16_survives_queries_far_from_a_constant_key_feature(kernel, fused):
+    """A key feature without variance and a query 250 away in it: (q - mu) / sqrt(eps) is beyond
+    float16's range. The feature adds the same to every key's score, so the output is float32's,
+    not NaN or a zeroed row."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 4, 8, generator=generator) for _ in range(3))
+    k[..., 0] = 1.0
+    q[0, 0, 0, 0] = 250.0
+    options = dict(bn=True, kernel=kernel, fused=fused)
+    out = attention(q.half(), k.half(), v.half(), **options)
+    assert torch.isfinite(out).all()
+    if kernel == "softmax":  # the linear kernel's feature map is not shift-invariant: finite only
+        torch.testing.assert_close(out.float(), attention(q, k, v, **options), rtol=2e-2, atol=2e-2)
+
+
+def test_an_sh_config_takes_its_default_scales_in_the_functional_call():
+    """``attention(q, k, v, AttentionConfig(variant="sh"))`` pools, with the scales a layer of as
+    many heads would take, rather than running softmax."""
+    from primal_dual_attention import AttentionConfig
+
+    q, k, v = qkv(heads=4, n=16)
+    config = AttentionConfig(variant="sh")
+    pooled = attention(q, k, v, config)
+    torch.testing.assert_close(pooled, attention(q, k, v, head_scales=config.for_heads(4).head_scales))
+    assert not torch.allclose(pooled, attention(q, k, v))
+
+
+@pytest.mark.parametrize("value", [None, "0.1", 1.0, True])
+def test_dropout_must_be_a_probability(value):
+    from primal_dual_attention import MultiHeadAttention
+
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="dropout_p must be a number in"):
+        attention(q, k, v, dropout_p=value)
+    with pytest.raises(ValueError, match="attn_drop must be a number in"):
+        MultiHeadAttention(8, 2, attn_drop=value)
 
 
 @pytest.mark.parametrize("scales", [None, (1, 8)])

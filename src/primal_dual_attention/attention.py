@@ -23,6 +23,7 @@ from primal_dual_attention.functional import (
     check_head_scales,
     check_key_padding_mask,
     check_positive_int,
+    check_probability,
     default_head_scales,
     get_kernel,
     grouped_attention,
@@ -122,6 +123,9 @@ class AttentionConfig(AttentionOptions):
                 f"{list(variant_names(lambda v: v.multi_scale))}, got variant={self.variant!r}")
         if spec.sparse and self.window is None:
             raise ValueError(f"variant {self.variant!r} needs window=w (query i sees |i - j| <= w)")
+        if not spec.supports_grid and self.grid_size is not None:
+            raise ValueError(f"variant {self.variant!r} is a 1-D window over token positions and takes no "
+                             f"2-D grid; got grid_size={self.grid_size}")
         if spec.multi_scale and self.window is not None:
             raise ValueError(
                 f"window (sparse attention) cannot be combined with the SH variant {self.variant!r}: "
@@ -189,9 +193,8 @@ class MultiHeadAttention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
         self.config = attention_config(attention, **switches).for_heads(num_heads)
-        for name, p in (("attn_drop", attn_drop), ("proj_drop", proj_drop)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{name} must be in [0, 1), got {p}")
+        attn_drop = check_probability("attn_drop", attn_drop)
+        proj_drop = check_probability("proj_drop", proj_drop)
         self.dim, self.num_heads, self.head_dim = dim, num_heads, dim // num_heads
         self.attn_drop = attn_drop
         self.groups = head_groups(self.config.head_scales, num_heads)

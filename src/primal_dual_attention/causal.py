@@ -30,6 +30,7 @@ from primal_dual_attention.functional import (
     AttentionOptions,
     HeadGroup,
     check_key_padding_mask,
+    check_probability,
     computes_in_float16,
     elu_feature_map,
     head_groups,
@@ -422,8 +423,7 @@ def causal_attention(
     batch, num_heads, length = k.shape[:3]
     key_padding_mask = check_key_padding_mask(key_padding_mask, batch, length)
     options.check_input(num_heads, length)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_probability("dropout_p", dropout_p)
     groups = head_groups(options.head_scales, num_heads)
     outputs, maps = [], []
     for group, q_g, k_g, v_g in zip(groups, split_heads(q, groups), split_heads(k, groups),
@@ -627,6 +627,8 @@ def decode(
     if cache.groups[0].shift.shape[0] != batch:
         raise ValueError(f"the cache holds {cache.groups[0].shift.shape[0]} sequences, "
                          f"got a batch of {batch}")
+    if length == 0:  # no new token: nothing to attend, the cache unchanged
+        return q.new_zeros(*q.shape[:3], v.shape[-1])
     valid = torch.ones(batch, length, dtype=torch.bool, device=k.device) if key_padding_mask is None \
         else ~key_padding_mask
     parts = [split_heads(x, groups) for x in (q, k, v)]

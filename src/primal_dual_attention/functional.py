@@ -53,6 +53,13 @@ def check_positive_int(name: str, value: object, *, allow_zero: bool = False) ->
     return as_int
 
 
+def check_probability(name: str, value: object) -> float:
+    """``value`` as a dropout probability in [0, 1), or an error naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def check_head_scales(head_scales: Sequence[int], num_heads: int | None = None) -> tuple[int, ...]:
     """Validate Attention-SH scales: positive integers, one per head when ``num_heads`` is given
     (SPEC.md §2)."""
@@ -193,16 +200,24 @@ class AttentionOptions:
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
         if (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float))
-                or not 0 <= self.eps < math.inf):
-            raise ValueError(f"eps must be a finite number >= 0, got {self.eps!r}")
+                or not 0 < self.eps < math.inf):
+            raise ValueError(f"eps must be a finite number > 0 (Attention-BN divides by the keys' "
+                             f"variance + eps, and a constant key feature has variance 0), got {self.eps!r}")
         if self.window is not None and self.head_scales is not None and max(self.head_scales) > 1:
             raise ValueError(
                 "window (sparse attention) cannot be combined with head_scales > 1: pooled keys "
                 f"have no token positions; got window={self.window}, head_scales={self.head_scales}")
-        if self.causal and (self.grid_size is not None or self.num_prefix_tokens):
-            raise ValueError(
-                "causal attention is defined on 1-D sequences (a prefix of a 2-D grid is not a grid); "
-                f"got grid_size={self.grid_size}, num_prefix_tokens={self.num_prefix_tokens}")
+        if self.causal and self.grid_size is not None:
+            raise ValueError("causal attention is defined on 1-D sequences (a prefix of a 2-D grid is "
+                             f"not a grid); got grid_size={self.grid_size}")
+        if self.causal and self.num_prefix_tokens:
+            raise ValueError("causal attention pools every token in order (SPEC.md §2 \"Causal\"), so it "
+                             f"takes no unpooled prefix; got num_prefix_tokens={self.num_prefix_tokens}")
+
+    def for_heads(self, num_heads: int) -> AttentionOptions:
+        """These options for ``num_heads`` heads; an ``AttentionConfig`` of an SH variant fills in
+        its default scales here (plain options name their scales themselves)."""
+        return self
 
     def check_device(self, device: torch.device | str, *, gradients: bool = True) -> None:
         """Check the options against the device they run on (``gradients``: while training).
@@ -294,7 +309,11 @@ class _BNNormalize(torch.autograd.Function):
         mean, var = masked_mean_var(k, key_padding_mask)
         inv_std = torch.rsqrt(var + eps)
         shift = -mean * inv_std
-        q_hat = torch.addcmul(shift, q, inv_std).to(q.dtype)
+        q_hat = torch.addcmul(shift, q, inv_std)
+        if computes_in_float16(q):  # a query far from keys without variance: float16's largest
+            largest = torch.finfo(torch.float16).max  # value, not inf (inf x a zero key^ is NaN)
+            q_hat = q_hat.clamp(-largest, largest)
+        q_hat = q_hat.to(q.dtype)
         k_hat = torch.addcmul(shift, k, inv_std).to(k.dtype)
         ctx.save_for_backward(q_hat, k_hat, inv_std, key_padding_mask)
         return q_hat, k_hat
@@ -758,6 +777,13 @@ def attend(
     ``(out, weights)``; ``weights`` is ``(B, H, N, M)`` when ``need_weights`` else None.
     """
     kernel = get_kernel(options.kernel)
+    if options.bn and kernel.has_primal and computes_in_float16(q):
+        # Phi(q^) grows as |q - mu| / sqrt(eps) where a key feature has no variance, and unlike
+        # softmax such a kernel is not shift-invariant: its products leave float16's range
+        with torch.autocast(q.device.type, enabled=False):
+            out, weights = attend(q.float(), k.float(), v.float(), options, key_padding_mask=key_padding_mask,
+                                  dropout_p=dropout_p, need_weights=need_weights)
+        return out.to(q.dtype), weights
     if options.bn:
         q, k = kernel.bn(q, k, key_padding_mask, options.eps)
     if options.fused and not need_weights:
@@ -1147,6 +1173,8 @@ def attention(
     options = with_switches(options, switches)
     _check_qkv(q, k, v)
     batch, num_heads, num_keys = k.shape[0], k.shape[1], k.shape[2]
+    if options.head_scales is None:  # an SH config without scales takes its defaults, as layers do
+        options = options.for_heads(num_heads)
     key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_keys)
     if key_padding_mask is not None:  # padded keys and values are inert, whatever they hold (§2)
         padded = key_padding_mask[:, None, :, None]
@@ -1157,8 +1185,7 @@ def attention(
         return causal_attention(q, k, v, options, key_padding_mask=key_padding_mask,
                                 dropout_p=dropout_p, need_weights=need_weights)
     grid = options.check_input(num_heads, num_keys)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    check_probability("dropout_p", dropout_p)
 
     if packs_heads(options, num_keys, key_padding_mask):
         out, weights = packed_attention(q, torch.stack((k, v), 1), options, key_padding_mask=key_padding_mask,
