@@ -41,3 +41,27 @@ def test_logits_shape_tied_head_and_max_len():
     assert sampled.shape == (1, 6)
     with pytest.raises(ValueError, match="max_len"):
         lm(torch.randint(0, 40, (1, 33)))
+
+
+@pytest.mark.parametrize("variant", ["softmax", "bn", "linear"])
+def test_a_left_padded_prompt_generates_as_the_prompt_alone(variant):
+    """Positions count valid tokens, so left padding changes neither the prompt's logits nor the
+    tokens generated after it (SH excepted: its windows count padded positions, SPEC.md §2)."""
+    lm = model(variant)
+    prompt = torch.randint(1, 40, (1, 5))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), prompt], 1)
+    pad = torch.tensor([[True] * 3 + [False] * 5])
+    torch.testing.assert_close(lm(padded, pad)[:, 3:], lm(prompt), rtol=1e-5, atol=1e-5)
+    alone = lm.generate(prompt, 6, temperature=0)
+    assert torch.equal(lm.generate(padded, 6, key_padding_mask=pad, temperature=0)[:, 3:], alone)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0"),
+    ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
+    ({"top_k": 0}, "top_k must be an integer >= 1"),
+])
+def test_generate_refuses_bad_sampling_options(options, message):
+    arguments = {"max_new_tokens": 3, **options}
+    with pytest.raises(ValueError, match=message):
+        model("softmax").generate(torch.randint(0, 40, (1, 2)), arguments.pop("max_new_tokens"), **arguments)

@@ -42,6 +42,17 @@ def test_independent_evaluator_and_tokenizer(text, value):
     assert lra.evaluate_listops(lra.tokenize_listops(text)) == value
 
 
+def test_generated_listops_below_lra_length_are_whole_expressions(tmp_path, monkeypatch):
+    """With max_len under LRA's 2000 the generator draws shorter expressions instead of cutting
+    them (a cut one keeps the whole expression's label)."""
+    monkeypatch.setenv("PDA_CACHE_DIR", str(tmp_path))
+    data = lra.load_listops(sizes=(20, 2, 2), max_len=120)
+    for split in (data.train, data.val, data.test):
+        for index in range(len(split)):
+            tokens, label = split[index]
+            assert 30 < len(tokens) < 120 and lra.evaluate_listops(tokens.numpy()) == label
+
+
 def test_listops_tsv_reader(tmp_path):
     path = tmp_path / "basic_train.tsv"
     path.write_text("Source\tTarget\n( ( [MAX 2 ) 9 ) ]\t9\n[SM 3 4 ]\t7\n")
@@ -49,6 +60,8 @@ def test_listops_tsv_reader(tmp_path):
     assert len(split) == 2 and split.lengths.tolist() == [4, 4] and split.labels.tolist() == [9, 7]
     tokens, label = split[0]
     assert lra.evaluate_listops(tokens.numpy()) == label == 9
+    with pytest.raises(ValueError, match="2 expressions are longer than max_len=3"):
+        lra.read_listops_tsv(path, max_len=3)  # a cut expression would keep the whole one's label
     bad = tmp_path / "bad.tsv"
     bad.write_text("Source\tTarget\n[FOO 1 ]\t1\n")
     with pytest.raises(ValueError, match="unknown ListOps token"):

@@ -114,6 +114,36 @@ def test_padding_never_changes_a_prediction(variant, pooling):
     torch.testing.assert_close(together, alone[0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("pooling", ["flatten", "mean"])
+def test_non_finite_values_in_padded_steps_stay_inert(pooling):
+    """NaN, inf or huge values where the mask says padding (a common way to pad series) leave the
+    valid logits as they were (SPEC.md §2), as the attention layer alone already did."""
+    model = TimeSeriesTransformer(3, 4, 12, dim=16, depth=2, num_heads=4, mlp_dim=32, pooling=pooling).eval()
+    batch = torch.randn(2, 12, 3)
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[0, 7:] = True
+    expected = model(batch, mask)
+    for junk in (float("nan"), float("inf"), 1e30):
+        batch[0, 7:] = junk
+        torch.testing.assert_close(model(batch, mask), expected)
+
+
+def test_time_series_model_names_bad_shapes():
+    model = TimeSeriesTransformer(3, 2, 5, dim=8, depth=1, num_heads=2, mlp_dim=8)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, T, C=3\), got \(1, 4, 2\)"):
+        model(torch.randn(1, 4, 2))
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        TimeSeriesTransformer(3, 0, 5)
+
+
+def test_a_test_file_with_other_channels_is_an_error(tmp_path):
+    folder = toy_dataset(tmp_path / "Toy")
+    one_channel = (folder / "Toy_TEST.ts").read_text().replace("@dimensions 2", "@dimensions 1")
+    (folder / "Toy_TEST.ts").write_text(one_channel.replace("1,2,3:4,5,6:b", "1,2,3:b"))
+    with pytest.raises(ValueError, match="Toy test: case 0 has 1 channels, but the training split's first"):
+        load_uea("Toy", folder)
+
+
 def test_longer_sequence_than_positional_embedding_is_rejected():
     model = TimeSeriesTransformer(3, 2, 5, dim=8, depth=1, num_heads=2, mlp_dim=8)
     with pytest.raises(ValueError, match="exceeds the positional embedding's max_len 5"):

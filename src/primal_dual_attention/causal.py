@@ -492,7 +492,8 @@ class DecodingCache:
     """
 
     def __init__(self) -> None:
-        self.length = 0
+        self.length = 0  # tokens fed, padding included
+        self.valid_tokens: Tensor | None = None  # (B,) tokens fed that are not padding
         self.groups: list[GroupState] = []
 
     def nbytes(self) -> int:
@@ -623,6 +624,8 @@ def decode(
         cache.groups = [_prefill(k_g, v_g, key_padding_mask, group.scale, options) for group, k_g, v_g in
                         zip(groups, split_heads(k, groups), split_heads(v, groups), strict=True)]
         cache.length = length
+        cache.valid_tokens = (torch.full((batch,), length, device=k.device) if key_padding_mask is None
+                              else (~key_padding_mask).sum(1))
         return out
     if cache.groups[0].shift.shape[0] != batch:
         raise ValueError(f"the cache holds {cache.groups[0].shift.shape[0]} sequences, "
@@ -643,6 +646,7 @@ def decode(
             token.append(out)
         outputs.append(merge_heads(token, groups))
     cache.length += length
+    cache.valid_tokens = cache.valid_tokens + valid.sum(1)
     return torch.cat(outputs, dim=2)
 
 

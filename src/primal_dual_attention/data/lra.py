@@ -198,7 +198,10 @@ def listops_tree(rng: random.Random, max_depth: int = 10, max_args: int = 10,
     return None
 
 
-def generate_listops(count: int, seed: int, *, min_len: int = 500, max_len: int = 2000
+LISTOPS_MIN_LEN, LISTOPS_MAX_LEN = 500, 2000  # LRA's expressions: 500 < length < 2000 tokens
+
+
+def generate_listops(count: int, seed: int, *, min_len: int = LISTOPS_MIN_LEN, max_len: int = LISTOPS_MAX_LEN
                      ) -> tuple[list[np.ndarray], np.ndarray]:
     """``count`` distinct expressions with ``min_len < length < max_len`` tokens, and labels
     (splits are consecutive slices of one call, so they never share an expression). Python's
@@ -265,22 +268,32 @@ def read_listops_tsv(path: str | Path, max_len: int = 2000) -> TokenSplit:
                 raise ValueError(f"{path}:{line}: expected 2 columns, got {len(row)}")
             sequences.append(tokenize_listops(row[0]))
             labels.append(int(row[1]))
+    longer = sum(len(sequence) > max_len for sequence in sequences)
+    if longer:  # a cut expression keeps the label of the whole one
+        raise ValueError(f"{path}: {longer} expressions are longer than max_len={max_len}, and a ListOps "
+                         "label needs the whole expression; raise max_len (LRA's is 2000)")
     return TokenSplit.from_sequences(sequences, labels, max_len, np.uint8)
 
 
 def load_listops(data_dir: str | Path | None = None, *, seed: int = 0, sizes=(96_000, 2_000, 2_000),
                  max_len: int = 2000) -> LRAData:
-    """LRA's TSV files from ``data_dir`` when given, else the generator (cached)."""
+    """LRA's TSV files from ``data_dir`` when given, else the generator (cached). Expressions are
+    never cut (a label needs the whole expression): below LRA's ``max_len`` of 2000 the generator
+    draws shorter ones (more than ``max_len / 4`` tokens, fewer than ``max_len``)."""
     if data_dir is not None:
         folder = Path(data_dir)
         splits = [read_listops_tsv(folder / f"basic_{s}.tsv", max_len) for s in ("train", "val", "test")]
         source = f"LRA TSV files in {folder}"
     else:
         def build():
-            sequences, labels = generate_listops(sum(sizes), seed)
+            shortest = min(LISTOPS_MIN_LEN, max_len // 4)
+            sequences, labels = generate_listops(sum(sizes), seed, min_len=shortest,
+                                                 max_len=min(max_len, LISTOPS_MAX_LEN))
             return (*_pad(sequences, max_len, np.uint8), labels)
 
-        params = {"sizes": list(sizes), "seed": seed, "max_len": max_len, "version": 1}
+        # version 2: below max_len 2000 expressions are drawn shorter, no longer cut (2000 and up unchanged)
+        version = 1 if max_len >= LISTOPS_MAX_LEN else 2
+        params = {"sizes": list(sizes), "seed": seed, "max_len": max_len, "version": version}
         everything = _cached("listops", params, build)
         bounds = np.cumsum([0, *sizes])
         splits = [everything.subset(torch.arange(a, b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]

@@ -284,6 +284,12 @@ def load_uea(name: str, data_dir: str | Path | None = None) -> UEADataset:
     classes = [str(c) for c in classes]
     if len(set(str(label) for label in train_y)) < 2:
         raise ValueError(f"{name}: the training split has a single class; nothing to classify")
+    channels = train_cases[0].shape[0]
+    for cases, split in ((train_cases, "train"), (test_cases, "test")):
+        odd = next((i for i, case in enumerate(cases) if case.shape[0] != channels), None)
+        if odd is not None:
+            raise ValueError(f"{name} {split}: case {odd} has {cases[odd].shape[0]} channels, but the "
+                             f"training split's first case has {channels} (source: {source})")
     max_len = max(case.shape[1] for case in train_cases)
     stacked = np.concatenate([case.T for case in train_cases])  # (sum T_i, C)
     mean = np.nanmean(stacked, axis=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -53,12 +54,23 @@ class DecoderLM(nn.Module):
 
     def forward(self, tokens: Tensor, key_padding_mask: Tensor | None = None,
                 caches: list[DecodingCache] | None = None) -> Tensor:
-        """``tokens`` ``(B, N)``; with ``caches`` (one per block) they follow the tokens the caches hold."""
+        """``tokens`` ``(B, N)``; with ``caches`` (one per block) they follow the tokens the caches
+        hold. A token's position counts the valid tokens before it, so a left-padded prompt has
+        the positions (and the logits) of the prompt alone."""
         start = 0 if caches is None else caches[0].length
         if start + tokens.shape[1] > self.max_len:
             raise ValueError(f"positions {start}..{start + tokens.shape[1] - 1} exceed "
                              f"max_len={self.max_len}")
-        x = self.drop(self.embed(tokens) + self.pos_embed[:, start : start + tokens.shape[1]])
+        before = None if caches is None else caches[0].valid_tokens
+        if key_padding_mask is None and (before is None or start == 0):
+            positions = self.pos_embed[:, start : start + tokens.shape[1]]
+        else:
+            order = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+            if key_padding_mask is not None:
+                valid = (~key_padding_mask).long()
+                order = valid.cumsum(1) - valid
+            positions = self.pos_embed[0, order + (0 if before is None else before[:, None])]
+        x = self.drop(self.embed(tokens) + positions)
         for index, block in enumerate(self.blocks):
             x = block(x, key_padding_mask, None if caches is None else caches[index])
         return self.norm(x) @ self.embed.weight.T
@@ -70,6 +82,12 @@ class DecoderLM(nn.Module):
         """``prompt`` ``(B, T)`` (left padding marked in ``key_padding_mask``) followed by
         ``max_new_tokens`` sampled tokens; ``temperature=0`` is greedy. Each step feeds one token
         through the caches (:class:`DecodingCache`), so a step costs O(cache), not O(length)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not 0.0 <= temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
         was_training = self.training
         self.eval()
         caches = [DecodingCache() for _ in self.blocks]

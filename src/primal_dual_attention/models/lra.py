@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from primal_dual_attention.attention import AttentionConfig
+from primal_dual_attention.functional import check_positive_int
 from primal_dual_attention.models.encoder import TransformerEncoder
 
 
@@ -33,6 +34,8 @@ class LRAClassifier(nn.Module):
         dual: bool = False,
     ) -> None:
         super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("num_classes", num_classes), ("max_len", max_len)):
+            check_positive_int(name, value)
         self.max_len, self.dual = max_len, dual
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.pos_embed = nn.Parameter(torch.zeros(1, max_len, dim))

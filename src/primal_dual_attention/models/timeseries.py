@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from primal_dual_attention.attention import AttentionConfig
+from primal_dual_attention.functional import check_positive_int
 from primal_dual_attention.models.encoder import TransformerEncoder
 
 POOLINGS = ("flatten", "mean")
@@ -35,6 +36,9 @@ class TimeSeriesTransformer(nn.Module):
         pooling: str = "flatten",
     ) -> None:
         super().__init__()
+        for name, value in (("num_channels", num_channels), ("num_classes", num_classes),
+                            ("max_len", max_len)):
+            check_positive_int(name, value)
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
         self.max_len, self.pooling = max_len, pooling
@@ -49,11 +53,15 @@ class TimeSeriesTransformer(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """``x`` (B, T, C) with ``T <= max_len``; ``key_padding_mask`` (B, T), True = padding."""
+        if x.ndim != 3 or x.shape[-1] != self.embed.in_features:
+            raise ValueError(f"x must have shape (B, T, C={self.embed.in_features}), got {tuple(x.shape)}")
         length = x.shape[1]
         if length > self.max_len:
             raise ValueError(
                 f"sequence length {length} exceeds the positional embedding's max_len "
                 f"{self.max_len}; pad or cut the input, or build the model with a larger max_len")
+        if key_padding_mask is not None:  # padded steps are inert whatever they hold (NaN too), SPEC.md §2
+            x = x.masked_fill(key_padding_mask[..., None], 0.0)
         h = self.drop(self.embed(x) + self.pos_embed[:, :length])
         h = F.gelu(self.encoder(h, key_padding_mask))
         h = self.drop(h)
