@@ -42,6 +42,21 @@ def test_imdb_text_from_the_zip(tmp_path):
     assert "train/val/test" in data.description
 
 
+def test_paper_protocol_by_loss_reports_the_selected_epochs_accuracy(tmp_path):
+    """Under ``paper`` an LM run picks its epoch by test loss; the accuracy it reports is that
+    epoch's, not the best accuracy of another epoch."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200 + "é ü ß " * 50)
+    cfg = TrainConfig(task="lm", dataset="tiny", data_file=str(text), variant="softmax", protocol="paper",
+                      max_len=32, dim=16, depth=1, heads=4, mlp_dim=32, dropout=0.0, optimizer="adamw",
+                      lr=3e-3, batch_size=8, eval_batch_size=16, steps=12, epochs=3,
+                      out_dir=str(tmp_path / "runs"), progress=False, threads=1).validate()
+    result = fit(cfg, build_task(cfg))
+    losses = [row["test_loss"] for row in result.history]
+    assert result.best_epoch == 1 + losses.index(min(losses))
+    assert result.test_accuracy == result.history[result.best_epoch - 1]["test_acc"]
+
+
 def test_lm_run_selects_by_validation_loss_and_evaluates(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 200 + "é ü ß " * 50)

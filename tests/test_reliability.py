@@ -187,6 +187,11 @@ def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path, capsys):
     (["--device", "foo"], "device must be auto, cpu, cuda, cuda:<index> or another torch device, got 'foo'"),
     (["--run-name", "../x"], "run_name must be a plain folder name, got '../x'"),
     (["--resume", "--overwrite"], "resume and overwrite exclude each other"),
+    (["--seed", "-1"], "seed must be >= 0, got -1"),
+    (["--dim", "10", "--heads", "4"], "dim must be divisible by heads (each head takes dim / heads "
+                                      "features), got dim=10, heads=4"),
+    (["--budget", "0.1"], "budget and warmup_steps count optimizer steps, so they need steps; got "
+                          "budget=0.1, warmup_steps=None, steps=None"),
 ])
 def test_bad_option_values_are_one_line(capsys, argv, message):
     assert message in one_line_error(capsys, ["train", *argv])

@@ -61,6 +61,12 @@ def test_a_sweep_writes_its_own_folder_and_merges_only_when_asked(tmp_path, monk
     assert "--merge-into" in (results / "sweep_commands.txt").read_text()
     kept = _snapshot(results)
 
+    # the same runs with other options are not "already finished": refused, nothing recorded
+    recorded = (own / "sweep_commands.txt").read_text()
+    err = one_line_error(capsys, [*_sweep(data), "--set", "dim=16"])
+    assert "its finished runs were made with other options (Toy softmax seed 0: dim: 8 -> 16)" in err
+    assert (own / "sweep_commands.txt").read_text() == recorded
+
     # a sweep's own folder holds one budget per dataset: it is refused before anything runs
     err = one_line_error(capsys, _sweep(data, "--epochs", "2"))
     assert "--out runs/sweep/uea: it holds runs of another budget: Toy in table 'main' with epochs 2, " \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from dataclasses import replace
@@ -166,6 +167,25 @@ def test_two_epochs_on_japanese_vowels_learn(tmp_path):
     result = run(cfg)
     assert result.test_accuracy > 2 / 9  # twice chance (1/9)
     assert (cfg.run_dir() / "best.pt").exists() and (cfg.run_dir() / "summary.json").exists()
+
+
+def test_a_run_stopped_before_its_summary_finishes_on_resume(tmp_path):
+    """A crash after the last epoch's checkpoint (during the final test evaluation) leaves no
+    summary.json: --resume finishes the run instead of reporting it forever unfinished."""
+    cfg = tiny_config(tmp_path, protocol="clean", epochs=1)
+    first = run(cfg)
+    (cfg.run_dir() / "summary.json").unlink()
+    again = run(replace(cfg, resume=True))
+    summary = json.loads((cfg.run_dir() / "summary.json").read_text())
+    assert summary["test_accuracy"] == again.test_accuracy == first.test_accuracy
+
+
+def test_a_diverged_model_is_an_error_not_the_selected_epoch(tmp_path):
+    """One step at lr 1e30 makes the weights non-finite: the validation loss says so, and the
+    run stops instead of keeping that epoch as its best."""
+    cfg = tiny_config(tmp_path, protocol="clean", epochs=1, batch_size=512, lr=1e30, grad_clip=0.0)
+    with pytest.raises(FloatingPointError, match="non-finite val loss"):
+        run(cfg)
 
 
 @pytest.mark.parametrize("compiled", [{}, {"compile": "on", "compile_backend": "eager"}],

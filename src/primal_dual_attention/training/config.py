@@ -46,7 +46,7 @@ NUMBER_RULES: dict[NumberRule, tuple[str, ...]] = {
         "step_size"),
     NumberRule(">= 1 or None", lambda v: v >= 1, allows_none=True): (
         "steps", "max_len", "max_eval_samples", "max_train_samples", "lr_base_batch"),
-    NumberRule(">= 0", lambda v: v >= 0): ("num_workers", "repeated_aug", "warmup_epochs"),
+    NumberRule(">= 0", lambda v: v >= 0): ("seed", "num_workers", "repeated_aug", "warmup_epochs"),
     NumberRule(">= 0 or None (0 and None: torch's default)", lambda v: v >= 0,
                allows_none=True): ("threads",),
     NumberRule(">= 0 or None", lambda v: v >= 0, allows_none=True): ("warmup_steps",),
@@ -158,6 +158,12 @@ class TrainConfig:
                 value = getattr(self, name)
                 if not (value is None and rule.allows_none or value is not None and rule.holds(value)):
                     raise ValueError(f"{name} must be {rule.text}, got {value!r}")
+        if self.dim % self.heads:
+            raise ValueError(f"dim must be divisible by heads (each head takes dim / heads features), got "
+                             f"dim={self.dim}, heads={self.heads}")
+        if self.steps is None and (self.budget != 1.0 or self.warmup_steps is not None):
+            raise ValueError(f"budget and warmup_steps count optimizer steps, so they need steps; got "
+                             f"budget={self.budget}, warmup_steps={self.warmup_steps}, steps=None")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: --resume continues a run, "
                              "--overwrite starts it again")

@@ -49,6 +49,14 @@ class Context:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def gather(self, value: object) -> list[object]:
+        """Every rank's ``value``, in rank order (``[value]`` in a single process)."""
+        if not self.distributed:
+            return [value]
+        values: list[object] = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()

@@ -27,10 +27,10 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import IO, Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -214,22 +214,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's random states (the CUDA one of ``device`` too): dropout and sampling
+    continue after a resume as if the run had not stopped."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, pos, has_gauss, gauss_np = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss_np))
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``.
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], None], what: str) -> None:
+    """``write`` into a temporary file in the same folder, then rename it over ``path``.
 
     On any failure (disk full, read-only folder) the previous file is left intact and the
     error names the path.
@@ -238,15 +245,25 @@ def atomic_save(obj: Any, path: Path) -> None:
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)
     except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(error, OSError):
-            raise OSError(error.errno, f"could not write checkpoint {path}: {error.strerror}") from error
+            raise OSError(error.errno, f"could not write {what} {path}: {error.strerror}") from error
         raise
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    """``torch.save`` that leaves either the old file or the whole new one (:func:`_atomic_write`)."""
+    _atomic_write(path, lambda stream: torch.save(obj, stream), "checkpoint")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """A text file written whole or not at all (a crash leaves no half ``config.yaml``)."""
+    _atomic_write(path, lambda stream: stream.write(text.encode()), "file")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -410,7 +427,7 @@ RUNNING_OPTIONS = {"resume", "overwrite", "run_name", "progress", "out_dir", "th
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.csv", "summary.json")
 
 
-def _changes(saved: dict[str, Any], cfg: TrainConfig) -> str:
+def changed_options(saved: dict[str, Any], cfg: TrainConfig) -> str:
     """The options that change the result and differ from a saved run's, as ``name: old -> new``
     ('' for the same run: only running options such as threads may differ)."""
     current = cfg.to_dict()
@@ -453,7 +470,7 @@ def claim_run_dir(cfg: TrainConfig, say=print) -> tuple[TrainConfig, bool]:
         if saved is None:
             free = free or folder
             continue
-        changes = _changes(saved, cfg)
+        changes = changed_options(saved, cfg)
         if changes:
             others.append((folder, changes))
             continue
@@ -535,9 +552,12 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
     cfg = run.cfg  # with the run's own folder
     if cfg.resume and run.last_path.is_file():
         _resume(run)
-    writes = run.ctx.is_main and run.start_epoch < cfg.epochs  # a finished run is only reported
+    # a finished run is only reported; one that stopped after its last epoch (before its summary)
+    # is finished now
+    unfinished = run.start_epoch < cfg.epochs or not (cfg.run_dir() / "summary.json").is_file()
+    writes = run.ctx.is_main and unfinished
     if writes:
-        (cfg.run_dir() / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        atomic_write_text(cfg.run_dir() / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     run.wall_start = time.perf_counter()
     run.writer = _tensorboard(cfg.run_dir()) if writes else None
     for epoch in range(run.start_epoch, cfg.epochs):
@@ -598,7 +618,9 @@ def _resume(run: _Run) -> None:
     run.scheduler.load_state_dict(state["scheduler"])
     if state.get("scaler"):  # absent in checkpoints written before mixed precision
         run.scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
+    ranks = state.get("rng_ranks")  # each rank draws its own dropout: its own state, when as many ranks
+    own = ranks[run.ctx.rank] if ranks is not None and len(ranks) == run.ctx.world_size else state["rng"]
+    _set_rng_state(own, run.ctx.device)
     run.history, run.start_epoch = list(state["history"]), state["epoch"] + 1
     run.best = None if state["best"] is None else tuple(state["best"])
     run.wall_before = state["wall_seconds"]
@@ -626,6 +648,9 @@ def _train_and_evaluate(run: _Run, train: Split, epoch: int) -> tuple[dict[str, 
     prefix = "val" if cfg.protocol == "clean" else "test"
     if monitored is not None and len(monitored):
         stats = evaluate(run.model, monitored, cfg.eval_batch_size, run.ctx, cfg.precision)
+        if not math.isfinite(stats.loss):  # a diverged model must not become the selected one
+            raise FloatingPointError(f"non-finite {prefix} loss ({stats.loss}) after epoch {epoch + 1} of "
+                                     f"{cfg.run_dir()}: the model diverged; lower the learning rate")
         row[f"{prefix}_loss"], row[f"{prefix}_acc"] = stats.loss, stats.accuracy
         score = (-stats.loss, -stats.accuracy) if run.select_by_loss else (stats.accuracy, stats.loss)
     else:  # clean protocol without validation data: keep the last epoch
@@ -643,11 +668,12 @@ def _save_epoch(run: _Run, epoch: int, row: dict[str, Any], improved: bool) -> N
         for key, value in row.items():
             if isinstance(value, float):
                 run.writer.add_scalar(key, value, epoch + 1)
+    ranks = run.ctx.gather(_rng_state(run.ctx.device))  # every rank's, in rank order
     state = {
         "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
         "best": run.best,
-        "history": run.history, "rng": _rng_state(), "config": run.cfg.to_dict(),
+        "history": run.history, "rng": ranks[0], "rng_ranks": ranks, "config": run.cfg.to_dict(),
         "wall_seconds": run.wall_seconds(),
     }
     if run.ctx.is_main:
@@ -663,8 +689,8 @@ def _finish(run: _Run, write_summary: bool) -> RunResult:
     under ``clean``), medians of the epoch timings; ``summary.json`` when ``write_summary``."""
     cfg, history = run.cfg, run.history
     best_epoch = max(r["epoch"] for r in history if r.get("best"))
-    if cfg.protocol == "paper":
-        test_accuracy = max(r["test_acc"] for r in history)
+    if cfg.protocol == "paper":  # the selected epoch's (highest accuracy, or lowest loss for LMs)
+        test_accuracy = next(r["test_acc"] for r in history if r["epoch"] == best_epoch)
     else:
         run.model.load_state_dict(load_checkpoint(run.best_path)["model"])
         test_accuracy = evaluate(run.model, run.test, cfg.eval_batch_size, run.ctx, cfg.precision).accuracy
@@ -677,7 +703,9 @@ def _finish(run: _Run, write_summary: bool) -> RunResult:
     )
     summary = {k: v for k, v in result.__dict__.items() if k != "history"}
     if write_summary:
-        (cfg.run_dir() / "summary.json").write_text(json.dumps(summary | {"config": cfg.to_dict()}, indent=2))
+        _write_csv(cfg.run_dir() / "log.csv", history)
+        record = summary | {"config": cfg.to_dict()}
+        atomic_write_text(cfg.run_dir() / "summary.json", json.dumps(record, indent=2))
     if run.writer is not None:
         run.writer.close()
     return result

@@ -21,6 +21,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from primal_dual_attention.attention import PAPER_VARIANTS, STUDIED_VARIANTS, variant_names
 from primal_dual_attention.data.uea import PAPER_DATASETS, available_datasets
 from primal_dual_attention.training.config import (
@@ -228,6 +230,26 @@ def merge_results(source: Path, keys: set[tuple[str, ...]], target: Path, comman
     return len(rows)
 
 
+def changed_finished_runs(runs: Sequence[tuple[str, TrainConfig]], results_dir: Path) -> list[str]:
+    """``dataset variant seed: changes`` for each planned run that ``results_dir`` holds finished
+    with other result-changing options (its config copy under ``logs/``), e.g. another ``--set``."""
+    from primal_dual_attention.training.engine import changed_options
+
+    finished = finished_runs(results_dir / "runs.csv")
+    changed = []
+    for table, cfg in runs:
+        if run_key(table, cfg) not in finished:
+            continue
+        row = {"dataset": cfg.dataset, "protocol": cfg.protocol, "variant": cfg.variant,
+               "seed": str(cfg.seed)}
+        saved_config = results_dir / _log_files(row)[1]
+        if saved_config.is_file():
+            changes = changed_options(yaml.safe_load(saved_config.read_text()) or {}, cfg)
+            if changes:
+                changed.append(f"{cfg.dataset} {cfg.variant} seed {cfg.seed}: {changes}")
+    return changed
+
+
 def _run_one(table: str, cfg: TrainConfig, results_dir: Path, machine: str) -> dict:
     import torch
 
@@ -280,6 +302,12 @@ def run_sweep(runs: list[tuple[str, TrainConfig]], results_dir: str | Path, work
     if problems:
         raise ValueError(f"--out {results_dir}: it holds runs of another budget: {'; '.join(problems)}; "
                          "give this sweep its own --out folder")
+    changed = changed_finished_runs(runs, results_dir)
+    if changed:
+        raise ValueError(f"--out {results_dir}: its finished runs were made with other options "
+                         f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}), so this "
+                         "command would be recorded beside rows it did not make; give it its own --out "
+                         "folder")
     results_dir.mkdir(parents=True, exist_ok=True)
     machine = f"{machine_description()}; {workers} worker(s) x {threads_per_worker} thread(s)"
     todo = [(t, c) for t, c in runs if run_key(t, c) not in finished_runs(results_dir / "runs.csv")]
