@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,15 +43,20 @@ def test_imdb_text_from_the_zip(tmp_path):
     assert "train/val/test" in data.description
 
 
+def tiny_lm_run(tmp_path: Path, variant: str, protocol: str) -> TrainConfig:
+    """A 12-step run of a tiny decoder on a small text file written here."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200 + "é ü ß " * 50)
+    return TrainConfig(task="lm", dataset="tiny", data_file=str(text), variant=variant, protocol=protocol,
+                       max_len=32, dim=16, depth=1, heads=4, mlp_dim=32, dropout=0.0, optimizer="adamw",
+                       lr=3e-3, batch_size=8, eval_batch_size=16, steps=12, epochs=3,
+                       out_dir=str(tmp_path / "runs"), progress=False, threads=1).validate()
+
+
 def test_paper_protocol_by_loss_reports_the_selected_epochs_accuracy(tmp_path):
     """Under ``paper`` an LM run picks its epoch by test loss; the accuracy it reports is that
     epoch's, not the best accuracy of another epoch."""
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200 + "é ü ß " * 50)
-    cfg = TrainConfig(task="lm", dataset="tiny", data_file=str(text), variant="softmax", protocol="paper",
-                      max_len=32, dim=16, depth=1, heads=4, mlp_dim=32, dropout=0.0, optimizer="adamw",
-                      lr=3e-3, batch_size=8, eval_batch_size=16, steps=12, epochs=3,
-                      out_dir=str(tmp_path / "runs"), progress=False, threads=1).validate()
+    cfg = tiny_lm_run(tmp_path, "softmax", "paper")
     result = fit(cfg, build_task(cfg))
     losses = [row["test_loss"] for row in result.history]
     assert result.best_epoch == 1 + losses.index(min(losses))
@@ -58,13 +64,8 @@ def test_paper_protocol_by_loss_reports_the_selected_epochs_accuracy(tmp_path):
 
 
 def test_lm_run_selects_by_validation_loss_and_evaluates(tmp_path):
-    text = tmp_path / "text.txt"
-    text.write_text("the quick brown fox jumps over the lazy dog. " * 200 + "é ü ß " * 50)
-    assert len(load_text_file(text, 32).test) > 0
-    cfg = TrainConfig(task="lm", dataset="tiny", data_file=str(text), variant="bn_sh", protocol="clean",
-                      max_len=32, dim=16, depth=1, heads=4, mlp_dim=32, dropout=0.0, optimizer="adamw",
-                      lr=3e-3, batch_size=8, eval_batch_size=16, steps=12, epochs=3,
-                      out_dir=str(tmp_path / "runs"), progress=False, threads=1).validate()
+    cfg = tiny_lm_run(tmp_path, "bn_sh", "clean")
+    assert len(load_text_file(cfg.data_file, 32).test) > 0
     result = fit(cfg, build_task(cfg))
     losses = [row["val_loss"] for row in result.history]
     assert result.best_epoch == 1 + losses.index(min(losses))
