@@ -63,6 +63,10 @@ def test_a_sweep_writes_its_own_folder_and_merges_only_when_asked(tmp_path, monk
 
     # the same runs with other options are not "already finished": refused, nothing recorded
     recorded = (own / "sweep_commands.txt").read_text()
+    err = one_line_error(capsys, _sweep(data, "--table", "extended", "--protocols", "paper"))
+    assert "this sweep plans no run" in err
+    err = one_line_error(capsys, _sweep(data, "--dataset-epochs", "Tooy=3"))
+    assert "--dataset-epochs names ['Tooy'], which this sweep does not run" in err
     err = one_line_error(capsys, [*_sweep(data), "--set", "dim=16"])
     assert "its finished runs were made with other options (Toy softmax seed 0: dim: 8 -> 16)" in err
     assert (own / "sweep_commands.txt").read_text() == recorded

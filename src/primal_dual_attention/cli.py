@@ -293,6 +293,12 @@ def _sweep(args: argparse.Namespace) -> int:
         datasets = args.datasets or SWEEP_DEFAULT_DATASETS.get(args.task, (args.task,))
         runs = plan_runs(args.task, args.task, datasets, protocols=args.protocols or ("clean",),
                          variants=args.variants or PAPER_VARIANTS, data_dir=args.data_dir, **common)
+    if not runs:
+        raise ValueError("this sweep plans no run (the extended table runs the clean protocol only; "
+                         "check --table, --protocols and --datasets)")
+    unplanned = sorted(set(common["epochs_per_dataset"]) - {cfg.dataset for _, cfg in runs})
+    if unplanned:
+        raise ValueError(f"--dataset-epochs names {unplanned}, which this sweep does not run")
     run_sweep(runs, out, workers=args.workers, threads_per_worker=args.threads)
     record_commands(out, [args.command])  # only now: the command finished
     print(f"wrote {write_task_report(args.task, out)}")

@@ -285,7 +285,11 @@ def _worker(runs: list[tuple[str, TrainConfig]], results_dir: Path, threads: int
         if run_key(table, cfg) in finished_runs(results_csv):
             continue
         start = time.perf_counter()
-        row = _run_one(table, cfg, results_dir, machine)
+        try:
+            row = _run_one(table, cfg, results_dir, machine)
+        except BaseException:  # say which run stopped the sweep; rerunning continues from it
+            log(f"{cfg.dataset} {cfg.protocol} {cfg.variant} seed {cfg.seed} failed ({cfg.run_dir()})")
+            raise
         _append_rows(results_csv, [row])
         log(f"{cfg.dataset:>26} {cfg.protocol:5} {cfg.variant:12} seed {cfg.seed}: "
             f"acc {float(row['test_acc']):.4f} ({time.perf_counter() - start:.0f} s)")
