@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from primal_dual_attention.analysis.verify import exact_statements, random_qkv
+from primal_dual_attention.analysis.verify import (
+    exact_statements,
+    first_head_fit,
+    random_qkv,
+    real_data_statements,
+)
+from primal_dual_attention.attention import MultiHeadAttention
 from primal_dual_attention.functional import attention
 from primal_dual_attention.primal import (
     EluFeatureMap,
@@ -125,3 +131,54 @@ def test_primal_layer_of_one_key_returns_its_value():
     layer = dual_to_primal(keys, values, EluFeatureMap())
     queries = torch.full((2, 3), -200.0)
     torch.testing.assert_close(layer(queries), values.expand(2, -1))
+
+
+class _Layer(torch.nn.Module):
+    """One attention layer as a model: ``forward(x, mask)``."""
+
+    def __init__(self, **config):
+        super().__init__()
+        self.attn = MultiHeadAttention(16, 4, **config)
+
+    def forward(self, x, mask=None):
+        return self.attn(x, key_padding_mask=mask)
+
+
+@pytest.mark.parametrize("config", [
+    dict(variant="sh", grid_size=(4, 4), num_prefix_tokens=1, head_scales=(1, 2, 2, 3)),
+    dict(variant="bn_sh", grid_size=(4, 4), num_prefix_tokens=1),
+    dict(variant="bn_sh", causal=True),
+    dict(variant="linear_bn", causal=True),
+], ids=["sh-grid", "bn_sh-grid", "bn_sh-causal", "linear_bn-causal"])
+def test_verify_expands_grids_prefixes_and_causal_layers(config):
+    """``pda verify`` on real layers: the expansion pools on the layer's grid, keeps its prefix
+    tokens and takes causal prefixes, so it matches the fused layer (it reported errors of ~1)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 17, 16) * 3
+    mask = torch.zeros(2, 17, dtype=torch.bool)
+    if not config.get("grid_size"):
+        mask[1, 13:] = True
+    rows, box, _ = real_data_statements(_Layer(**config), x, mask, "test")
+    assert rows[0].error <= 1e-10, rows[0]
+    assert all(0 < low <= high < float("inf") for _, _, low, high in box)
+
+
+def test_box_constraint_and_fit_use_each_heads_training_pairs():
+    """The bound is that of the pairs the head fits (BN-normalised: keys of unit spread, so a
+    scaled input changes nothing), not of the raw keys."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 12, 16)
+    layer = _Layer(variant="bn", qkv_bias=False)  # no bias: the keys and values scale with the input
+    _, box, layers = real_data_statements(layer, x, None, "test")
+    _, scaled, _ = real_data_statements(layer, x * 1000, None, "test")
+    # the values scale with the input (no BN on values), the normalised keys do not
+    assert scaled[0][2] == pytest.approx(1000 * box[0][2], rel=1e-4)
+    module, (q, k, v, padding) = layers[0]
+    rows, pairs = first_head_fit(module, q, k, v, padding)
+    assert pairs == 12 and all(np.isfinite(error) for *_, error in rows)
+
+
+def test_svr_predicts_float32_queries():
+    keys, values = torch.randn(8, 3), torch.randn(8, 2)
+    prediction = fit_svr(keys, values, "softmax", C=1.0, epsilon=0.0).predict(keys)
+    assert prediction.dtype == torch.float32 and prediction.shape == (8, 2)

@@ -110,3 +110,23 @@ def test_a_cost_file_of_another_version_is_refused_and_kept(tmp_path):
     with pytest.raises(ValueError, match="retired_column"):
         write_costs([], tmp_path, "pda bench model")
     assert "retired_column" in old.read_text()
+
+
+def test_sweep_report_pairs_seeds_by_number_and_labels_modes(tmp_path):
+    """A variant missing a seed is compared with softmax on the seeds both ran, not by position;
+    a cost table with eager and compiled rows says which figure is which."""
+    from primal_dual_attention.analysis.task_report import _dataset_section
+
+    def row(variant: str, seed: int, acc: float) -> dict:
+        return {"variant": variant, "protocol": "clean", "epochs": "1", "seed": str(seed), "test_acc": acc,
+                "best_epoch": "1", "params": "10"}
+
+    rows = [row("softmax", 0, 0.5), row("softmax", 1, 0.6), row("softmax", 2, 0.7),
+            row("bn", 1, 0.55), row("bn", 2, 0.65)]
+    cost = {"dataset": "X", "variant": "bn", "device": "cpu", "precision": "fp32", "batch": "4",
+            "gflops_fwd_per_sample": "0.1", "peak_train_mb": "1"}
+    costs = [cost | {"mode": "eager", "train_samples_per_s": "100", "infer_samples_per_s": "200"},
+             cost | {"mode": "compile", "train_samples_per_s": "300", "infer_samples_per_s": "400"}]
+    text = "\n".join(_dataset_section(tmp_path, "X", rows, costs))
+    assert "`bn` − `softmax`: -5.00 points (the 2 seeds both ran); higher on 0 of 2 seeds" in text
+    assert "100 (cpu fp32, batch 4, eager), 300 (cpu fp32, batch 4, compile)" in text

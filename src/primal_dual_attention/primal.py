@@ -180,15 +180,18 @@ class TrainingSet:
 
 
 def training_set(keys: Tensor, values: Tensor, *, key_padding_mask: Tensor | None = None,
-                 bn: bool = False, head_scale: int = 1, eps: float = 1e-5) -> TrainingSet:
+                 bn: bool = False, head_scale: int = 1, eps: float = 1e-5,
+                 grid_size: tuple[int, int] | None = None, num_prefix_tokens: int = 0) -> TrainingSet:
     """Down-sample (SH, factor ``head_scale``) and normalise (BN) the pairs as SPEC.md §2 says.
 
-    ``keys``/``values`` are ``(B, ..., N, D)`` with a ``(B, N)`` mask. BN statistics are the
-    masked moments of the (pooled) keys; the returned keys are normalised, and ``shift`` /
-    ``scale`` normalise the queries the same way.
+    ``keys``/``values`` are ``(B, ..., N, D)`` with a ``(B, N)`` mask. SH pools on the 2-D
+    ``grid_size`` when given, never pooling the ``num_prefix_tokens`` leading tokens. BN
+    statistics are the masked moments of the (pooled) keys; the returned keys are normalised,
+    and ``shift`` / ``scale`` normalise the queries the same way.
     """
-    keys, mask = pool_tokens(keys, head_scale, key_padding_mask)
-    values, _ = pool_tokens(values, head_scale, key_padding_mask)
+    pool = dict(grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
+    keys, mask = pool_tokens(keys, head_scale, key_padding_mask, **pool)
+    values, _ = pool_tokens(values, head_scale, key_padding_mask, **pool)
     if not bn:
         return TrainingSet(keys, values, mask)
     shift, var = masked_mean_var(keys, mask)
@@ -285,10 +288,12 @@ class SVRFit:
         return float(np.mean([len(s) for s in self.support]))
 
     def predict(self, queries: Tensor) -> Tensor:
-        gram = normalised_kernel(queries, self.keys, self.kernel).numpy()
+        """The fitted regression at ``queries`` (computed in the fit's float64, returned in the
+        queries' dtype)."""
+        gram = normalised_kernel(queries.to(self.keys.dtype), self.keys, self.kernel).numpy()
         columns = [gram[:, sv] @ coef + b
                    for coef, sv, b in zip(self.dual_coef, self.support, self.intercept, strict=True)]
-        return torch.from_numpy(np.stack(columns, axis=-1))
+        return torch.from_numpy(np.stack(columns, axis=-1)).to(queries.dtype)
 
 
 def normalised_kernel(x: Tensor, keys: Tensor, kernel: str) -> Tensor:

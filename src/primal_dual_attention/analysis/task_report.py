@@ -110,10 +110,15 @@ def _cost_cells(costs: list[dict], dataset: str, variant: str) -> str:
     rows = [c for c in costs if c["dataset"] == dataset and c["variant"] == variant]
     if not rows:
         return " – | – | – | – |"
+    several_modes = len({r.get("mode", "eager") for r in rows}) > 1  # then say which is which
+
+    def label(row: dict) -> str:
+        return _device_label(row) + (f", {row.get('mode', 'eager')}" if several_modes else "")
+
     cells = []
     for key in ("train_samples_per_s", "infer_samples_per_s"):
-        cells.append(", ".join(f"{float(r[key]):,.0f} ({_device_label(r)})" for r in rows))
-    peak = ", ".join(f"{float(r['peak_train_mb']):,.0f} ({_device_label(r)})" for r in rows
+        cells.append(", ".join(f"{float(r[key]):,.0f} ({label(r)})" for r in rows))
+    peak = ", ".join(f"{float(r['peak_train_mb']):,.0f} ({label(r)})" for r in rows
                      if r["peak_train_mb"] not in ("", "None"))
     return f" {float(rows[0]['gflops_fwd_per_sample']):.3f} | {cells[0]} | {cells[1]} | {peak or '–'} |"
 
@@ -142,7 +147,7 @@ def _dataset_section(results_dir: Path, dataset: str, rows: list[dict], costs: l
             if not runs:
                 continue
             acc = np.array([100 * r["test_acc"] for r in runs])
-            means[variant] = acc
+            means[variant] = {int(r["seed"]): a for r, a in zip(runs, acc, strict=True)}
             seeds = ", ".join(f"{a:.2f}" for a in acc)
             chosen = ", ".join(r["best_epoch"] for r in runs)
             out.append(f"| {variant} | {acc.mean():.2f} ± {acc.std():.2f} (n={len(acc)}) | {seeds} | "
@@ -153,10 +158,14 @@ def _dataset_section(results_dir: Path, dataset: str, rows: list[dict], costs: l
             for variant, acc in means.items():
                 if variant == BASELINE:
                     continue
-                paired = min(len(acc), len(base))
-                wins = int(np.sum(acc[:paired] > base[:paired]))
-                out.append(f"- `{variant}` − `softmax`: {acc.mean() - base.mean():+.2f} points; higher on "
-                           f"{wins} of {paired} seeds (same seed, same data order).")
+                seeds = sorted(set(acc) & set(base))  # paired by seed: same seed, same data order
+                if not seeds:
+                    continue
+                ours, theirs = np.array([acc[s] for s in seeds]), np.array([base[s] for s in seeds])
+                both = "" if len(seeds) == len(acc) == len(base) else f" (the {len(seeds)} seeds both ran)"
+                out.append(f"- `{variant}` − `softmax`: {ours.mean() - theirs.mean():+.2f} points{both}; "
+                           f"higher on {int(np.sum(ours > theirs))} of {len(seeds)} seeds (same seed, same "
+                           "data order).")
             out.append("")
         plot = _plot(results_dir, dataset, variants, protocol)
         if plot:

@@ -22,6 +22,7 @@ from primal_dual_attention.functional import KERNELS, attention, visibility_mask
 from primal_dual_attention.primal import (
     EluFeatureMap,
     PositiveRandomFeatures,
+    TrainingSet,
     dual_to_primal,
     fit_svr,
     smallest_feasible_c,
@@ -61,12 +62,23 @@ def random_qkv(batch=2, heads=4, n=32, dim=8, seed=0):
 
 
 def expansion_output(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, bn: bool,
-                     head_scales, window, mask: Tensor | None) -> Tensor:
-    """Each head's SVR expansion on its own training set (pooled / normalised), head by head."""
+                     head_scales, window, mask: Tensor | None, grid_size: tuple[int, int] | None = None,
+                     num_prefix_tokens: int = 0, eps: float = 1e-5, causal: bool = False) -> Tensor:
+    """Each head's SVR expansion on its own training set (pooled / normalised), head by head.
+    ``causal``: query i's expansion on the training set of the prefix 1..i (SPEC.md §2 "Causal"),
+    one query at a time."""
+    if causal:
+        offset = k.shape[2] - q.shape[2]  # the queries are the last positions
+        rows = [expansion_output(q[:, :, i : i + 1], k[:, :, : offset + i + 1], v[:, :, : offset + i + 1],
+                                 kernel=kernel, bn=bn, head_scales=head_scales, window=window,
+                                 mask=None if mask is None else mask[:, : offset + i + 1], eps=eps)
+                for i in range(q.shape[2])]
+        return torch.cat(rows, dim=2)
     heads = []
     for h in range(q.shape[1]):
         scale = 1 if head_scales is None else head_scales[h]
-        data = training_set(k[:, h], v[:, h], key_padding_mask=mask, bn=bn, head_scale=scale)
+        data = training_set(k[:, h], v[:, h], key_padding_mask=mask, bn=bn, head_scale=scale, eps=eps,
+                            grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
         queries = q[:, h] if data.shift is None else (q[:, h] - data.shift) / data.scale
         n_q, n_k = q.shape[2], data.keys.shape[1]
         visible = visibility_mask(n_q, data.mask, n_k, window)
@@ -76,6 +88,20 @@ def expansion_output(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, bn: bool,
         visible = visible.expand(visible.shape[0], n_q, n_k)
         heads.append(svr_expansion(queries, data.keys, data.values, kernel, visible))
     return torch.stack(heads, dim=1)
+
+
+def head_training_set(module: MultiHeadAttention, k: Tensor, v: Tensor, padding: Tensor | None,
+                      head: int, sample: int = 0) -> tuple[Tensor, Tensor, TrainingSet]:
+    """One head's SVR training pairs for one sample, as its variant fits them (SH-pooled on the
+    layer's grid, BN-normalised; padding dropped): ``(keys, values, training set)``."""
+    config = module.config
+    scale = 1 if config.head_scales is None else config.head_scales[head]
+    mask = None if padding is None else padding[sample : sample + 1]
+    data = training_set(k[sample : sample + 1, head], v[sample : sample + 1, head], key_padding_mask=mask,
+                        bn=module.spec.bn, head_scale=scale, eps=config.eps, grid_size=config.grid_size,
+                        num_prefix_tokens=config.num_prefix_tokens)
+    keep = slice(None) if data.mask is None else ~data.mask[0]
+    return data.keys[0][keep], data.values[0][keep], data
 
 
 def exact_statements() -> list[Statement]:
@@ -164,38 +190,55 @@ def layer_tensors(model: torch.nn.Module, x: Tensor, mask: Tensor | None
 
 
 def real_data_statements(model: torch.nn.Module, x: Tensor, mask: Tensor | None, source: str):
-    """Per layer: fused attention == its SVR expansion, and the smallest feasible C."""
+    """Per layer: fused attention == its SVR expansion (on each head's own training set: pooled
+    on the layer's grid, normalised, causal prefixes for a decoder), and the smallest feasible C
+    of each head's training pairs."""
     model = model.double().eval()
     rows, box = [], []
-    layers = layer_tensors(model, x.double(), mask)
+    layers = layer_tensors(model, x.double() if x.is_floating_point() else x, mask)
     for index, (module, (q, k, v, padding)) in enumerate(layers):
         spec, config = module.spec, module.config
         fused = attention(q, k, v, config, key_padding_mask=padding)
-        expansion = expansion_output(q, k, v, kernel=spec.kernel, bn=spec.bn,
-                                     head_scales=config.head_scales, window=config.window, mask=padding)
+        expansion = expansion_output(q, k, v, kernel=spec.kernel, bn=spec.bn, head_scales=config.head_scales,
+                                     window=config.window, mask=padding, grid_size=config.grid_size,
+                                     num_prefix_tokens=config.num_prefix_tokens, eps=config.eps,
+                                     causal=config.causal)
         valid = None if padding is None else ~padding[:, None, :, None].expand_as(fused)
         rows.append(Statement(f"{source} layer {index + 1} ({spec.name}): fused == SVR expansion",
                               _max_error(fused, expansion, valid)))
-        c_values = []
-        for h in range(q.shape[1]):
-            keep = slice(None) if padding is None else ~padding[0]
-            c_values.append(smallest_feasible_c(k[0, h][keep], v[0, h][keep], spec.kernel))
+        c_values = [smallest_feasible_c(*head_training_set(module, k, v, padding, h)[:2], spec.kernel)
+                    for h in range(q.shape[1])]
         box.append((index + 1, spec.name, min(c_values), max(c_values)))
     return rows, box, layers
 
 
-def svr_fit_rows(q: Tensor, k: Tensor, v: Tensor, kernel: str) -> list[tuple[float, float, float, float]]:
-    """Fitted epsilon-SVRs on one head: (C, epsilon, mean #SV, relative error vs attention)."""
-    target = attention(q[None, None], k[None, None], v[None, None], kernel=kernel)[0, 0]
-    c_min = smallest_feasible_c(k, v, kernel)
-    spread = float(v.std())
+def svr_fit_rows(queries: Tensor, keys: Tensor, values: Tensor, target: Tensor,
+                 kernel: str) -> list[tuple[float, float, float, float]]:
+    """Fitted epsilon-SVRs on one head's training pairs: (C, epsilon, mean #SV, relative error
+    of the prediction at the (normalised) queries against the head's attention output)."""
+    c_min = smallest_feasible_c(keys, values, kernel)
+    spread = float(values.std())
     rows = []
     for c_factor in (0.01, 1.0, 100.0):
         for eps_factor in (0.0, 0.1, 0.5):
-            fit = fit_svr(k, v, kernel, C=c_min * c_factor, epsilon=spread * eps_factor)
-            error = float((fit.predict(q) - target).norm() / target.norm())
+            fit = fit_svr(keys, values, kernel, C=c_min * c_factor, epsilon=spread * eps_factor)
+            error = float((fit.predict(queries) - target).norm() / target.norm())
             rows.append((c_min * c_factor, spread * eps_factor, fit.num_support_vectors, error))
     return rows
+
+
+def first_head_fit(module: MultiHeadAttention, q: Tensor, k: Tensor, v: Tensor, padding: Tensor | None
+                   ) -> tuple[list[tuple[float, float, float, float]], int]:
+    """:func:`svr_fit_rows` for head 1 of the first series (its valid queries against its own
+    training pairs), and the number of those pairs."""
+    keys, values, data = head_training_set(module, k, v, padding, head=0)
+    queries = q[0, 0] if data.shift is None else (q[0, 0] - data.shift[0]) / data.scale[0]
+    target = attention(q, k, v, module.config, key_padding_mask=padding)[0, 0]
+    if padding is not None:
+        queries, target = queries[~padding[0]], target[~padding[0]]
+    if module.config.causal:  # a fitted regression sees every key: compare the last query only
+        queries, target = queries[-1:], target[-1:]
+    return svr_fit_rows(queries, keys, values, target, module.spec.kernel), keys.shape[0]
 
 
 def default_model_and_batch(checkpoint: str | None, data_dir: str | None):
@@ -237,9 +280,8 @@ def run_verify(checkpoint: str | None = None, data_dir: str | None = None,
     statements += real_rows
     features = random_feature_errors()
     slope = float(np.polyfit(np.log([m for m, _ in features]), np.log([e for _, e in features]), 1)[0])
-    _, (q, k, v, padding) = layers[0]
-    keep = slice(None) if padding is None else ~padding[0]
-    svr_rows = svr_fit_rows(q[0, 0][keep], k[0, 0][keep], v[0, 0][keep], layers[0][0].spec.kernel)
+    first, (q, k, v, padding) = layers[0]
+    svr_rows, num_pairs = first_head_fit(first, q, k, v, padding)
     _plot_random_features(features, slope, out_dir / "softmax_random_features.png")
 
     lines = ["# `pda verify`: the primal-dual statements, measured", "",
@@ -255,16 +297,17 @@ def run_verify(checkpoint: str | None = None, data_dir: str | None = None,
     lines += ["", f"Fitted log-log slope: {slope:.2f} (Monte-Carlo rate: -0.5). "
               "![random features](softmax_random_features.png)", "",
               "## Box constraints: smallest C making the attention coefficients h(k_j)v_j feasible", "",
+              "On each head's own training pairs (SH-pooled, BN-normalised), first series.", "",
               "| layer | variant | min over heads | max over heads |", "|---|---|---|---|"]
     lines += [f"| {layer} | {name} | {lo:.3g} | {hi:.3g} |" for layer, name, lo, hi in box]
     lines += ["", "## A fitted ε-SVR (scikit-learn, precomputed normalised kernel) on layer 1, head 1,"
               " first series", "",
-              "Relative error of its prediction at the queries against the attention output; "
-              "C is 0.01, 1 and 100 times this head's smallest feasible C; ε is 0, 0.1 and 0.5 "
-              "times std(v).", "",
+              "Fitted on the head's own training pairs (SH-pooled, BN-normalised as its variant "
+              "does); relative error of its prediction at the (normalised) queries against the "
+              "head's attention output; C is 0.01, 1 and 100 times the smallest feasible C of those "
+              "pairs; ε is 0, 0.1 and 0.5 times std(v).", "",
               "| C | ε | mean #support vectors | relative error vs attention |", "|---|---|---|---|"]
-    lines += [f"| {c:.3g} | {e:.3g} | {n:.1f} of {int(k[0, 0][keep].shape[0])} | {err:.3f} |"
-              for c, e, n, err in svr_rows]
+    lines += [f"| {c:.3g} | {e:.3g} | {n:.1f} of {num_pairs} | {err:.3f} |" for c, e, n, err in svr_rows]
     ok = all(s.passed for s in statements)
     lines += ["", f"All exact statements hold: {'yes' if ok else 'NO'}. "
               f"Run time {time.perf_counter() - start:.1f} s."]
