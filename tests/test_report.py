@@ -130,3 +130,13 @@ def test_sweep_report_pairs_seeds_by_number_and_labels_modes(tmp_path):
     text = "\n".join(_dataset_section(tmp_path, "X", rows, costs))
     assert "`bn` − `softmax`: -5.00 points (the 2 seeds both ran); higher on 0 of 2 seeds" in text
     assert "100 (cpu fp32, batch 4, eager), 300 (cpu fp32, batch 4, compile)" in text
+
+
+def test_framework_summary_counts_failing_statements_too(tmp_path):
+    from primal_dual_attention.analysis.report import _framework_section
+
+    (tmp_path / "verify").mkdir()
+    (tmp_path / "verify" / "verify.md").write_text(
+        "| statement | max error | holds |\n|---|---|---|\n| a | 1e-16 | yes |\n| b | 0.5 | **NO** |\n"
+        "All exact statements hold: NO.\n")
+    assert "2 exact statements checked in float64; all hold: NO" in "\n".join(_framework_section(tmp_path))
