@@ -165,9 +165,11 @@ def build_imagenet_task(cfg: TrainConfig) -> Task:
         "attention": cfg.attention()}
     model = timm.create_model(name, num_classes=len(train.classes), img_size=cfg.img_size,
                               drop_path_rate=cfg.drop_path, drop_rate=cfg.dropout, **extra)
+    selection = ("no validation split: the last epoch is kept" if cfg.protocol == "clean"
+                 else "the epoch chosen on the val folder")
     return Task(model=model, train=train, test=val, val=None,
                 description=f"ImageFolder {cfg.data_dir}: {len(train)} train / {len(val)} val images, "
-                            f"{len(train.classes)} classes, {name}")
+                            f"{len(train.classes)} classes, {name}; {selection}")
 
 
 LM_DEFAULT_LENGTH = 256
