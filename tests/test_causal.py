@@ -7,7 +7,7 @@ import torch
 from reference import reference_attention
 
 from primal_dual_attention import VARIANTS, AttentionConfig, MultiHeadAttention, attention
-from primal_dual_attention.causal import DecodingCache, cache_bytes_per_token
+from primal_dual_attention.causal import DecodingCache, cache_bytes_per_token, decode
 
 DIM, HEADS, N = 16, 4, 11
 SCALES = (2, 1, 3, 2)  # unequal, non-contiguous groups, a scale that does not divide N
@@ -206,3 +206,32 @@ def test_causal_options_refuse_grids_and_prefixes_one_message_each():
         AttentionConfig(causal=True, grid_size=(2, 2))
     with pytest.raises(ValueError, match="takes no unpooled prefix; got num_prefix_tokens=9"):
         AttentionConfig(causal=True, num_prefix_tokens=9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_decoding_state_keeps_absorbing_tokens_in_half_precision(dtype):
+    """After a 500-token prompt a token's Phi(k) is below half a float16/bfloat16 step of the
+    running sums: they are kept in float32, so the decoded output stays the full pass's."""
+    layer_options = AttentionConfig(variant="linear", causal=True)
+    n, prompt = 600, 500
+    q = torch.zeros(1, 1, n, 4, dtype=dtype)
+    k = torch.zeros(1, 1, n, 4, dtype=dtype)
+    v = torch.zeros(1, 1, n, 1, dtype=dtype)
+    v[:, :, prompt:] = 1.0  # the decoded tokens carry the value: the true last output is 100 / 600
+    cache = DecodingCache()
+    decode(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], layer_options, cache)
+    for t in range(prompt, n):
+        out = decode(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], layer_options, cache)
+    assert out.dtype == dtype
+    assert float(out[0, 0, 0, 0]) == pytest.approx(100 / 600, abs=2e-3)
+
+
+def test_float16_decoding_scales_before_the_dot_product():
+    """|q||k| above float16's range: the full pass is finite, so is each decoding step."""
+    q = k = v = torch.full((1, 1, 3, 64), 33.0, dtype=torch.float16)
+    options = AttentionConfig(causal=True)
+    cache = DecodingCache()
+    decode(q[:, :, :2], k[:, :, :2], v[:, :, :2], options, cache)
+    out = decode(q[:, :, 2:], k[:, :, 2:], v[:, :, 2:], options, cache)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), attention(q, k, v, options)[:, :, 2:].float())

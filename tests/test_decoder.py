@@ -65,3 +65,19 @@ def test_generate_refuses_bad_sampling_options(options, message):
     arguments = {"max_new_tokens": 3, **options}
     with pytest.raises(ValueError, match=message):
         model("softmax").generate(torch.randint(0, 40, (1, 2)), arguments.pop("max_new_tokens"), **arguments)
+
+
+def test_generation_counts_positions_of_valid_tokens_only():
+    """Twelve padding tokens take no position: 3 valid tokens and 8 new ones fit max_len 16,
+    although the padded sequence is longer; the training subclass generates too."""
+    from primal_dual_attention.models.decoder import NextTokenLM
+
+    lm = DecoderLM(40, 16, dim=16, depth=1, num_heads=4, mlp_dim=32, attention="softmax").eval()
+    prompt = torch.randint(1, 40, (1, 15))
+    pad = torch.tensor([[True] * 12 + [False] * 3])
+    out = lm.generate(prompt, 8, key_padding_mask=pad, temperature=0)
+    assert torch.equal(out[:, 12:], lm.generate(prompt[:, 12:], 8, temperature=0))
+    trainer = NextTokenLM(40, 16, dim=16, depth=1, num_heads=4, mlp_dim=32, attention="softmax").eval()
+    assert trainer.generate(prompt[:, 12:], 2, temperature=0).shape == (1, 5)
+    with pytest.raises(ValueError, match="exceeds max_len=16"):
+        lm.generate(prompt[:, 12:], 15, temperature=0)  # the 14 fed back reach position 16

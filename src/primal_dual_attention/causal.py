@@ -294,11 +294,12 @@ def _dual_weights(
             q = _fold_queries(q, *moments, options.eps)
             shift = shift.to(keys.dtype)
             keys, partial_keys = keys - shift, partial_keys - shift
+        q = q * q.shape[-1] ** -0.5  # scaled first: raw float16 dot products overflow sooner
         logits = torch.cat([q @ keys.transpose(-2, -1), (q * partial_keys).sum(-1, keepdim=True)], -1)
         visible = torch.cat([visible.expand(*logits.shape[:-1], -1),
                              partial_visible.expand(*logits.shape[:-1], 1)], -1)
         has_key = visible.any(dim=-1, keepdim=True)
-        logits = (logits * q.shape[-1] ** -0.5).masked_fill(~visible, float("-inf"))
+        logits = logits.masked_fill(~visible, float("-inf"))
         stat = torch.promote_types(logits.dtype, torch.float32)
         weights = torch.softmax(logits.masked_fill(~has_key, 0.0), dim=-1, dtype=stat)
         return (weights * has_key).to(q.dtype)
@@ -529,8 +530,9 @@ def _close(
                               total + centred.sum(2, keepdim=True),
                               squares + centred.square().sum(2, keepdim=True))
     elif options.kernel == "linear" and options.window is None:
-        phi = elu_feature_map(keys) * weights
-        updates.update(primal=state.primal + phi.transpose(-2, -1) @ values,
+        stat = state.primal.dtype
+        phi = elu_feature_map(keys).to(stat) * weights.to(stat)
+        updates.update(primal=state.primal + phi.transpose(-2, -1) @ values.to(stat),
                        normaliser=state.normaliser + phi.sum(2, keepdim=True))
     return replace(state, **updates)
 
@@ -550,9 +552,10 @@ def _empty_state(k: Tensor, v: Tensor, options: AttentionOptions) -> GroupState:
         state = replace(state, moments=(k.new_zeros(batch, 1, 1, 1, dtype=stat),
                                         k.new_zeros(batch, heads, 1, dim, dtype=stat),
                                         k.new_zeros(batch, heads, 1, dim, dtype=stat)))
-    elif options.kernel == "linear" and options.window is None:
-        state = replace(state, primal=k.new_zeros(batch, heads, dim, v.shape[-1]),
-                        normaliser=k.new_zeros(batch, heads, 1, dim))
+    elif options.kernel == "linear" and options.window is None:  # running sums in at least float32:
+        # in float16 / bfloat16 a token's Phi(k) rounds away once the sums are large
+        state = replace(state, primal=k.new_zeros(batch, heads, dim, v.shape[-1], dtype=stat),
+                        normaliser=k.new_zeros(batch, heads, 1, dim, dtype=stat))
     return state
 
 
@@ -581,9 +584,10 @@ def _step(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, state: GroupState, sca
     partial_keys, partial_values = state.open_keys / count, state.open_values / count
     partial_visible = state.open_count > 0
     if state.primal is not None:
-        phi_q = query_feature_map(q)
+        stat = state.primal.dtype
+        phi_q = query_feature_map(q).to(stat)
         out = _linear_primal(phi_q, phi_q @ state.primal, (phi_q * state.normaliser).sum(-1, keepdim=True),
-                             partial_keys, partial_values, partial_visible)
+                             partial_keys.to(stat), partial_values.to(stat), partial_visible).to(q.dtype)
     else:
         moments = None
         if options.bn:

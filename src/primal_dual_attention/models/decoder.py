@@ -57,19 +57,27 @@ class DecoderLM(nn.Module):
         """``tokens`` ``(B, N)``; with ``caches`` (one per block) they follow the tokens the caches
         hold. A token's position counts the valid tokens before it, so a left-padded prompt has
         the positions (and the logits) of the prompt alone."""
+        return self.logits(tokens, key_padding_mask, caches)
+
+    def logits(self, tokens: Tensor, key_padding_mask: Tensor | None = None,
+               caches: list[DecodingCache] | None = None) -> Tensor:
+        """``(B, N, vocab)`` next-token logits (:meth:`forward`'s, whatever a subclass returns)."""
         start = 0 if caches is None else caches[0].length
-        if start + tokens.shape[1] > self.max_len:
-            raise ValueError(f"positions {start}..{start + tokens.shape[1] - 1} exceed "
-                             f"max_len={self.max_len}")
         before = None if caches is None else caches[0].valid_tokens
         if key_padding_mask is None and (before is None or start == 0):
+            if start + tokens.shape[1] > self.max_len:
+                raise ValueError(f"positions {start}..{start + tokens.shape[1] - 1} exceed "
+                                 f"max_len={self.max_len}")
             positions = self.pos_embed[:, start : start + tokens.shape[1]]
         else:
             order = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
             if key_padding_mask is not None:
                 valid = (~key_padding_mask).long()
                 order = valid.cumsum(1) - valid
-            positions = self.pos_embed[0, order + (0 if before is None else before[:, None])]
+            order = order + (0 if before is None else before[:, None])
+            if order.numel() and (last := int(order.max())) >= self.max_len:  # padding takes no position
+                raise ValueError(f"position {last} exceeds max_len={self.max_len}")
+            positions = self.pos_embed[0, order]
         x = self.drop(self.embed(tokens) + positions)
         for index, block in enumerate(self.blocks):
             x = block(x, key_padding_mask, None if caches is None else caches[index])
@@ -91,7 +99,7 @@ class DecoderLM(nn.Module):
         was_training = self.training
         self.eval()
         caches = [DecodingCache() for _ in self.blocks]
-        logits = self(prompt, key_padding_mask, caches)[:, -1]
+        logits = self.logits(prompt, key_padding_mask, caches)[:, -1]
         tokens = [prompt]
         for step in range(max_new_tokens):
             if temperature == 0:
@@ -104,7 +112,7 @@ class DecoderLM(nn.Module):
                 token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             tokens.append(token)
             if step + 1 < max_new_tokens:
-                logits = self(token, None, caches)[:, -1]
+                logits = self.logits(token, None, caches)[:, -1]
         self.train(was_training)
         return torch.cat(tokens, dim=1)
 
