@@ -93,3 +93,12 @@ def test_report_from_copied_runs(tmp_path):
     assert (out / "val_bpb.png").is_file()
     assert "recorded with the runs: not recorded." in text  # never the machine writing the report
     assert write_report(out).read_text() == text  # the report is a function of its files
+
+
+def test_a_text_file_run_is_named_after_the_file(tmp_path):
+    """``pda train --task lm --data-file story.txt`` runs in ``lm/story/...``, not under the
+    default dataset's name."""
+    from primal_dual_attention.cli import build_parser, resolve_config
+
+    args = build_parser().parse_args(["train", "--task", "lm", "--data-file", str(tmp_path / "story.txt")])
+    assert resolve_config(args).dataset == "story"

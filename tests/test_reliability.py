@@ -25,6 +25,10 @@ def test_clean_is_the_default_protocol_of_train_and_demo():
     demo = build_parser().parse_args(["demo"])
     assert demo.protocol == "clean"
     assert "default protocol is `clean`" in README.read_text()
+    from primal_dual_attention.cli import protocol_note
+
+    assert protocol_note("clean", range(54)).startswith("54 held-out validation samples choose the epoch")
+    assert protocol_note("clean", None).startswith("no validation split: the last epoch is kept")
 
 
 def _one_epoch(tmp_path: Path, **options) -> TrainConfig:

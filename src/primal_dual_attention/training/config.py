@@ -176,6 +176,8 @@ class TrainConfig:
                              f"got {buckets}")
         check_device_name(self.device)
         self.task, self.dataset = canonical_task(self.task, self.dataset)
+        if self.task == "lm" and self.data_file is not None and self.dataset == TrainConfig.dataset:
+            self.dataset = Path(self.data_file).stem  # the run folder names the text, not the UEA default
         from primal_dual_attention.training.tasks import check_task
 
         try:

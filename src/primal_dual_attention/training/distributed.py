@@ -90,3 +90,10 @@ def init(device: str = "auto") -> Context:
             torch.cuda.set_device(resolved)
         dist.init_process_group(backend=backend)
     return Context(dist.get_rank(), dist.get_world_size(), resolved)
+
+
+def shutdown() -> None:
+    """Leave the process group, if one was joined: torch asks for it before exit (a rank that
+    tears gloo down at interpreter exit instead was seen to abort after a finished run)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
