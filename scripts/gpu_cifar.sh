@@ -16,6 +16,7 @@ DEVICE=${DEVICE:-cuda}
 WORKERS=${WORKERS:-12}
 PRECISION=${PRECISION:-bf16}
 PDA=(python3 -m primal_dual_attention.cli)
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"  # the device has the source tree, not the package
 start=$(date +%s)
 mkdir -p "$RESULTS"
 

@@ -13,7 +13,14 @@
 # OUT/gpu_pending.tar.gz, beside copies of test_flex.txt, probe_buckets.md, speed_grouped.md,
 # speed_flex.md and lra_summary.md (the device tool brings back at most 8 files).
 # Data: DATA as for gpu_speed.sh (scripts/make_bench_data.py) and the CIFAR-10 zip for Image
-# (CIFAR_ZIP or shared/data/... in the checkout, see gpu_lra.sh).
+# (CIFAR_ZIP or shared/data/... in the checkout, see gpu_lra.sh; without it Image is skipped).
+# The device takes only the checkout (64 MiB in all), so copy the zip into the ignored .bench_data
+# first, `mkdir -p .bench_data/cifar10_full && cp ../shared/data/cifar10/CIFAR-10-images/CIFAR-10-images.zip
+# .bench_data/cifar10_full/` (50 MiB; with the tracked tree ~60 MiB: carry nothing else), then
+#   run(command="OUT=$OUT CIFAR_ZIP=.bench_data/cifar10_full/CIFAR-10-images.zip scripts/gpu_pending.sh",
+#       carry=[".bench_data/cifar10", ".bench_data/imagefolder", ".bench_data/cifar10_full"], timeout_s=600)
+# OUT must be the device's $OUT (the default stays on the device). The fixed steps take ~570 s of
+# the 15 device minutes: plan on one try (ONLY=vit_cifar_b256 or fewer PROBE_VARIANTS for less).
 # Usage: [OUT=folder] [DATA=.bench_data] [TOTAL=570] [PYTHON=python3] scripts/gpu_pending.sh
 # CPU smoke test (no timing meaning): DEVICE=cpu PRECISION=fp32 ONLY=vit_cifar_b8 MODES=eager
 #   REPEATS=1 PROBE_STEPS=1 PROBE_WARMUP=0 PROBE_VARIANTS=linear TOTAL=100 OUT=/tmp/gp WORK=/tmp/gp_work
@@ -56,7 +63,8 @@ echo "flex speed table done at $(( $(date +%s) - start )) s"
 
 limit=$(( $(left) - 30 ))  # time to pack the files
 if (( limit > 150 )); then
-    OUT="$WORK/lra" TASKS="listops image" TIME_LIMIT="$limit" PYTHON="$PYTHON" scripts/gpu_lra.sh > /dev/null 2>&1
+    OUT="$WORK/lra" TASKS="listops image" TIME_LIMIT="$limit" PYTHON="$PYTHON" \
+        timeout $(( limit + 20 )) scripts/gpu_lra.sh > "$WORK/gpu_lra_log.txt" 2>&1
 fi
 cp "$WORK/lra/summary.md" "$OUT/lra_summary.md" 2> /dev/null
 tar -czf "$OUT/gpu_pending.tar.gz" --exclude="*.pt" -C "$WORK" . 2> /dev/null
