@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 from test_uea import toy_dataset, write_ts
 
 from primal_dual_attention.cli import build_parser, main, resolve_config
@@ -303,3 +304,14 @@ def test_report_never_replaces_a_readme_it_did_not_write(tmp_path, capsys):
     results.mkdir()
     assert main(["report", "--results", str(results)]) == 0  # a new results folder is fine
     assert main(["report", "--results", str(results)]) == 0  # and its own README is replaced
+
+
+def test_a_tuple_option_is_the_same_run_as_its_saved_list(tmp_path):
+    """``head_scales=(1, 2)`` from Python is saved as the YAML list ``[1, 2]``: resuming is the
+    same run, not one with other options."""
+    from primal_dual_attention.training.engine import changed_options
+
+    cfg = replace(TrainConfig(), variant="sh", heads=2, head_scales=(1, 2)).validate()
+    saved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    assert changed_options(saved, cfg) == ""
+    assert changed_options(saved, replace(cfg, head_scales=(2, 1))) == "head_scales: [1, 2] -> [2, 1]"

@@ -430,9 +430,18 @@ RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.csv", "summary.json")
 def changed_options(saved: dict[str, Any], cfg: TrainConfig) -> str:
     """The options that change the result and differ from a saved run's, as ``name: old -> new``
     ('' for the same run: only running options such as threads may differ)."""
-    current = cfg.to_dict()
+    current = {k: _plain(v) for k, v in cfg.to_dict().items()}  # as config.yaml holds them
     changed = sorted(k for k in current if k not in RUNNING_OPTIONS and k in saved and saved[k] != current[k])
     return ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with tuples as lists (YAML gives lists back: ``head_scales=(1, 2)`` is ``[1, 2]``)."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
 
 
 def _saved_run(folder: Path) -> dict[str, Any] | None:
