@@ -16,7 +16,8 @@
 # (CIFAR_ZIP or shared/data/... in the checkout, see gpu_lra.sh; without it Image is skipped).
 # The device takes only the checkout (64 MiB in all), so copy the zip into the ignored .bench_data
 # first, `mkdir -p .bench_data/cifar10_full && cp ../shared/data/cifar10/CIFAR-10-images/CIFAR-10-images.zip
-# .bench_data/cifar10_full/` (50 MiB; with the tracked tree ~60 MiB: carry nothing else), then
+# .bench_data/cifar10_full/` (50 MiB; with the tracked tree and the two bench folders ~62 MiB:
+# carry nothing more), then
 #   run(command="OUT=$OUT CIFAR_ZIP=.bench_data/cifar10_full/CIFAR-10-images.zip scripts/gpu_pending.sh",
 #       carry=[".bench_data/cifar10", ".bench_data/imagefolder", ".bench_data/cifar10_full"], timeout_s=600)
 # OUT must be the device's $OUT (the default stays on the device). The fixed steps take ~570 s of

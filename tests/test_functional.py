@@ -405,6 +405,10 @@ def test_an_sh_config_takes_its_default_scales_in_the_functional_call():
 
 @pytest.mark.parametrize("value", [None, "0.1", 1.0, True])
 def test_dropout_must_be_a_probability(value):
+    """Bad values are named; numbers of any real type (numpy's too) are fine."""
+    import numpy as np
+
+    attention(*qkv(), dropout_p=np.float32(0.0))
     from primal_dual_attention import MultiHeadAttention
 
     q, k, v = qkv()

@@ -179,5 +179,7 @@ def test_vit_at_another_image_size():
     model.set_attn_implementation("pda_sh")
     with pytest.raises(ValueError, match="pda_num_prefix_tokens"):
         model(pixel_values=images, interpolate_pos_encoding=True)
+    with pytest.raises(ValueError, match="pda_num_prefix_tokens"):  # 5x5 patches: 10 tokens more, not 4x4
+        model(pixel_values=torch.randn(1, 3, 20, 20), interpolate_pos_encoding=True)
     model.config.pda_num_prefix_tokens = 1
     assert model(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state.shape == (1, 65, 32)

@@ -149,7 +149,8 @@ class _Layer(torch.nn.Module):
     dict(variant="bn_sh", grid_size=(4, 4), num_prefix_tokens=1),
     dict(variant="bn_sh", causal=True),
     dict(variant="linear_bn", causal=True),
-], ids=["sh-grid", "bn_sh-grid", "bn_sh-causal", "linear_bn-causal"])
+    dict(variant="sparse", window=2, causal=True),
+], ids=["sh-grid", "bn_sh-grid", "bn_sh-causal", "linear_bn-causal", "sparse-causal"])
 def test_verify_expands_grids_prefixes_and_causal_layers(config):
     """``pda verify`` on real layers: the expansion pools on the layer's grid, keeps its prefix
     tokens and takes causal prefixes, so it matches the fused layer (it reported errors of ~1)."""

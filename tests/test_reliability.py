@@ -314,4 +314,5 @@ def test_a_tuple_option_is_the_same_run_as_its_saved_list(tmp_path):
     cfg = replace(TrainConfig(), variant="sh", heads=2, head_scales=(1, 2)).validate()
     saved = yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     assert changed_options(saved, cfg) == ""
+    assert changed_options(cfg.to_dict(), cfg) == ""  # last.pt's config keeps the tuple
     assert changed_options(saved, replace(cfg, head_scales=(2, 1))) == "head_scales: [1, 2] -> [2, 1]"

@@ -67,6 +67,11 @@ def test_a_sweep_writes_its_own_folder_and_merges_only_when_asked(tmp_path, monk
     assert "this sweep plans no run" in err
     err = one_line_error(capsys, _sweep(data, "--dataset-epochs", "Tooy=3"))
     assert "--dataset-epochs names ['Tooy'], which this sweep does not run" in err
+    from primal_dual_attention.training.sweep import plan_runs
+
+    (run,) = plan_runs("lra", "lra-listops", ["lra-listops"], protocols=("clean",), seeds=(0,),
+                       variants=("softmax",), epochs=2, epochs_per_dataset={"listops": 5})
+    assert run[1].epochs == 5  # the task's own name for its dataset counts too
     err = one_line_error(capsys, [*_sweep(data), "--set", "dim=16"])
     assert "its finished runs were made with other options (Toy softmax seed 0: dim: 8 -> 16)" in err
     assert (own / "sweep_commands.txt").read_text() == recorded

@@ -309,7 +309,9 @@ def _sweep(args: argparse.Namespace) -> int:
     if not runs:
         raise ValueError("this sweep plans no run (the extended table runs the clean protocol only; "
                          "check --table, --protocols and --datasets)")
-    unplanned = sorted(set(common["epochs_per_dataset"]) - {cfg.dataset for _, cfg in runs})
+    named = {cfg.dataset for _, cfg in runs} | set(args.datasets or SWEEP_DEFAULT_DATASETS.get(args.task, ()))
+    named |= {args.task} if args.task != "uea" else set()  # lra-listops names its dataset
+    unplanned = sorted(set(common["epochs_per_dataset"]) - named)
     if unplanned:
         raise ValueError(f"--dataset-epochs names {unplanned}, which this sweep does not run")
     run_sweep(runs, out, workers=args.workers, threads_per_worker=args.threads)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
@@ -55,7 +56,7 @@ def check_positive_int(name: str, value: object, *, allow_zero: bool = False) ->
 
 def check_probability(name: str, value: object) -> float:
     """``value`` as a dropout probability in [0, 1), or an error naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value < 1.0:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
     return float(value)
 

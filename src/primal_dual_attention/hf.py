@@ -125,8 +125,8 @@ def _grid(config: object, num_tokens: int) -> tuple[tuple[int, int], int] | None
     the tokens before the patch grid (class, distillation, register tokens) are
     ``config.pda_num_prefix_tokens`` where set, else those the config's grid leaves over. An input
     of another size than the config's (``interpolate_pos_encoding``) needs the setting, and then
-    a square grid; without it a grid that leaves as many tokens as it holds is an error, as it
-    would pool the wrong tokens."""
+    a square grid; without it, leftover tokens that are not fewer than a row of patches are an
+    error (the input's size differs), as pooling them would pool the wrong tokens."""
     image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
     if image is None or patch is None:
         return None
@@ -134,9 +134,9 @@ def _grid(config: object, num_tokens: int) -> tuple[tuple[int, int], int] | None
     patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     grid = (image[0] // patch[0], image[1] // patch[1])
     prefix = getattr(config, "pda_num_prefix_tokens", None)
-    if prefix is None:
-        prefix = num_tokens - grid[0] * grid[1]
-        if not 0 <= prefix < grid[0] * grid[1]:
+    if prefix is None:  # another input size adds or removes at least a row or column of patches,
+        prefix = num_tokens - grid[0] * grid[1]  # more than the few class/register tokens
+        if not 0 <= prefix < min(grid):
             raise ValueError(
                 f"the attention received {num_tokens} tokens, which the {grid[0]}x{grid[1]} patch grid of "
                 f"image_size {image} and patch_size {patch} does not fit (the input's size differs from the "

@@ -67,12 +67,13 @@ def expansion_output(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, bn: bool,
     """Each head's SVR expansion on its own training set (pooled / normalised), head by head.
     ``causal``: query i's expansion on the training set of the prefix 1..i (SPEC.md §2 "Causal"),
     one query at a time."""
-    if causal:
-        offset = k.shape[2] - q.shape[2]  # the queries are the last positions
-        rows = [expansion_output(q[:, :, i : i + 1], k[:, :, : offset + i + 1], v[:, :, : offset + i + 1],
-                                 kernel=kernel, bn=bn, head_scales=head_scales, window=window,
-                                 mask=None if mask is None else mask[:, : offset + i + 1], eps=eps)
-                for i in range(q.shape[2])]
+    if causal:  # query i: the last query of the non-causal expansion over the prefix 1..i
+        offset = k.shape[2] - q.shape[2]  # the queries are the last positions; earlier ones unused
+        q = torch.cat([q.new_zeros(*q.shape[:2], offset, q.shape[3]), q], dim=2)
+        rows = [expansion_output(q[:, :, :end], k[:, :, :end], v[:, :, :end], kernel=kernel, bn=bn,
+                                 head_scales=head_scales, window=window,
+                                 mask=None if mask is None else mask[:, :end], eps=eps)[:, :, -1:]
+                for end in range(offset + 1, k.shape[2] + 1)]
         return torch.cat(rows, dim=2)
     heads = []
     for h in range(q.shape[1]):

@@ -430,7 +430,8 @@ RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.csv", "summary.json")
 def changed_options(saved: dict[str, Any], cfg: TrainConfig) -> str:
     """The options that change the result and differ from a saved run's, as ``name: old -> new``
     ('' for the same run: only running options such as threads may differ)."""
-    current = {k: _plain(v) for k, v in cfg.to_dict().items()}  # as config.yaml holds them
+    # tuples as lists on both sides: config.yaml gives lists back, last.pt's config keeps tuples
+    current, saved = _plain(cfg.to_dict()), _plain(saved)
     changed = sorted(k for k in current if k not in RUNNING_OPTIONS and k in saved and saved[k] != current[k])
     return ", ".join(f"{k}: {saved[k]!r} -> {current[k]!r}" for k in changed)
 

@@ -28,6 +28,7 @@ from primal_dual_attention.data.uea import PAPER_DATASETS, available_datasets
 from primal_dual_attention.training.config import (
     TrainConfig,
     bundled_config,
+    canonical_task,
     config_from_mapping,
 )
 from primal_dual_attention.utils import machine_description
@@ -80,7 +81,8 @@ def plan_runs(
         base = bundled_config(task, dataset, base)
         if overrides:
             base = config_from_mapping(overrides, "sweep --set", base)
-        budget = (epochs_per_dataset or {}).get(dataset, epochs)
+        per_dataset = epochs_per_dataset or {}  # by the name given or the task's own (lra-listops: listops)
+        budget = per_dataset.get(dataset, per_dataset.get(canonical_task(task, dataset)[1], epochs))
         if budget is not None:
             base = replace(base, epochs=budget)
         for protocol in protocols:
