@@ -50,9 +50,8 @@ def _padding_mask(
     ``and``/``or`` masks) is an error: the attention has no such pattern (SPEC.md §2)."""
     from transformers import masking_utils
 
-    padding = None if attention_mask is None else attention_mask.to(torch.bool)
-    if padding is not None and (missing := kv_offset + kv_length - padding.shape[-1]) > 0:
-        padding = torch.nn.functional.pad(padding, (0, missing), value=False)
+    padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)  # padded with 0
+    padding = None if padding is None else padding.to(torch.bool)
     if mask_function is masking_utils.causal_mask_function:  # the common cases, without a 4-D mask
         written = max(0, min(kv_length, q_offset + q_length - kv_offset))  # keys up to the last query
         keep = None if padding is None else padding[:, kv_offset : kv_offset + written]
