@@ -120,8 +120,11 @@ job() {  # one queue entry suite:variants:seeds: the sweep, then (once per suite
         retry $PDA sweep "${options[@]}" --variants "$variant" --seeds "$seeds" || echo "$suite:$variant:$seeds failed"
     done
     local marker="$runs/.bench_$suite"
-    {  # once per suite, whichever lane comes first (the marker is checked under the lock)
+    {  # once per suite, whichever lane comes first (the marker is checked under the lock); a
+       # results folder whose committed cost.csv already holds the dataset counts as measured, so
+       # a fresh checkout (no ignored markers) does not measure it again
         flock 9
+        grep -qs "^lra,$dataset," "$results/cost.csv" && touch "$marker"
         [[ -f $marker ]] || { bench "$dataset" "$precision" softmax,linear,bn,sh,bn_sh "$results" && touch "$marker"; }
     } 9> "$RUNS/.cost.lock"
 }
