@@ -235,3 +235,24 @@ def test_float16_decoding_scales_before_the_dot_product():
     out = decode(q[:, :, 2:], k[:, :, 2:], v[:, :, 2:], options, cache)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), attention(q, k, v, options)[:, :, 2:].float())
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_what_padded_keys_hold_changes_no_causal_output(variant):
+    """NaN and inf in padded keys and values (SPEC.md §2: padding is inert whatever it holds):
+    the causal pass and decoding through a cache give the outputs of zeros there."""
+    from primal_dual_attention.causal import causal_attention
+
+    options = config(variant, causal=True)
+    q, k, v = qkv()
+    mask = padding()
+    padded = mask[:, None, :, None]
+    bad_k, bad_v = k.masked_fill(padded, float("nan")), v.masked_fill(padded, float("inf"))
+    clean = causal_attention(q, k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0), options,
+                             key_padding_mask=mask)
+    torch.testing.assert_close(causal_attention(q, bad_k, bad_v, options, key_padding_mask=mask), clean)
+    cache = DecodingCache()
+    steps = [decode(q[..., :4, :], bad_k[..., :4, :], bad_v[..., :4, :], options, cache, mask[:, :4])]
+    steps += [decode(q[..., t:t + 1, :], bad_k[..., t:t + 1, :], bad_v[..., t:t + 1, :], options, cache,
+                     mask[:, t:t + 1]) for t in range(4, N)]
+    torch.testing.assert_close(torch.cat(steps, 2), clean)

@@ -143,3 +143,65 @@ def test_attention_options_reach_every_layer_and_the_command_line(tmp_path, caps
     assert layers and all(m.config.pack_heads and m.config.eps == 1e-3 for m in layers)
     assert main(["train", "--task", "lra-listops", "--attention-options", "{packheads: true}"]) == 2
     assert "unknown attention option(s) ['packheads']" in capsys.readouterr().err
+
+
+#: a valid value other than the default for every task-specific option (dim 256 keeps 8 heads whole)
+NON_DEFAULT = {"dim": 256, "depth": 2, "heads": 4, "mlp_dim": 64, "norm": "pre", "pooling": "mean",
+               "val_fraction": 0.3, "max_len": 64, "max_train_samples": 10, "data_file": "text.txt",
+               "model": "vit_tiny_patch16_224", "img_size": 32, "drop_path": 0.1, "auto_augment": "rand-m9",
+               "random_erase": 0.25, "mixup": 0.8, "cutmix": 1.0, "repeated_aug": 3, "num_workers": 0}
+TASK_DATASETS = {"uea": "JapaneseVowels", "image": "CIFAR10", "lra": "listops", "imagenet": "imagenet",
+                 "lm": "imdb"}
+
+
+def _task_option_cases():
+    from primal_dual_attention.training.tasks import TASK_READS, TASK_SPECIFIC_OPTIONS
+
+    for task, dataset in TASK_DATASETS.items():
+        reads = TASK_READS[task](TrainConfig(task=task, dataset=dataset))
+        for option in TASK_SPECIFIC_OPTIONS:
+            yield pytest.param(task, dataset, option, option in reads, id=f"{task}-{option}")
+
+
+def test_every_task_is_covered_and_every_option_has_a_value():
+    from primal_dual_attention.training.tasks import TASK_SPECIFIC_OPTIONS, TASKS
+
+    assert set(TASK_DATASETS) == set(TASKS)
+    assert set(NON_DEFAULT) == set(TASK_SPECIFIC_OPTIONS)
+    defaults = TrainConfig()
+    assert all(NON_DEFAULT[name] != getattr(defaults, name) for name in NON_DEFAULT)
+
+
+@pytest.mark.parametrize("task, dataset, option, read", list(_task_option_cases()))
+def test_a_task_refuses_the_options_it_would_ignore(task, dataset, option, read, tmp_path):
+    """Setting an option the task does not read (``--dim`` for the fixed CIFAR ViT,
+    ``--val-fraction`` for LRA's own splits) is an error before data loads, not a silent no-op."""
+    cfg = TrainConfig(task=task, dataset=dataset, data_dir=str(tmp_path / "none"),
+                      **{option: NON_DEFAULT[option]})
+    if read:
+        cfg.validate()
+    else:
+        with pytest.raises(ValueError, match=rf"task '{task}'.* does not use {option}=.*at the default"):
+            cfg.validate()
+
+
+def test_lra_options_follow_the_dataset(tmp_path):
+    from primal_dual_attention.data.lra import LOADERS
+    from primal_dual_attention.training.tasks import LRA_DATASET_READS
+
+    assert set(LRA_DATASET_READS) == set(LOADERS)
+    TrainConfig(task="lra-image", max_len=1024).validate()  # the bundled recipe repeats the fixed length
+    with pytest.raises(ValueError, match="max_len of LRA image is fixed at 1024 pixels, got 512"):
+        TrainConfig(task="lra-image", max_len=512).validate()
+    with pytest.raises(ValueError, match=r"on dataset 'image' does not use max_train_samples=10"):
+        TrainConfig(task="lra-image", max_train_samples=10).validate()
+    with pytest.raises(ValueError, match=r"LRA dataset must be one of \[.*'listops'.*\], got 'list-ops'"):
+        TrainConfig(task="lra", dataset="list-ops", data_dir=str(tmp_path)).validate()
+
+
+def test_a_variant_name_takes_the_fields_it_needs():
+    """``MultiHeadAttention(dim, heads, "sparse", window=2)``: the name and its window make one config."""
+    assert attention_config("sparse", window=2).window == 2
+    assert MultiHeadAttention(16, 4, "sparse", window=2).config.window == 2
+    with pytest.raises(TypeError, match=r"unknown attention option\(s\) \['windw'\]"):
+        attention_config("sparse", windw=2)

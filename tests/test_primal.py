@@ -17,12 +17,15 @@ from primal_dual_attention.functional import attention
 from primal_dual_attention.primal import (
     EluFeatureMap,
     PositiveRandomFeatures,
+    PrimalLayer,
     TaylorFeatures,
     dual_to_primal,
     fit_svr,
     kernel_matrix,
     smallest_feasible_c,
+    sparse_primal_weights,
     svr_expansion,
+    training_set,
 )
 
 STATEMENTS = exact_statements()
@@ -55,7 +58,7 @@ def test_taylor_features_converge_with_order():
     x, y = torch.randn(5, 3, dtype=torch.float64) * 0.5, torch.randn(5, 3, dtype=torch.float64) * 0.5
     exact = kernel_matrix(x, y, "softmax")
     errors = [(TaylorFeatures(3, p)(x) @ TaylorFeatures(3, p)(y).T - exact).abs().max().item()
-              for p in (1, 3, 6)]
+              for p in (0, 2, 6)]
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-4
 
 
@@ -114,6 +117,10 @@ def test_smallest_feasible_c_is_the_largest_attention_coefficient():
         (lambda k, v: fit_svr(k * float("nan"), v), "NaN or inf"),
         (lambda k, v: dual_to_primal(k, v, EluFeatureMap(), kernel="softmax"), "computes the 'linear'"),
         (lambda k, v: dual_to_primal(k, v, PositiveRandomFeatures(5, 8)), "built for D=5"),
+        (lambda k, v: dual_to_primal(k, v, EluFeatureMap(), bn=True, eps=0.0), "eps must be a finite"),
+        (lambda k, v: training_set(k, v, bn=True, eps=-1e-5), "eps must be a finite number > 0"),
+        (lambda k, v: sparse_primal_weights(k, v, EluFeatureMap(), window=-1), "window must be"),
+        (lambda k, v: TaylorFeatures(2, order=3), "order must be an even integer >= 0"),
     ],
 )
 def test_bad_input(call, match):
@@ -183,3 +190,16 @@ def test_svr_predicts_float32_queries():
     keys, values = torch.randn(8, 3), torch.randn(8, 2)
     prediction = fit_svr(keys, values, "softmax", C=1.0, epsilon=0.0).predict(keys)
     assert prediction.dtype == torch.float32 and prediction.shape == (8, 2)
+
+
+def test_svr_fit_takes_keys_that_carry_gradients():
+    """Keys straight out of a projection (requires_grad): fit and predict detach them."""
+    projection = torch.nn.Linear(3, 2)
+    keys = projection(torch.randn(6, 3))
+    fit = fit_svr(keys, torch.randn(6, 1), "softmax", C=1.0, epsilon=0.0)
+    assert fit.predict(keys).shape == (6, 1)
+
+
+def test_primal_layer_parameters_live_on_the_weight_device():
+    layer = PrimalLayer(EluFeatureMap(), torch.zeros(2, 3, device="meta"), torch.zeros(3, device="meta"))
+    assert layer.bias.device.type == "meta"

@@ -7,7 +7,12 @@ import math
 import torch
 
 from primal_dual_attention import MultiHeadAttention
-from primal_dual_attention.analysis.redundancy import capture_heads, js_divergence, redundancy
+from primal_dual_attention.analysis.redundancy import (
+    capture_heads,
+    js_divergence,
+    model_redundancy,
+    redundancy,
+)
 
 
 def test_identical_heads_have_zero_js_and_unit_cosine():
@@ -56,6 +61,29 @@ def test_capture_heads_spreads_pooled_maps_and_rows_sum_to_one():
     assert capture.maps.shape == (2, 4, 11, 11)
     torch.testing.assert_close(capture.maps.sum(-1), torch.ones(2, 4, 11))
     assert (capture.maps[1, :, :, 7:] == 0).all()
+
+
+def test_what_padded_tokens_hold_changes_no_metric():
+    """NaN at padded positions (as padded series may hold) leaves every metric as zeros there do:
+    the head outputs use the layer's zeroed values."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(8, 2, variant="sh").eval()
+    x = torch.randn(2, 6, 8)
+    mask = torch.arange(6)[None] >= torch.tensor([6, 3])[:, None]
+    zeros, nans = x.masked_fill(mask[..., None], 0.0), x.masked_fill(mask[..., None], float("nan"))
+    base = model_redundancy(layer, [(zeros, mask, None)])
+    assert model_redundancy(layer, [(nans, mask, None)]) == base and all(map(math.isfinite, base[0].values()))
+
+
+def test_an_all_padding_sample_does_not_count():
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(8, 2).eval()
+    x = torch.randn(2, 5, 8)
+    mask = torch.tensor([[False] * 5, [True] * 5])
+    alone = model_redundancy(layer, [(x[:1], mask[:1], None)])
+    with_empty = model_redundancy(layer, [(x, mask, None)])
+    for name, value in alone[0].items():
+        assert math.isclose(with_empty[0][name], value, rel_tol=1e-6), name
 
 
 def test_pda_heads_compares_checkpoints(tmp_path):

@@ -22,6 +22,7 @@ from primal_dual_attention.functional import (
     HeadGroup,
     check_head_scales,
     check_key_padding_mask,
+    check_option_names,
     check_positive_int,
     check_probability,
     default_head_scales,
@@ -150,9 +151,10 @@ class AttentionConfig(AttentionOptions):
 def attention_config(attention: AttentionConfig | str | None = None, **switches: object) -> AttentionConfig:
     """An :class:`AttentionConfig` from a config, a variant name or nothing (softmax), with the
     named fields replaced; an unknown field is an error listing the valid ones."""
-    if attention is None or isinstance(attention, str):
-        attention = AttentionConfig(variant=attention or "softmax")
-    elif not isinstance(attention, AttentionConfig):
+    if attention is None or isinstance(attention, str):  # one construction: "sparse" needs its window
+        check_option_names(AttentionConfig, switches)
+        return AttentionConfig(**{"variant": attention or "softmax", **switches})
+    if not isinstance(attention, AttentionConfig):
         raise TypeError(f"attention must be an AttentionConfig, a variant name or None, "
                         f"got {type(attention).__name__}")
     return with_switches(attention, switches)

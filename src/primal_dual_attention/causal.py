@@ -36,6 +36,7 @@ from primal_dual_attention.functional import (
     head_groups,
     query_feature_map,
     split_heads,
+    zero_padding,
 )
 
 
@@ -423,6 +424,7 @@ def causal_attention(
                                         dropout_p=dropout_p, need_weights=need_weights), torch.float16)
     batch, num_heads, length = k.shape[:3]
     key_padding_mask = check_key_padding_mask(key_padding_mask, batch, length)
+    k, v = zero_padding(key_padding_mask, k, v)
     options.check_input(num_heads, length)
     check_probability("dropout_p", dropout_p)
     groups = head_groups(options.head_scales, num_heads)
@@ -618,6 +620,7 @@ def decode(
             return decode(q, k, v, options, cache, key_padding_mask).half()
     batch, num_heads, length = k.shape[:3]
     key_padding_mask = check_key_padding_mask(key_padding_mask, batch, length)
+    k, v = zero_padding(key_padding_mask, k, v)
     options.check_input(num_heads, length)
     groups = head_groups(options.head_scales, num_heads)
     if q.shape[2] != length:

@@ -21,7 +21,7 @@ import functools
 import math
 import numbers
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Literal
 
@@ -123,6 +123,32 @@ def check_key_padding_mask(mask: Tensor | None, batch: int, num_tokens: int) -> 
     return mask
 
 
+def check_eps(eps: object) -> float:
+    """Attention-BN's ``eps``, a finite number > 0 (SPEC.md §2): BN divides by the keys'
+    variance + eps, and a constant key feature has variance 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
+        raise ValueError(f"eps must be a finite number > 0 (Attention-BN divides by the keys' "
+                         f"variance + eps, and a constant key feature has variance 0), got {eps!r}")
+    return eps
+
+
+def check_option_names(options_type: type, names: Iterable[str]) -> None:
+    """Raise naming the unknown ones among ``names`` and listing ``options_type``'s fields."""
+    valid = [f.name for f in fields(options_type) if f.init]
+    unknown = sorted(set(names) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown attention option(s) {unknown}; valid options: {valid}")
+
+
+def zero_padding(key_padding_mask: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` ``(B, H, N, D)`` with the padded positions set to 0, so that padded keys and
+    values are inert whatever they hold (SPEC.md §2): a 0/1 weight would not do, as 0 x NaN is NaN."""
+    if key_padding_mask is None:
+        return tensors
+    padded = key_padding_mask[:, None, :, None]
+    return tuple(t.masked_fill(padded, 0.0) for t in tensors)
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -200,10 +226,7 @@ class AttentionOptions:
         }
         for name, value in normalised.items():
             object.__setattr__(self, name, value)
-        if (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float))
-                or not 0 < self.eps < math.inf):
-            raise ValueError(f"eps must be a finite number > 0 (Attention-BN divides by the keys' "
-                             f"variance + eps, and a constant key feature has variance 0), got {self.eps!r}")
+        check_eps(self.eps)
         if self.window is not None and self.head_scales is not None and max(self.head_scales) > 1:
             raise ValueError(
                 "window (sparse attention) cannot be combined with head_scales > 1: pooled keys "
@@ -1177,14 +1200,12 @@ def attention(
     if options.head_scales is None:  # an SH config without scales takes its defaults, as layers do
         options = options.for_heads(num_heads)
     key_padding_mask = check_key_padding_mask(key_padding_mask, batch, num_keys)
-    if key_padding_mask is not None:  # padded keys and values are inert, whatever they hold (§2)
-        padded = key_padding_mask[:, None, :, None]
-        k, v = k.masked_fill(padded, 0.0), v.masked_fill(padded, 0.0)
-    if options.causal:
+    if options.causal:  # which sets padded keys and values to zero as below
         from primal_dual_attention.causal import causal_attention
 
         return causal_attention(q, k, v, options, key_padding_mask=key_padding_mask,
                                 dropout_p=dropout_p, need_weights=need_weights)
+    k, v = zero_padding(key_padding_mask, k, v)
     grid = options.check_input(num_heads, num_keys)
     check_probability("dropout_p", dropout_p)
 
@@ -1215,10 +1236,7 @@ def with_switches(options: AttentionOptions | None, switches: dict[str, object])
     named switches replaced; unknown names are an error listing the valid ones."""
     if options is not None and not isinstance(options, AttentionOptions):
         raise TypeError(f"options must be an AttentionOptions or None, got {type(options).__name__}")
-    valid = [f.name for f in fields(AttentionOptions if options is None else options) if f.init]
-    unknown = sorted(set(switches) - set(valid))
-    if unknown:
-        raise TypeError(f"unknown attention option(s) {unknown}; valid options: {valid}")
+    check_option_names(AttentionOptions if options is None else type(options), switches)
     if options is None:
         return AttentionOptions(**switches)
     return replace(options, **switches) if switches else options

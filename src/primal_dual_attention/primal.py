@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 
 from primal_dual_attention.functional import (
+    check_eps,
+    check_positive_int,
     elu_feature_map,
     get_kernel,
     masked_mean_var,
@@ -123,8 +125,9 @@ class TaylorFeatures(FeatureMap):
 
     def __init__(self, dim: int, order: int = 2):
         super().__init__()
-        if order < 0:
-            raise ValueError(f"order must be >= 0, got {order}")
+        if isinstance(order, bool) or not isinstance(order, int) or order < 0 or order % 2:
+            raise ValueError(f"order must be an even integer >= 0 (an odd truncation of exp can be "
+                             f"negative, and so can the primal normaliser h it gives), got {order!r}")
         self.dim, self.order = dim, order
 
     def forward(self, x: Tensor) -> Tensor:
@@ -155,7 +158,8 @@ class PrimalLayer(nn.Module):
         self.feature_map = feature_map
         self.weight = nn.Parameter(weight)
         self.register_buffer("normaliser", normaliser)
-        self.bias = nn.Parameter(torch.zeros(weight.shape[:-1], dtype=weight.dtype) if bias is None else bias)
+        self.bias = nn.Parameter(torch.zeros(weight.shape[:-1], dtype=weight.dtype,
+                                                     device=weight.device) if bias is None else bias)
         self.register_buffer("shift", shift)
         self.register_buffer("scale", scale)
 
@@ -189,6 +193,7 @@ def training_set(keys: Tensor, values: Tensor, *, key_padding_mask: Tensor | Non
     statistics are the masked moments of the (pooled) keys; the returned keys are normalised,
     and ``shift`` / ``scale`` normalise the queries the same way.
     """
+    check_eps(eps)
     pool = dict(grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
     keys, mask = pool_tokens(keys, head_scale, key_padding_mask, **pool)
     values, _ = pool_tokens(values, head_scale, key_padding_mask, **pool)
@@ -225,6 +230,7 @@ def sparse_primal_weights(keys: Tensor, values: Tensor, feature_map: FeatureMap,
                           window: int) -> tuple[Tensor, Tensor]:
     """Per-query primal weights of sparse attention: ``W_i = sum_{|i-j|<=w} v_j Phi(k_j)^T``,
     from prefix sums in O(N Dv D_phi); returns ``(W (.., N, Dv, D_phi), z (.., N, D_phi))``."""
+    window = check_positive_int("window", window, allow_zero=True)
     features = feature_map(keys)
     outer = values.unsqueeze(-1) * features.unsqueeze(-2)  # (..., N, Dv, D_phi)
     n = keys.shape[-2]
@@ -250,8 +256,9 @@ def svr_expansion(queries: Tensor, keys: Tensor, values: Tensor, kernel: str,
     """
     _check_pairs(keys, values, queries)
     if visible is None:
-        visible = torch.ones(queries.shape[-2], keys.shape[-2], dtype=torch.bool)
-    outside = torch.zeros(visible.shape, dtype=queries.dtype).masked_fill(~visible, float("-inf"))
+        visible = torch.ones(queries.shape[-2], keys.shape[-2], dtype=torch.bool, device=queries.device)
+    outside = torch.zeros(visible.shape, dtype=queries.dtype, device=queries.device)
+    outside = outside.masked_fill(~visible, float("-inf"))
     log_gram_q = log_kernel_matrix(queries, keys, kernel) + outside  # (.., Nq, Nk)
     log_h_query = torch.logsumexp(log_gram_q, dim=-1, keepdim=True)
     log_gram_k = log_kernel_matrix(keys, keys, kernel)  # (.., Nk, Nk)
@@ -288,12 +295,12 @@ class SVRFit:
         return float(np.mean([len(s) for s in self.support]))
 
     def predict(self, queries: Tensor) -> Tensor:
-        """The fitted regression at ``queries`` (computed in the fit's float64, returned in the
-        queries' dtype)."""
-        gram = normalised_kernel(queries.to(self.keys.dtype), self.keys, self.kernel).numpy()
+        """The fitted regression at ``queries`` (computed in the fit's float64 on the CPU, returned in
+        the queries' dtype and on their device)."""
+        gram = normalised_kernel(queries.detach().cpu().to(self.keys.dtype), self.keys, self.kernel).numpy()
         columns = [gram[:, sv] @ coef + b
                    for coef, sv, b in zip(self.dual_coef, self.support, self.intercept, strict=True)]
-        return torch.from_numpy(np.stack(columns, axis=-1)).to(queries.dtype)
+        return torch.from_numpy(np.stack(columns, axis=-1)).to(queries.device, queries.dtype)
 
 
 def normalised_kernel(x: Tensor, keys: Tensor, kernel: str) -> Tensor:
@@ -316,14 +323,15 @@ def fit_svr(keys: Tensor, values: Tensor, kernel: str = "softmax", C: float = 1.
         raise ValueError(f"C must be > 0, got {C}")
     if not epsilon >= 0:
         raise ValueError(f"epsilon must be >= 0, got {epsilon}")
-    gram = normalised_kernel(keys.double(), keys.double(), kernel).numpy()
+    keys, values = keys.detach().cpu().double(), values.detach().cpu().double()  # scikit-learn's float64
+    gram = normalised_kernel(keys, keys, kernel).numpy()
     coefs, supports, intercepts = [], [], []
-    for target in values.double().T.numpy():
+    for target in values.T.numpy():
         model = SVR(kernel="precomputed", C=C, epsilon=epsilon).fit(gram, target)
         coefs.append(model.dual_coef_[0])
         supports.append(model.support_)
         intercepts.append(model.intercept_[0])
-    return SVRFit(coefs, supports, np.array(intercepts), keys.double(), kernel)
+    return SVRFit(coefs, supports, np.array(intercepts), keys, kernel)
 
 
 def check_feature_map(feature_map: FeatureMap, kernel: str) -> None:

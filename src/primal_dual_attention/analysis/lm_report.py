@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import yaml
 
+from primal_dual_attention.analysis.uea_report import seed_std
 from primal_dual_attention.utils import machine_description
 
 TEST_WINDOWS = 2048
@@ -164,7 +165,7 @@ def write_report(out: str | Path) -> Path:
               "|---|---|---|---|---|---|---|---|"]
     for variant, entries in runs.items():
         test = np.array([e["test_bpb"] for e, _ in entries])
-        spread = test.std(ddof=1) if len(test) > 1 else 0.0
+        spread = seed_std(test)
         lines.append(
             f"| {variant} | {len(entries)} | {test.mean():.4f} ± {spread:.4f} "
             f"| {', '.join(f'{t:.4f}' for t in test)} "

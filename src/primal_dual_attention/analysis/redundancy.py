@@ -40,7 +40,8 @@ def redundancy(maps: Tensor, outputs: Tensor, key_padding_mask: Tensor | None = 
     """Per-sample redundancy metrics of one layer.
 
     ``maps`` ``(B, H, N, N)``, ``outputs`` ``(B, H, N, Dv)``; padded queries are left out.
-    Returns each metric as a ``(B,)`` tensor averaged over head pairs (and queries for ``js``).
+    Returns each metric as a ``(B,)`` tensor averaged over head pairs (and queries for ``js``);
+    0 for a sample without a valid query, which :func:`model_redundancy` leaves out.
     """
     batch, heads, n, _ = maps.shape
     if heads < 2:
@@ -81,6 +82,8 @@ def capture_heads(model: nn.Module, *inputs, **kwargs) -> list[LayerCapture]:
         x = args[0]
         mask = kwargs_.get("key_padding_mask", args[1] if len(args) > 1 else None)
         _, maps = module.forward(x, key_padding_mask=mask, need_weights=True)  # no hook recursion
+        if mask is not None:  # as the layer does: padded values are 0, whatever x holds there
+            x = x.masked_fill(mask[..., None], 0.0)
         b, n, _ = x.shape
         v = module.qkv(x).view(b, n, 3, module.num_heads, module.head_dim)[:, :, 2].transpose(1, 2)
         captured.append(LayerCapture(maps, maps @ v, mask))
@@ -96,18 +99,22 @@ def capture_heads(model: nn.Module, *inputs, **kwargs) -> list[LayerCapture]:
 
 
 def model_redundancy(model: nn.Module, batches) -> list[dict[str, float]]:
-    """Per-layer metrics averaged over every sample of ``batches`` (x, mask, y)."""
+    """Per-layer metrics averaged over every sample of ``batches`` (x, mask, y) that has a
+    valid token (an all-padding sample has no query to compare, SPEC.md §3)."""
     model.eval()
     totals: list[dict[str, float]] = []
     count = 0
     for x, mask, _ in batches:
+        counted = slice(None) if mask is None else ~mask.all(1)
         for index, layer in enumerate(capture_heads(model, x, mask)):
             metrics = redundancy(layer.maps, layer.outputs, layer.key_padding_mask)
             if index == len(totals):
                 totals.append(dict.fromkeys(METRICS, 0.0))
             for name in METRICS:
-                totals[index][name] += float(metrics[name].sum())
-        count += len(x)
+                totals[index][name] += float(metrics[name][counted].sum())
+        count += len(x) if mask is None else int(counted.sum())
+    if count == 0:
+        raise ValueError("redundancy needs at least one sample with a valid token; every sample was padding")
     return [{name: value / count for name, value in layer.items()} for layer in totals]
 
 
@@ -130,12 +137,6 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
     of every head of ``layer`` for the first evaluation series, one row per checkpoint."""
     import csv
     from pathlib import Path
-
-    import matplotlib
-    import numpy as np
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,21 +161,7 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
-    for axis, metric in zip(axes, METRICS, strict=True):
-        for variant in dict.fromkeys(r["variant"] for r in rows):  # mean and spread over seeds
-            layers = sorted({r["layer"] for r in rows if r["variant"] == variant})
-            values = [[r[metric] for r in rows if r["variant"] == variant and r["layer"] == n]
-                      for n in layers]
-            axis.errorbar(layers, [np.mean(v) for v in values], yerr=[np.std(v) for v in values], fmt="o-",
-                          capsize=3, label=f"{variant} ({len(values[0])} seed(s))")
-        axis.set_xlabel("layer")
-        axis.set_title(metric + (" (higher = less redundant)" if metric == "js"
-                                 else " (lower = less redundant)"), fontsize=9)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "redundancy.png", dpi=110)
-    plt.close(fig)
+    plot_redundancy(rows, out_dir / "redundancy.png")
     datasets = sorted({r["dataset"] for r in rows})
     (out_dir / "README.md").write_text("\n".join([
         f"# Head redundancy: {', '.join(datasets)}", "",
@@ -185,6 +172,34 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
         f"shows every head of layer {layer} for the first test series, one row per checkpoint.", "",
         "![redundancy](redundancy.png)", "", "![maps](maps.png)", ""]))
     return rows
+
+
+def plot_redundancy(rows: list[dict], path) -> None:
+    """Each metric per layer, per variant: the mean over seeds with the sample std as error bar
+    (the rows of ``redundancy.csv``, as written or read back)."""
+    import matplotlib
+    import numpy as np
+
+    from primal_dual_attention.analysis.uea_report import seed_std
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.2))
+    for axis, metric in zip(axes, METRICS, strict=True):
+        for variant in dict.fromkeys(r["variant"] for r in rows):
+            layers = sorted({int(r["layer"]) for r in rows if r["variant"] == variant})
+            values = [[float(r[metric]) for r in rows if r["variant"] == variant and int(r["layer"]) == n]
+                      for n in layers]
+            axis.errorbar(layers, [np.mean(v) for v in values], yerr=[seed_std(v) for v in values], fmt="o-",
+                          capsize=3, label=f"{variant} ({len(values[0])} seed(s))")
+        axis.set_xlabel("layer")
+        axis.set_title(metric + (" (higher = less redundant)" if metric == "js"
+                                 else " (lower = less redundant)"), fontsize=9)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _draw_maps(drawn: list[tuple[str, Tensor, str]], layer: int, path) -> None:

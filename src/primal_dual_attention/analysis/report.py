@@ -17,6 +17,7 @@ from primal_dual_attention.analysis.uea_report import (
     complete_datasets,
     read_runs,
     score_grid,
+    seed_std,
     summary_statistics,
 )
 from primal_dual_attention.data.uea import PAPER_DATASETS
@@ -42,14 +43,14 @@ def _redundancy_section(root: Path) -> list[str]:
             for name in ("js", "cos_maps", "cos_out"):
                 per_model[model][row["label"]][name].append(float(row[name]))
         lines += [f"### {path.parent.name} ([details]({path.parent.relative_to(root)}/README.md))", "",
-                  "Mean over layers, then mean ± std over seeds (js: higher = less redundant; "
+                  "Mean over layers, then mean ± sample std over seeds (js: higher = less redundant; "
                   "cosines: lower = less redundant):", "",
                   "| model | seeds | js | cos_maps | cos_out |", "|---|---|---|---|---|"]
         for model, runs in per_model.items():
             cells = []
             for name in ("js", "cos_maps", "cos_out"):
                 values = [np.mean(run[name]) for run in runs.values()]
-                spread = f" ± {np.std(values):.3f}" if len(values) > 1 else ""
+                spread = f" ± {seed_std(values):.3f}" if len(values) > 1 else ""
                 cells.append(f"{np.mean(values):.3f}{spread}")
             lines.append(f"| {model} | {len(runs)} | " + " | ".join(cells) + " |")
         lines += ["", f"![redundancy]({path.parent.relative_to(root)}/redundancy.png)", ""]

@@ -6,7 +6,7 @@ Each task is one small registered function, so the CLI, the sweep and the tests 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from primal_dual_attention.models.vision import CIFAR, DEIT
 from primal_dual_attention.training.config import TrainConfig
@@ -15,21 +15,50 @@ from primal_dual_attention.training.engine import Task
 TASKS: dict[str, Callable[[TrainConfig], Task]] = {}
 #: Per task: how many attention heads its model has under a config (None: known only once built).
 TASK_HEADS: dict[str, Callable[[TrainConfig], int | None]] = {}
+#: Options that only some tasks read (the model's shape, the data's split and augmentation).
+TASK_SPECIFIC_OPTIONS = ("dim", "depth", "heads", "mlp_dim", "norm", "pooling", "val_fraction", "max_len",
+                         "max_train_samples", "data_file", "model", "img_size", "drop_path", "auto_augment",
+                         "random_erase", "mixup", "cutmix", "repeated_aug", "num_workers")
+#: Per task: which of :data:`TASK_SPECIFIC_OPTIONS` it reads under a config.
+TASK_READS: dict[str, Callable[[TrainConfig], frozenset[str]]] = {}
+#: Per task: its own checks of the config that need no data (e.g. the dataset name).
+TASK_CHECKS: dict[str, Callable[[TrainConfig], None]] = {}
 
 
-def register_task(name: str, heads: Callable[[TrainConfig], int | None] = lambda cfg: cfg.heads):
+def register_task(name: str, heads: Callable[[TrainConfig], int | None] = lambda cfg: cfg.heads,
+                  reads: Collection[str] | Callable[[TrainConfig], Collection[str]] = (),
+                  check: Callable[[TrainConfig], None] = lambda cfg: None):
+    """Register a task builder; ``reads`` names the task-specific options it uses (a callable
+    when that depends on the config, e.g. the LRA dataset), so that the others are refused;
+    ``check`` raises on anything else the task can tell before data loads."""
+    unknown = set() if callable(reads) else set(reads) - set(TASK_SPECIFIC_OPTIONS)
+    if unknown:
+        raise ValueError(f"reads names options that are not task-specific: {sorted(unknown)}")
+    read = (lambda cfg: frozenset(reads(cfg))) if callable(reads) else (lambda cfg: frozenset(reads))
+
     def add(builder: Callable[[TrainConfig], Task]) -> Callable[[TrainConfig], Task]:
-        TASKS[name], TASK_HEADS[name] = builder, heads
+        TASKS[name], TASK_HEADS[name], TASK_READS[name], TASK_CHECKS[name] = builder, heads, read, check
         return builder
 
     return add
 
 
 def check_task(cfg: TrainConfig) -> None:
-    """Check that the task exists and that its attention fits its model's heads: called by
-    :meth:`TrainConfig.validate`, so every attention mistake is reported before data loads."""
+    """Check that the task exists, that it reads every task-specific option set away from its
+    default (an option it ignores would silently change nothing), and that its attention fits its
+    model's heads: called by :meth:`TrainConfig.validate`, so these mistakes are reported before
+    data loads."""
     if cfg.task not in TASKS:
         raise ValueError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}")
+    TASK_CHECKS[cfg.task](cfg)
+    defaults, reads = TrainConfig(), TASK_READS[cfg.task](cfg)
+    ignored = [f"{name}={getattr(cfg, name)!r}" for name in TASK_SPECIFIC_OPTIONS
+               if name not in reads and getattr(cfg, name) != getattr(defaults, name)]
+    if ignored:
+        where = f"task {cfg.task!r}" + (f" on dataset {cfg.dataset!r}" if cfg.task == "lra" else "")
+        raise ValueError(f"{where} does not use {', '.join(ignored)} (it would change nothing); leave "
+                         f"{'it' if len(ignored) == 1 else 'them'} at the default. Of the task-specific "
+                         f"options it reads {sorted(reads) or 'none'}")
     attention = cfg.attention()
     heads = TASK_HEADS[cfg.task](cfg)
     if heads is not None:
@@ -50,7 +79,7 @@ def build_task(cfg: TrainConfig) -> Task:
     return TASKS[cfg.task](cfg)
 
 
-@register_task("uea")
+@register_task("uea", reads=("dim", "depth", "heads", "mlp_dim", "norm", "pooling", "val_fraction"))
 def build_uea_task(cfg: TrainConfig) -> Task:
     """UEA classification: padded series, the time-series transformer, protocol splits."""
     from primal_dual_attention.data.common import stratified_split
@@ -71,7 +100,7 @@ def build_uea_task(cfg: TrainConfig) -> Task:
     return Task(model=model, train=train, test=data.test, val=val, description=data.summary())
 
 
-@register_task("image", heads=lambda cfg: CIFAR["num_heads"])
+@register_task("image", heads=lambda cfg: CIFAR["num_heads"], reads=("val_fraction",))
 def build_image_task(cfg: TrainConfig) -> Task:
     """CIFAR-10 with a registered ``vit_cifar_<variant>`` timm model (``--dataset CIFAR10``)."""
     import timm
@@ -101,9 +130,26 @@ def build_image_task(cfg: TrainConfig) -> Task:
 
 LRA_DEFAULT_LENGTHS = {"listops": 2000, "text": 4096, "image": 1024, "pathfinder": 1024, "retrieval": 4000}
 LRA_GENERATED_SIZES = {"listops": (96_000, 2_000, 2_000), "pathfinder": (160_000, 20_000, 20_000)}
+#: LRA's task-specific options beyond the model's shape, per dataset: the generated tasks make
+#: ``max_train_samples``, the token tasks cut at ``max_len``; Image and Pathfinder have a fixed
+#: length, which ``max_len`` may only repeat (:func:`check_lra`)
+LRA_DATASET_READS = {"listops": ("max_len", "max_train_samples"), "text": ("max_len",),
+                     "retrieval": ("max_len",), "image": ("max_len",),
+                     "pathfinder": ("max_len", "max_train_samples")}
+LRA_FIXED_LENGTH = ("image", "pathfinder")
 
 
-@register_task("lra")
+def check_lra(cfg: TrainConfig) -> None:
+    """The LRA dataset exists, and a fixed-length one is not given another ``max_len``."""
+    if cfg.dataset not in LRA_DATASET_READS:
+        raise ValueError(f"LRA dataset must be one of {sorted(LRA_DATASET_READS)}, got {cfg.dataset!r}")
+    length = LRA_DEFAULT_LENGTHS[cfg.dataset]
+    if cfg.dataset in LRA_FIXED_LENGTH and cfg.max_len not in (None, length):
+        raise ValueError(f"max_len of LRA {cfg.dataset} is fixed at {length} pixels, got {cfg.max_len}")
+
+
+@register_task("lra", reads=lambda cfg: ("dim", "depth", "heads", "mlp_dim", *LRA_DATASET_READS[cfg.dataset]),
+               check=check_lra)
 def build_lra_task(cfg: TrainConfig) -> Task:
     """Long Range Arena (``--dataset listops|text|image|pathfinder|retrieval``, or the task
     aliases ``lra-<name>``) with the standard LRA encoder. Generated tasks make only the samples
@@ -114,8 +160,6 @@ def build_lra_task(cfg: TrainConfig) -> Task:
     from primal_dual_attention.models.lra import LRAClassifier
 
     name = cfg.dataset
-    if name not in LOADERS:
-        raise ValueError(f"LRA dataset must be one of {sorted(LOADERS)}, got {name!r}")
     max_len = cfg.max_len or LRA_DEFAULT_LENGTHS[name]
     kwargs: dict = {}
     if name in LRA_GENERATED_SIZES:
@@ -127,7 +171,7 @@ def build_lra_task(cfg: TrainConfig) -> Task:
         if cfg.max_eval_samples is not None:
             val, test = min(val, cfg.max_eval_samples), min(test, cfg.max_eval_samples)
         kwargs["sizes"] = (train, val, test)
-    if name in ("listops", "text", "retrieval"):
+    if name not in LRA_FIXED_LENGTH:
         kwargs["max_len"] = max_len
     data = LOADERS[name](cfg.data_dir, **kwargs)
     warn_long_scales(cfg, data.max_len)
@@ -138,7 +182,9 @@ def build_lra_task(cfg: TrainConfig) -> Task:
     return Task(model=model, train=data.train, test=data.test, val=val, description=data.description)
 
 
-@register_task("imagenet", heads=lambda cfg: DEIT["tiny"]["num_heads"] if cfg.model is None else None)
+@register_task("imagenet", heads=lambda cfg: DEIT["tiny"]["num_heads"] if cfg.model is None else None,
+               reads=("model", "img_size", "drop_path", "auto_augment", "random_erase", "mixup", "cutmix",
+                      "repeated_aug", "num_workers"))
 def build_imagenet_task(cfg: TrainConfig) -> Task:
     """An ImageFolder tree (``--data-dir`` with ``train/`` and ``val/``) and a timm model:
     ``cfg.model``, default ``deit_tiny_patch16_224`` (softmax, timm's own) or
@@ -175,7 +221,7 @@ def build_imagenet_task(cfg: TrainConfig) -> Task:
 LM_DEFAULT_LENGTH = 256
 
 
-@register_task("lm")
+@register_task("lm", reads=("dim", "depth", "heads", "mlp_dim", "max_len", "data_file"))
 def build_lm_task(cfg: TrainConfig) -> Task:
     """Byte-level language model (``--dataset imdb``: the IMDb review text; ``--data-file``: any
     UTF-8 file) with :class:`~primal_dual_attention.models.decoder.DecoderLM` over windows of
