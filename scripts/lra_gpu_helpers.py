@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 FULL_STEPS = {"listops": 5000, "image": 35000, "pathfinder": 62400}
+ROUNDS = 10  # evaluation rounds of every configs/lra recipe (epochs)
 VARIANT_ORDER = ("softmax", "linear", "bn", "sh", "bn_sh")
 
 
@@ -87,7 +88,10 @@ def plan(probe: str, budget: str, limit: float, now: float, reserve: float, task
         common = _round_down(min(1.0, common))
     else:
         common = float(budget) if budget != "auto" else 0.0
+    # a run takes at least one step per evaluation round (the recipes' 10; pda refuses fewer);
+    # 0 stays 0: no time left for that task, not run
     fractions = {t: fixed.get(t, common) for t in tasks}
+    fractions = {t: f and max(f, ROUNDS / FULL_STEPS[t]) for t, f in fractions.items()}
     needed, left = sum(fractions[t] * work[t] for t in tasks), limit - now - reserve
     if needed > left:  # fixed budgets are not shrunk: say so before anything runs
         print(f"warning: these budgets need about {needed:.0f} s of GPU time (probe step times, gain "
@@ -129,7 +133,7 @@ def summary(results: Path, probe: str, fractions: dict[str, float]) -> str:
                 continue
             acc = [100 * float(r["test_acc"]) for r in rows]
             mean = f"{sum(acc) / len(acc):.2f}" if acc else "not finished"
-            epochs = max((int(r["epochs"]) for r in rows), default=10)
+            epochs = max((int(r["epochs"]) for r in rows), default=ROUNDS)
             steps = max(epochs, round(FULL_STEPS[task] * fractions.get(task, 0.0)))
             cost = (f"{1000 * probe_row['s_per_step']:.1f} | {probe_row['peak_mib']:.0f}"
                     if probe_row else "– | –")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from reference import reference_attention
@@ -159,6 +161,7 @@ def test_device_and_dtype_arguments():
         ({"variant": "softmax", "window": -1}, "window must be a non-negative"),
         ({"variant": "sh", "window": 2}, "cannot be combined"),
         ({"attn_drop": 1.5}, "attn_drop"),
+        ({"dropout": 0.1}, "dropout is not an attention option: MultiHeadAttention takes attn_drop"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, match):
@@ -208,3 +211,15 @@ def test_bad_qkv_shapes():
         attention(torch.randn(2, 4, 8, 5), good, good)
     with pytest.raises(ValueError, match="same number of tokens"):
         attention(good, good, torch.randn(2, 4, 7, 3))
+
+
+@pytest.mark.parametrize("kwargs, where", [({"grid_size": (4, 4)}, r"a grid of \(4, 4\)"), ({}, "1 head")])
+def test_sh_whose_default_scales_do_not_pool_says_so(kwargs, where):
+    """A grid too small to pool (or one head) leaves every default scale at 1: SH would silently be
+    plain attention, so the layer warns; explicit scales pool without a warning."""
+    heads = 1 if not kwargs else 4
+    with pytest.warns(UserWarning, match=f"default SH scales for {where} are all 1"):
+        MultiHeadAttention(16, heads, variant="sh", **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MultiHeadAttention(16, 4, variant="sh", head_scales=(1, 1, 2, 2), **kwargs)

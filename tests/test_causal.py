@@ -256,3 +256,20 @@ def test_what_padded_keys_hold_changes_no_causal_output(variant):
     steps += [decode(q[..., t:t + 1, :], bad_k[..., t:t + 1, :], bad_v[..., t:t + 1, :], options, cache,
                      mask[:, t:t + 1]) for t in range(4, N)]
     torch.testing.assert_close(torch.cat(steps, 2), clean)
+
+
+def test_an_sh_config_without_scales_takes_a_layers_defaults_in_the_causal_functions():
+    """``cache_bytes_per_token(AttentionConfig(variant="sh", causal=True), ...)``: SH's cache (the
+    layer's default scales), not softmax's."""
+    sh, softmax = AttentionConfig(variant="sh", causal=True), AttentionConfig(causal=True)
+    assert cache_bytes_per_token(sh, 8, 16, 256) == cache_bytes_per_token(sh.for_heads(8), 8, 16, 256)
+    assert cache_bytes_per_token(sh, 8, 16, 256) < cache_bytes_per_token(softmax, 8, 16, 256) / 2
+
+
+def test_a_cache_serves_one_layer():
+    first, second = (MultiHeadAttention(DIM, HEADS, config("softmax", causal=True)).eval() for _ in range(2))
+    cache = DecodingCache()
+    first(torch.randn(1, 3, DIM), cache=cache)
+    with pytest.raises(ValueError, match="this DecodingCache holds another layer's state"):
+        second(torch.randn(1, 1, DIM), cache=cache)
+    first(torch.randn(1, 1, DIM), cache=cache)  # its own layer goes on

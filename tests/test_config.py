@@ -130,6 +130,14 @@ def test_train_config_reports_attention_mistakes_before_any_data(kwargs, match, 
         TrainConfig(data_dir=missing, **kwargs).validate()
 
 
+def test_attention_options_read_yaml_exponents_as_numbers():
+    """``--attention-options '{eps: 1e-3}'``: PyYAML reads ``1e-3`` as a string; it is the number."""
+    from primal_dual_attention.cli import _mapping
+
+    cfg = TrainConfig(variant="bn", attention_options=_mapping("{eps: 1e-3}")).validate()
+    assert cfg.attention().eps == 1e-3
+
+
 def test_attention_options_reach_every_layer_and_the_command_line(tmp_path, capsys):
     """Any AttentionConfig field travels through TrainConfig (a YAML mapping on the command line),
     so a new attention switch needs no training option of its own."""

@@ -60,11 +60,14 @@ def test_a_left_padded_prompt_generates_as_the_prompt_alone(variant):
     ({"max_new_tokens": -1}, "max_new_tokens must be an integer >= 0"),
     ({"temperature": -1.0}, "temperature must be a finite number >= 0"),
     ({"top_k": 0}, "top_k must be an integer >= 1"),
+    ({"prompt": torch.randint(0, 40, (2,))}, r"prompt must be an integer tensor of token ids \(B, T\), got "
+                                             r"torch.int64 of shape \(2,\)"),
+    ({"prompt": torch.rand(1, 2)}, "prompt must be an integer tensor of token ids"),
 ])
 def test_generate_refuses_bad_sampling_options(options, message):
-    arguments = {"max_new_tokens": 3, **options}
+    arguments = {"max_new_tokens": 3, "prompt": torch.randint(0, 40, (1, 2)), **options}
     with pytest.raises(ValueError, match=message):
-        model("softmax").generate(torch.randint(0, 40, (1, 2)), arguments.pop("max_new_tokens"), **arguments)
+        model("softmax").generate(arguments.pop("prompt"), arguments.pop("max_new_tokens"), **arguments)
 
 
 def test_generation_counts_positions_of_valid_tokens_only():
@@ -79,5 +82,6 @@ def test_generation_counts_positions_of_valid_tokens_only():
     assert torch.equal(out[:, 12:], lm.generate(prompt[:, 12:], 8, temperature=0))
     trainer = NextTokenLM(40, 16, dim=16, depth=1, num_heads=4, mlp_dim=32, attention="softmax").eval()
     assert trainer.generate(prompt[:, 12:], 2, temperature=0).shape == (1, 5)
-    with pytest.raises(ValueError, match="exceeds max_len=16"):
+    with pytest.raises(ValueError, match="3 prompt tokens . max_new_tokens=15 need 17 positions, more than "
+                                         "max_len=16"):  # refused before any token is made
         lm.generate(prompt[:, 12:], 15, temperature=0)  # the 14 fed back reach position 16

@@ -493,3 +493,17 @@ def test_bn_of_float32_inputs_under_float16_autocast(causal):
         out = attention(q, k, v, **options)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "bn", "sh", "linear_bn_sh"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_maps_under_dropout_are_those_the_output_used(variant, causal):
+    """``need_weights`` with dropout: the dropped-out maps (as torch's MultiheadAttention), so
+    ``maps @ v`` is the output; they were the maps before dropout."""
+    from primal_dual_attention import AttentionConfig
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 8, 5, dtype=torch.float64) for _ in range(3))
+    config = AttentionConfig(variant=variant, causal=causal).for_heads(4)
+    out, maps = attention(q, k, v, config, dropout_p=0.5, need_weights=True)
+    torch.testing.assert_close(maps @ v, out)

@@ -102,3 +102,17 @@ def test_a_text_file_run_is_named_after_the_file(tmp_path):
 
     args = build_parser().parse_args(["train", "--task", "lm", "--data-file", str(tmp_path / "story.txt")])
     assert resolve_config(args).dataset == "story"
+
+
+def test_a_bad_data_file_is_named_with_what_is_wrong(tmp_path):
+    missing, binary, short = tmp_path / "none.txt", tmp_path / "bytes.bin", tmp_path / "short.txt"
+    binary.write_bytes(b"\xff\xfe" * 100)
+    short.write_text("eleven byte")
+    with pytest.raises(FileNotFoundError, match=r"data_file '.*none.txt' is not a file"):
+        load_text_file(missing, 32)
+    with pytest.raises(ValueError, match=r"data_file '.*bytes.bin' is not UTF-8 text \(byte 0: invalid"):
+        load_text_file(binary, 32)
+    too_short = (r"data_file '.*short.txt' \(11 bytes, split 90/5/5 %\) is too short for windows of "
+                 r"max_len=32 \+ 1 bytes: bytes per split train 9, validation 0, test 2")
+    with pytest.raises(ValueError, match=too_short):
+        load_text_file(short, 32)

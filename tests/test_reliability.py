@@ -30,6 +30,8 @@ def test_clean_is_the_default_protocol_of_train_and_demo():
 
     assert protocol_note("clean", range(54)).startswith("54 held-out validation samples choose the epoch")
     assert protocol_note("clean", None).startswith("no validation split: the last epoch is kept")
+    assert protocol_note("clean", range(2606), 256).startswith(
+        "256 of the 2606 held-out validation samples (max_eval_samples) choose the epoch")
 
 
 def _one_epoch(tmp_path: Path, **options) -> TrainConfig:
@@ -197,6 +199,8 @@ def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path, capsys):
                                       "features), got dim=10, heads=4"),
     (["--budget", "0.1"], "budget and warmup_steps count optimizer steps, so they need steps; got "
                           "budget=0.1, warmup_steps=None, steps=None"),
+    (["--task", "lra-listops", "--steps", "2"], "steps x budget = 2 x 1.0 = 2 optimizer steps, fewer than "
+                                                "epochs = 10 evaluation rounds"),
 ])
 def test_bad_option_values_are_one_line(capsys, argv, message):
     assert message in one_line_error(capsys, ["train", *argv])

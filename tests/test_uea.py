@@ -254,12 +254,18 @@ def test_cli_help_and_invalid_option(capsys):
     assert result.returncode == 2 and "--epochs" in result.stderr
 
 
-def test_eval_command_reads_checkpoint(tmp_path, capsys):
-    cfg = tiny_config(tmp_path, epochs=1, protocol="clean")
-    run(cfg)
+def test_eval_command_reproduces_the_run(tmp_path, capsys):
+    """`pda eval` scores the run's own draw of max_eval_samples (and, with --all-samples, every
+    sample): the run's test accuracy, not another split's."""
+    cfg = tiny_config(tmp_path, epochs=1, protocol="clean", max_eval_samples=50)
+    result = run(cfg)
+    capsys.readouterr()
     assert main(["eval", str(cfg.run_dir() / "best.pt")]) == 0
     out = capsys.readouterr().out
-    assert "test: accuracy" in out and "val: accuracy" in out
+    assert "val: accuracy" in out
+    assert f"test: accuracy {result.test_accuracy:.4f}" in out and "(50 targets)" in out
+    assert main(["eval", str(cfg.run_dir() / "best.pt"), "--all-samples"]) == 0
+    assert "(370 targets)" in capsys.readouterr().out  # JapaneseVowels' whole test split
 
 
 def test_single_class_training_split_is_refused(tmp_path):

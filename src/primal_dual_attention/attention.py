@@ -10,6 +10,7 @@ models and the timm integration take and hand down to the layer.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 
@@ -143,7 +144,13 @@ class AttentionConfig(AttentionOptions):
         if not self.spec.multi_scale:
             return self
         if self.head_scales is None:
-            return replace(self, head_scales=default_head_scales(num_heads, self.grid_size))
+            scales = default_head_scales(num_heads, self.grid_size)
+            if max(scales) == 1:
+                where = f"a grid of {self.grid_size}" if self.grid_size else f"{num_heads} head"
+                warnings.warn(f"variant {self.variant!r}: the default SH scales for {where} are all 1 (no "
+                              f"head pools, so it runs as its variant without SH); pass head_scales to pool",
+                              stacklevel=2)
+            return replace(self, head_scales=scales)
         check_head_scales(self.head_scales, num_heads)
         return self
 
@@ -282,6 +289,7 @@ class MultiHeadAttention(nn.Module):
         if cache is not None:
             if need_weights:
                 raise ValueError("need_weights is not available while decoding with a cache")
+            cache.claim(self)
             out = decode(*qkv.unbind(0), self.config, cache, key_padding_mask)
         else:
             result = causal_attention(*qkv.unbind(0), self.config, key_padding_mask=key_padding_mask,

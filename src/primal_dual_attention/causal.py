@@ -18,6 +18,7 @@ keys of a cache). Every function here is pure but :func:`decode`, which updates 
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -371,7 +372,7 @@ def _causal_group(
     out = maps[..., :-1] @ windows.values + maps[..., -1:] * partial_values
     if not need_weights:
         return out, None
-    return out, _spread(attn[..., :-1], attn[..., -1:], windows, key_padding_mask)
+    return out, _spread(maps[..., :-1], maps[..., -1:], windows, key_padding_mask)  # after dropout
 
 
 def _check_causal_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -423,6 +424,7 @@ def causal_attention(
             return _to(causal_attention(q, k, v, options, key_padding_mask=key_padding_mask,
                                         dropout_p=dropout_p, need_weights=need_weights), torch.float16)
     batch, num_heads, length = k.shape[:3]
+    options = options.for_heads(num_heads)  # an SH config without scales: a layer's defaults
     key_padding_mask = check_key_padding_mask(key_padding_mask, batch, length)
     k, v = zero_padding(key_padding_mask, k, v)
     options.check_input(num_heads, length)
@@ -498,6 +500,15 @@ class DecodingCache:
         self.length = 0  # tokens fed, padding included
         self.valid_tokens: Tensor | None = None  # (B,) tokens fed that are not padding
         self.groups: list[GroupState] = []
+        self._layer: weakref.ref | None = None  # the layer whose state this is (:meth:`claim`)
+
+    def claim(self, layer: object) -> None:
+        """Bind the cache to ``layer`` on its first use; another layer's use is an error (one
+        cache per layer: a shared one would mix two layers' keys)."""
+        if self._layer is None:
+            self._layer = weakref.ref(layer)
+        elif self._layer() is not layer:
+            raise ValueError("this DecodingCache holds another layer's state; give every layer its own cache")
 
     def nbytes(self) -> int:
         """Bytes of the tensors held."""
@@ -619,6 +630,7 @@ def decode(
         with _in_float32(q, k, v) as (q, k, v):
             return decode(q, k, v, options, cache, key_padding_mask).half()
     batch, num_heads, length = k.shape[:3]
+    options = options.for_heads(num_heads)  # an SH config without scales: a layer's defaults
     key_padding_mask = check_key_padding_mask(key_padding_mask, batch, length)
     k, v = zero_padding(key_padding_mask, k, v)
     options.check_input(num_heads, length)

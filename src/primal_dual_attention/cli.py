@@ -128,9 +128,12 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per :class:`TrainConfig` field; unset options keep the config's value."""
     import typing
 
-    from primal_dual_attention.training.config import TrainConfig, config_fields
+    from primal_dual_attention.attention import VARIANTS
+    from primal_dual_attention.training.config import CHOICES, TrainConfig, config_fields
+    from primal_dual_attention.training.tasks import task_names
 
     hints = typing.get_type_hints(TrainConfig)
+    named = CHOICES | {"task": tuple(task_names()), "variant": tuple(VARIANTS)}
     parser.add_argument("--config", help="YAML file with any of the options below")
     for f in config_fields():
         flag = "--" + f.name.replace("_", "-")
@@ -144,8 +147,9 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
         parse = {int: int, float: float, str: str, int | None: _optional(int),
                  float | None: _optional(float), str | None: _optional(str),
                  list[int] | None: _int_list, dict[str, typing.Any] | None: _mapping}[kind]
+        choices = f"one of {', '.join(named[f.name])} " if f.name in named else ""
         parser.add_argument(flag, type=parse, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                            help=f"(default {default})")
+                            help=f"{choices}(default {default})")
 
 
 def resolve_config(args: argparse.Namespace):
@@ -177,8 +181,8 @@ def _train(args: argparse.Namespace) -> int:
     task = build_task(cfg)
     say = print if is_main_process() else (lambda *_: None)
     say(task.description)
-    say(f"variant={cfg.variant} protocol={cfg.protocol} ({protocol_note(cfg.protocol, task.val)}) "
-        f"seed={cfg.seed}")
+    note = protocol_note(cfg.protocol, task.val, cfg.max_eval_samples)
+    say(f"variant={cfg.variant} protocol={cfg.protocol} ({note}) seed={cfg.seed}")
     try:
         result = fit(cfg, task)
     finally:
@@ -191,22 +195,37 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """The checkpoint's validation and test accuracy, on the samples, precision and length
+    buckets its run used (``--all-samples``: the whole splits)."""
+    import torch
+
     from primal_dual_attention.training.config import config_from_mapping
-    from primal_dual_attention.training.engine import evaluate, load_checkpoint, load_weights, seed_everything
+    from primal_dual_attention.training.engine import (
+        evaluate,
+        load_checkpoint,
+        load_weights,
+        run_splits,
+        seed_everything,
+    )
     from primal_dual_attention.training.tasks import build_task
 
     state = load_checkpoint(args.checkpoint)
-    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    overrides = ({"data_dir": args.data_dir} if args.data_dir else {}) | (
+        {"data_file": args.data_file} if args.data_file else {}) | (
+        {"max_eval_samples": None} if args.all_samples else {})
     cfg = config_from_mapping(state["config"] | overrides, f"{args.checkpoint} config").validate()
     seed_everything(cfg.seed)
     task = build_task(cfg)
     load_weights(task.model, state, args.checkpoint)
+    _, _, val, test = run_splits(cfg, task, task.model, torch.device("cpu"))  # as the run evaluated
     print(task.description)
-    print(f"checkpoint {args.checkpoint}: epoch {state['epoch'] + 1}, variant {cfg.variant}")
-    for name, split in (("val", task.val), ("test", task.test)):
+    print(f"checkpoint {args.checkpoint}: epoch {state['epoch'] + 1}, variant {cfg.variant}, precision "
+          f"{cfg.precision}" + (f", {cfg.max_eval_samples} evaluation samples per split as in the run "
+                                "(--all-samples: every one)" if cfg.max_eval_samples else ""))
+    for name, split in (("val", val), ("test", test)):
         if split is not None and len(split):
-            stats = evaluate(task.model, split, cfg.eval_batch_size)
-            print(f"{name}: accuracy {stats.accuracy:.4f}, loss {stats.loss:.4f} ({stats.samples} samples)")
+            stats = evaluate(task.model, split, cfg.eval_batch_size, precision=cfg.precision)
+            print(f"{name}: accuracy {stats.accuracy:.4f}, loss {stats.loss:.4f} ({stats.samples} targets)")
     return 0
 
 
@@ -215,13 +234,18 @@ PROTOCOL_NOTES = {"clean": "a held-out validation split chooses the epoch (UEA a
                   "paper": "epoch chosen on the test split, optimistic (SPEC.md §4)"}
 
 
-def protocol_note(protocol: str, validation: object) -> str:
-    """What chooses the epoch in this run: the validation split it has (its size), or nothing."""
+def protocol_note(protocol: str, validation: object, max_samples: int | None = None) -> str:
+    """What chooses the epoch in this run: the validation samples it scores (of the split's
+    size, when ``max_eval_samples`` draws fewer), or nothing."""
     if protocol != "clean":
         return PROTOCOL_NOTES[protocol]
     if validation is None or not len(validation):
         return "no validation split: the last epoch is kept; test read once"
-    return f"{len(validation)} held-out validation samples choose the epoch; test read once"
+    size = len(validation)
+    if max_samples is None or max_samples >= size:
+        return f"{size} held-out validation samples choose the epoch; test read once"
+    return (f"{max_samples} of the {size} held-out validation samples (max_eval_samples) choose the epoch; "
+            "test read once")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -411,7 +435,7 @@ def _add_bench_attention(kinds: Commands) -> None:
                       help="variants, comma separated (default: all)")
     attn.add_argument("--repeats", type=_positive_int, default=7, help="timed runs per point (median)")
     attn.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    attn.add_argument("--out", default="results/bench", help="output folder")
+    attn.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
     attn.set_defaults(func=_bench_attention)
 
 
@@ -424,7 +448,7 @@ def _add_bench_scaling(kinds: Commands) -> None:
     scaling.add_argument("--time-limit", type=_positive_float, default=4.0,
                          help="stop a variant once one forward+backward call takes longer (s)")
     scaling.add_argument("--no-memory", action="store_true")
-    scaling.add_argument("--out", default="results/bench", help="output folder")
+    scaling.add_argument("--out", default="runs/bench", help="output folder (default runs/bench)")
     scaling.set_defaults(func=_bench_scaling)
 
 
@@ -440,7 +464,8 @@ def _add_bench_precision(kinds: Commands) -> None:
 
 def _add_bench_model(kinds: Commands) -> None:
     model = kinds.add_parser("model", help="a task model's throughput, FLOPs and memory per variant")
-    model.add_argument("--task", default="image", help="image, uea or an lra-* task")
+    model.add_argument("--task", default="image",
+                       help="image (default), uea, lra (with --dataset) or lra-<dataset>")
     model.add_argument("--dataset", default="CIFAR10")
     model.add_argument("--variants", type=_variants, default=PAPER_VARIANTS)
     model.add_argument("--batch", type=_positive_int, default=128)
@@ -455,7 +480,8 @@ def _add_bench_model(kinds: Commands) -> None:
     model.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     model.add_argument("--set", type=parse_override, action="append", default=[], metavar="OPTION=VALUE",
                        help="any pda train option, e.g. --set precision=bf16 (repeatable)")
-    model.add_argument("--out", default="results/cifar10", help="folder of cost.csv")
+    model.add_argument("--out", default="runs/bench_model",
+                       help="folder of cost.csv and speed.md (default runs/bench_model)")
     model.set_defaults(func=_bench_model)
 
 
@@ -476,6 +502,10 @@ def _add_eval(commands: Commands) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on its validation/test split")
     evaluate.add_argument("checkpoint", help="a last.pt or best.pt written by pda train")
     evaluate.add_argument("--data-dir", help="where the data is now, if it moved")
+    evaluate.add_argument("--data-file", help="where an LM run's --data-file is now (a relative path is "
+                                              "read from the current folder)")
+    evaluate.add_argument("--all-samples", action="store_true",
+                          help="every validation and test sample, not the run's max_eval_samples draw")
     evaluate.set_defaults(func=_eval)
 
 
@@ -497,7 +527,8 @@ def _add_demo(commands: Commands) -> None:
 
 def _add_sweep(commands: Commands) -> None:
     sweep = commands.add_parser("sweep", help="resumable sweeps (UEA tables, CIFAR-10, LRA) and reports")
-    sweep.add_argument("--task", default="uea", help="uea (default), image, or an lra-* task")
+    sweep.add_argument("--task", default="uea",
+                       help="uea (default), image, lra (its datasets from --datasets) or lra-<dataset>")
     sweep.add_argument("--table", choices=("main", "extended", "all"), default="main",
                        help="UEA only: which table")
     sweep.add_argument("--data-dir", default=None, help="data folder (default: ../shared/data/...)")
@@ -536,7 +567,7 @@ def _add_verify(commands: Commands) -> None:
     verify = commands.add_parser("verify", help="check attention == SVR expansion, primal == dual")
     verify.add_argument("--checkpoint", default=None, help="take keys/values from this model")
     verify.add_argument("--data-dir", default=None, help="UEA folder for the real-data rows")
-    verify.add_argument("--out", default="results/verify", help="output folder")
+    verify.add_argument("--out", default="runs/verify", help="output folder (default runs/verify)")
     verify.set_defaults(func=_verify)
 
 
@@ -548,7 +579,7 @@ def _add_heads(commands: Commands) -> None:
     heads.add_argument("--layer", type=_positive_int, default=1,
                        help="layer whose maps are drawn (1 = first)")
     heads.add_argument("--data-dir", default=None)
-    heads.add_argument("--out", default="results/heads", help="output folder")
+    heads.add_argument("--out", default="runs/heads", help="output folder (default runs/heads)")
     heads.set_defaults(func=_heads)
 
 

@@ -137,7 +137,9 @@ def check_option_names(options_type: type, names: Iterable[str]) -> None:
     valid = [f.name for f in fields(options_type) if f.init]
     unknown = sorted(set(names) - set(valid))
     if unknown:
-        raise TypeError(f"unknown attention option(s) {unknown}; valid options: {valid}")
+        hint = ("; dropout is not an attention option: MultiHeadAttention takes attn_drop and proj_drop, "
+                "attention() dropout_p" if "dropout" in unknown else "")
+        raise TypeError(f"unknown attention option(s) {unknown}; valid options: {valid}{hint}")
 
 
 def zero_padding(key_padding_mask: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:
@@ -817,7 +819,7 @@ def attend(
     visible = visibility_mask(q.shape[-2], key_padding_mask, k.shape[-2], options.window, q.device)
     weights = kernel.weights(q, k, visible)
     attn = F.dropout(weights, dropout_p) if dropout_p > 0.0 else weights
-    return attn @ v, (weights if need_weights else None)
+    return attn @ v, (attn if need_weights else None)  # the maps used: after dropout, as torch's MHA
 
 
 # --------------------------------------------------------------------------------------------

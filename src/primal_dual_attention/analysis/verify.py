@@ -63,16 +63,17 @@ def random_qkv(batch=2, heads=4, n=32, dim=8, seed=0):
 
 def expansion_output(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, bn: bool,
                      head_scales, window, mask: Tensor | None, grid_size: tuple[int, int] | None = None,
-                     num_prefix_tokens: int = 0, eps: float = 1e-5, causal: bool = False) -> Tensor:
-    """Each head's SVR expansion on its own training set (pooled / normalised), head by head.
+                     num_prefix_tokens: int = 0, eps: float = 1e-5, causal: bool = False,
+                     first_query: int = 0) -> Tensor:
+    """Each head's SVR expansion on its own training set (pooled / normalised), head by head;
+    the queries sit at positions ``first_query, first_query + 1, ...`` (for the window).
     ``causal``: query i's expansion on the training set of the prefix 1..i (SPEC.md §2 "Causal"),
     one query at a time."""
-    if causal:  # query i: the last query of the non-causal expansion over the prefix 1..i
-        offset = k.shape[2] - q.shape[2]  # the queries are the last positions; earlier ones unused
-        q = torch.cat([q.new_zeros(*q.shape[:2], offset, q.shape[3]), q], dim=2)
-        rows = [expansion_output(q[:, :, :end], k[:, :, :end], v[:, :, :end], kernel=kernel, bn=bn,
-                                 head_scales=head_scales, window=window,
-                                 mask=None if mask is None else mask[:, :end], eps=eps)[:, :, -1:]
+    if causal:  # query i: the non-causal expansion over the prefix 1..i, at its last position
+        offset = k.shape[2] - q.shape[2]  # the queries are the last positions
+        rows = [expansion_output(q[:, :, end - 1 - offset:end - offset], k[:, :, :end], v[:, :, :end],
+                                 kernel=kernel, bn=bn, head_scales=head_scales, window=window,
+                                 mask=None if mask is None else mask[:, :end], eps=eps, first_query=end - 1)
                 for end in range(offset + 1, k.shape[2] + 1)]
         return torch.cat(rows, dim=2)
     heads = []
@@ -82,7 +83,9 @@ def expansion_output(q: Tensor, k: Tensor, v: Tensor, *, kernel: str, bn: bool,
                             grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
         queries = q[:, h] if data.shift is None else (q[:, h] - data.shift) / data.scale
         n_q, n_k = q.shape[2], data.keys.shape[1]
-        visible = visibility_mask(n_q, data.mask, n_k, window)
+        visible = visibility_mask(first_query + n_q, data.mask, n_k, window)
+        if visible is not None and visible.shape[-2] > 1:  # the window's rows of these queries
+            visible = visible[..., first_query:, :]
         if visible is None:
             visible = torch.ones(n_q, n_k, dtype=torch.bool)
         visible = visible.reshape((-1,) + visible.shape[-2:])  # (B or 1, Nq or 1, Nk)

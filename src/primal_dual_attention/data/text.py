@@ -93,12 +93,24 @@ def load_imdb_text(data_dir: str | Path | None, length: int) -> TextData:
 
 def load_text_file(data_file: str | Path, length: int) -> TextData:
     """A UTF-8 file's bytes: 90 % train, then 5 % validation, then the last 5 % test."""
-    raw = Path(data_file).read_bytes()
-    raw.decode("utf-8")  # a clear UnicodeDecodeError for a file that is not UTF-8 text
+    path = Path(data_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"data_file {str(data_file)!r} is not a file")
+    raw = path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"data_file {str(data_file)!r} is not UTF-8 text (byte {error.start}: "
+                         f"{error.reason})") from None
     stream = _stream([raw])[:-1]
     cut1 = int(FILE_SPLITS[0] * len(stream))
     cut2 = cut1 + int(FILE_SPLITS[1] * len(stream))
-    parts = (stream[:cut1], stream[cut1:cut2], stream[cut2:])
-    splits = [ByteWindows(p, length) for p in parts]
+    parts = {"train": stream[:cut1], "validation": stream[cut1:cut2], "test": stream[cut2:]}
+    short = [f"{name} {len(part)}" for name, part in parts.items() if len(part) < length + 1]
+    if short:
+        raise ValueError(f"data_file {str(data_file)!r} ({len(stream)} bytes, split 90/5/5 %) is too short "
+                         f"for windows of max_len={length} + 1 bytes: bytes per split {', '.join(short)}; "
+                         f"use a longer file or a smaller max_len")
+    splits = [ByteWindows(p, length) for p in parts.values()]
     return TextData(*splits, f"{Path(data_file).name}: {len(stream)} bytes, 90/5/5 % train/val/test, "
                              f"windows of {length} bytes")

@@ -13,6 +13,8 @@ from primal_dual_attention.attention import AttentionConfig, attention_config
 from primal_dual_attention.causal import DecodingCache
 from primal_dual_attention.models.encoder import EncoderBlock
 
+INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
 
 class DecoderBlock(EncoderBlock):
     """A pre-norm :class:`EncoderBlock` whose attention is causal (SPEC.md §2 "Causal"); its
@@ -96,6 +98,17 @@ class DecoderLM(nn.Module):
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
+        if not isinstance(prompt, Tensor) or prompt.ndim != 2 or prompt.dtype not in INTEGER_DTYPES:
+            what = (f"{prompt.dtype} of shape {tuple(prompt.shape)}" if isinstance(prompt, Tensor)
+                    else type(prompt).__name__)
+            raise ValueError(f"prompt must be an integer tensor of token ids (B, T), got {what}")
+        valid = prompt.shape[1]
+        if key_padding_mask is not None and key_padding_mask.shape == prompt.shape:  # else logits() says why
+            valid = int((~key_padding_mask).sum(1).max())
+        needed = valid + max_new_tokens - 1  # positions fed: the prompt's, then every new token but the last
+        if max_new_tokens and needed > self.max_len:
+            raise ValueError(f"{valid} prompt tokens + max_new_tokens={max_new_tokens} need {needed} "
+                             f"positions, more than max_len={self.max_len}")
         was_training = self.training
         self.eval()
         caches = [DecodingCache() for _ in self.blocks]

@@ -30,6 +30,12 @@ OPTIMIZERS = ("adamw", "radam")
 SCHEDULES = ("cosine", "linear", "step", "none")
 
 
+#: the options that take one of a few names (``task`` and ``variant``: their registries)
+CHOICES: dict[str, tuple[str, ...]] = {
+    "protocol": PROTOCOLS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS,
+    "norm": ("pre", "post"), "compile": COMPILE_CHOICES, "pooling": ("flatten", "mean")}
+
+
 @dataclass(frozen=True)
 class NumberRule:
     """What a numeric option allows, said in words for the error (``text``)."""
@@ -147,10 +153,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Check values with a clear error naming the option, the value and what is allowed."""
-        choices = {"protocol": PROTOCOLS, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-                   "precision": PRECISIONS, "norm": ("pre", "post"), "compile": COMPILE_CHOICES,
-                   "pooling": ("flatten", "mean")}
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         for rule, names in NUMBER_RULES.items():
@@ -164,6 +167,11 @@ class TrainConfig:
         if self.steps is None and (self.budget != 1.0 or self.warmup_steps is not None):
             raise ValueError(f"budget and warmup_steps count optimizer steps, so they need steps; got "
                              f"budget={self.budget}, warmup_steps={self.warmup_steps}, steps=None")
+        steps = None if self.steps is None else round(self.steps * self.budget)
+        if steps is not None and steps < self.epochs:
+            raise ValueError(f"steps x budget = {self.steps} x {self.budget} = {steps} optimizer steps, "
+                             f"fewer than epochs = {self.epochs} evaluation rounds (each round takes at "
+                             f"least one step); set epochs <= {max(1, steps)} or more steps")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: --resume continues a run, "
                              "--overwrite starts it again")
@@ -190,7 +198,9 @@ class TrainConfig:
         """The run's attention as one value (SPEC.md §2), handed to the task's model."""
         from primal_dual_attention.attention import AttentionConfig, attention_config
 
-        extra = dict(self.attention_options or {})
+        hints = typing.get_type_hints(AttentionConfig)  # ``eps: 1e-3`` reads as a string in YAML
+        extra = {name: _as_float(hints[name], value) if name in hints else value
+                 for name, value in (self.attention_options or {}).items()}
         own = sorted(set(extra) & {"variant", "head_scales", "window"})
         if own:
             raise ValueError(f"attention_options {own}: these are options of their own (variant, "
@@ -204,10 +214,9 @@ class TrainConfig:
         return self.lr if self.lr_base_batch is None else self.lr * self.batch_size / self.lr_base_batch
 
     def total_steps(self) -> int | None:
-        """Optimizer steps of a step-budgeted run: ``steps x budget`` (at least one per round)."""
-        if self.steps is None:
-            return None
-        return max(self.epochs, round(self.steps * self.budget))
+        """Optimizer steps of a step-budgeted run: ``steps x budget`` (validation refuses fewer
+        than one per evaluation round)."""
+        return None if self.steps is None else round(self.steps * self.budget)
 
     def run_dir(self) -> Path:
         """``out_dir/<task>/<dataset>/<protocol>/<variant>/<run_name or seed<k>>``; the engine

@@ -208,6 +208,19 @@ def limit(split: Split | None, count: int | None) -> Split | None:
     return split.subset(chosen.sort().values)
 
 
+def run_splits(cfg: TrainConfig, task: Task, model: nn.Module, device: torch.device,
+               ) -> tuple[int, Split, Split | None, Split | None]:
+    """The splits as a run of ``cfg`` sees them: validation and test limited to
+    ``max_eval_samples`` (the same draw), every split in length buckets where the run uses them;
+    returns ``(buckets per octave, train, val, test)``. ``pda eval`` takes the same, so that it
+    reproduces the run's numbers."""
+    splits = task.train, limit(task.val, cfg.max_eval_samples), limit(task.test, cfg.max_eval_samples)
+    per_octave = length_buckets(cfg, model, device)
+    if per_octave:
+        splits = tuple(None if s is None else BucketedSplit(s, per_octave, model.max_len) for s in splits)
+    return (per_octave, *splits)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -607,13 +620,8 @@ def _prepare(cfg: TrainConfig, task: Task) -> _Run:
         steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
     else:
         steps_per_epoch = math.ceil(total_steps / cfg.epochs)
-    train, val, test = task.train, limit(task.val, cfg.max_eval_samples), limit(task.test,
-                                                                                cfg.max_eval_samples)
-    per_octave = length_buckets(cfg, model, ctx.device)
+    per_octave, train, val, test = run_splits(cfg, task, model, ctx.device)
     cfg = replace(cfg, length_buckets=per_octave)  # config.yaml records what the run used
-    if per_octave:
-        train, val, test = (None if s is None else BucketedSplit(s, per_octave, model.max_len)
-                            for s in (train, val, test))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
     return _Run(cfg, ctx, model, train_model, optimizer, scheduler, scaler, steps_per_epoch, train, val,

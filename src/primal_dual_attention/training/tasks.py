@@ -43,13 +43,18 @@ def register_task(name: str, heads: Callable[[TrainConfig], int | None] = lambda
     return add
 
 
+def task_names() -> list[str]:
+    """Every name ``--task`` takes: the registered tasks and the ``lra-<dataset>`` aliases."""
+    return sorted(TASKS) + [f"lra-{name}" for name in LRA_DATASET_READS]
+
+
 def check_task(cfg: TrainConfig) -> None:
     """Check that the task exists, that it reads every task-specific option set away from its
     default (an option it ignores would silently change nothing), and that its attention fits its
     model's heads: called by :meth:`TrainConfig.validate`, so these mistakes are reported before
     data loads."""
     if cfg.task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {cfg.task!r}")
+        raise ValueError(f"task must be one of {task_names()}, got {cfg.task!r}")
     TASK_CHECKS[cfg.task](cfg)
     defaults, reads = TrainConfig(), TASK_READS[cfg.task](cfg)
     ignored = [f"{name}={getattr(cfg, name)!r}" for name in TASK_SPECIFIC_OPTIONS
