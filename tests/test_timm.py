@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -119,3 +121,12 @@ def test_flop_counting_switches_timm_attention_to_its_math_path_too():
     with fused_paths(ours, False), fused_paths(theirs, False):
         assert not ours.blocks[0].attn.fused_attn and not theirs.blocks[0].attn.fused_attn
     assert ours.blocks[0].attn.fused_attn and theirs.blocks[0].attn.fused_attn
+
+
+def test_an_sh_class_without_a_grid_warns():
+    """attention_class("sh") alone pools a ViT's tokens in 1-D windows, class token included."""
+    with pytest.warns(UserWarning, match=r"attention_class\('sh'\) without grid_size pools the tokens"):
+        attention_class("sh")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attention_class("sh", grid_size=(4, 4), num_prefix_tokens=1, head_scales=(1, 1, 2, 2))

@@ -15,6 +15,7 @@ sets the variant's options (head scales, eps).
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -72,8 +73,15 @@ def _new_attention(config: AttentionConfig) -> TimmAttention:
 
 def attention_class(attention: AttentionConfig | str, **switches: Any) -> type[TimmAttention]:
     """A ``TimmAttention`` subclass bound to one configuration, for ``attn_layer=``:
-    ``attention_class("bn_sh", grid_size=(14, 14), num_prefix_tokens=1)``."""
-    return _cached_class(attention_config(attention, **switches))
+    ``attention_class("bn_sh", grid_size=(14, 14), num_prefix_tokens=1)``. An SH variant without
+    a grid pools the token sequence in 1-D windows, the class token with the patches: a warning
+    says so (a ViT wants its patch grid and prefix tokens)."""
+    config = attention_config(attention, **switches)
+    if config.spec.multi_scale and config.grid_size is None:
+        warnings.warn(f"attention_class({config.variant!r}) without grid_size pools the tokens in 1-D "
+                      "windows, prefix (class) tokens included; for a ViT pass grid_size=(rows, cols) and "
+                      "num_prefix_tokens", stacklevel=2)
+    return _cached_class(config)
 
 
 def _build(name: str, variant: str, pretrained: bool, *, img_size: int | tuple[int, int], patch_size: int,
