@@ -273,3 +273,20 @@ def test_a_cache_serves_one_layer():
     with pytest.raises(ValueError, match="this DecodingCache holds another layer's state"):
         second(torch.randn(1, 1, DIM), cache=cache)
     first(torch.randn(1, 1, DIM), cache=cache)  # its own layer goes on
+
+
+def test_a_used_cache_pickles_and_copies():
+    """A decoding state can be saved and a model forked with its caches: the copy's layer claims it."""
+    import copy
+    import pickle
+
+    layer = MultiHeadAttention(DIM, HEADS, config("bn", causal=True)).eval()
+    cache = DecodingCache()
+    with torch.no_grad():
+        layer(torch.randn(1, 3, DIM), cache=cache)
+        restored = pickle.loads(pickle.dumps(cache))
+        forked_layer, forked_cache = copy.deepcopy((layer, cache))
+        step = torch.randn(1, 1, DIM)
+        expected = layer(step, cache=cache)
+        torch.testing.assert_close(forked_layer(step, cache=forked_cache), expected)
+        torch.testing.assert_close(layer(step, cache=restored), expected)

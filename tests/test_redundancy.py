@@ -86,6 +86,16 @@ def test_an_all_padding_sample_does_not_count():
         assert math.isclose(with_empty[0][name], value, rel_tol=1e-6), name
 
 
+def test_maps_are_captured_without_dropout_whatever_the_mode():
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(8, 2, variant="bn_sh", attn_drop=0.5)
+    x = torch.randn(2, 6, 8)
+    (training,) = capture_heads(layer.train(), x)
+    assert layer.training  # the mode is given back
+    (evaluation,) = capture_heads(layer.eval(), x)
+    torch.testing.assert_close(training.maps, evaluation.maps)
+
+
 def test_pda_heads_compares_checkpoints(tmp_path):
     from dataclasses import replace
 

@@ -268,6 +268,26 @@ def test_eval_command_reproduces_the_run(tmp_path, capsys):
     assert "(370 targets)" in capsys.readouterr().out  # JapaneseVowels' whole test split
 
 
+def test_a_checkpoint_of_an_earlier_version_still_evaluates(tmp_path, capsys):
+    """A saved config that a new run would refuse (an option the task ignores, fewer steps than
+    rounds: both were accepted before) is read as what the run did, not refused."""
+    cfg = tiny_config(tmp_path, epochs=1)
+    run(cfg)
+    path = cfg.run_dir() / "best.pt"
+    state = torch.load(path, weights_only=False)
+    state["config"] |= {"max_len": 64, "steps": 1, "epochs": 2}
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    assert main(["eval", str(old)]) == 0
+    assert "test: accuracy" in capsys.readouterr().out
+
+
+def test_fit_refuses_fewer_steps_than_rounds_without_validate(tmp_path):
+    cfg = replace(tiny_config(tmp_path), steps=10, budget=0.01)  # 0 steps, as validate() would refuse
+    with pytest.raises(ValueError, match="= 0 optimizer steps, fewer than epochs = 2 .*raise steps or"):
+        run(cfg)
+
+
 def test_single_class_training_split_is_refused(tmp_path):
     folder = tmp_path / "One"
     folder.mkdir()

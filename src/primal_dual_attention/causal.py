@@ -510,6 +510,10 @@ class DecodingCache:
         elif self._layer() is not layer:
             raise ValueError("this DecodingCache holds another layer's state; give every layer its own cache")
 
+    def __getstate__(self) -> dict:
+        """Pickled and copied without its layer (a weak reference): the copy's first user claims it."""
+        return self.__dict__ | {"_layer": None}
+
     def nbytes(self) -> int:
         """Bytes of the tensors held."""
         return sum(group.nbytes() for group in self.groups)

@@ -199,7 +199,7 @@ def _eval(args: argparse.Namespace) -> int:
     buckets its run used (``--all-samples``: the whole splits)."""
     import torch
 
-    from primal_dual_attention.training.config import config_from_mapping
+    from primal_dual_attention.training.config import saved_config
     from primal_dual_attention.training.engine import (
         evaluate,
         load_checkpoint,
@@ -213,7 +213,7 @@ def _eval(args: argparse.Namespace) -> int:
     overrides = ({"data_dir": args.data_dir} if args.data_dir else {}) | (
         {"data_file": args.data_file} if args.data_file else {}) | (
         {"max_eval_samples": None} if args.all_samples else {})
-    cfg = config_from_mapping(state["config"] | overrides, f"{args.checkpoint} config").validate()
+    cfg = saved_config(state["config"] | overrides, f"{args.checkpoint} config")
     seed_everything(cfg.seed)
     task = build_task(cfg)
     load_weights(task.model, state, args.checkpoint)

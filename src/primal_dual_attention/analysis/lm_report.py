@@ -37,12 +37,12 @@ def evaluate_run(run_dir: str | Path, test_windows: int = TEST_WINDOWS) -> dict[
     """Test bits per byte of ``best.pt``, generation speed, cache memory and samples of one run."""
     from primal_dual_attention.causal import cache_bytes_per_token
     from primal_dual_attention.models.decoder import DecoderLM
-    from primal_dual_attention.training.config import config_from_mapping
+    from primal_dual_attention.training.config import saved_config
     from primal_dual_attention.training.engine import evaluate, limit, load_checkpoint
     from primal_dual_attention.training.tasks import build_task
 
     run_dir = Path(run_dir)
-    cfg = config_from_mapping(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir))
+    cfg = saved_config(yaml.safe_load((run_dir / "config.yaml").read_text()), str(run_dir))
     if cfg.task != "lm":
         raise ValueError(f"{run_dir} is a run of task {cfg.task!r}; the LM report evaluates task 'lm' runs")
     task = build_task(cfg)

@@ -89,12 +89,15 @@ def capture_heads(model: nn.Module, *inputs, **kwargs) -> list[LayerCapture]:
         captured.append(LayerCapture(maps, maps @ v, mask))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_layers(model)]
+    was_training = model.training
+    model.eval()  # no dropout: maps whose rows sum to 1 (SPEC.md §3)
     try:
         with torch.inference_mode():
             model(*inputs, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
+        model.train(was_training)
     return captured
 
 
@@ -119,12 +122,12 @@ def model_redundancy(model: nn.Module, batches) -> list[dict[str, float]]:
 
 
 def _checkpoint_model(path: str, data_dir: str | None):
-    from primal_dual_attention.training.config import config_from_mapping
+    from primal_dual_attention.training.config import saved_config
     from primal_dual_attention.training.engine import load_checkpoint, load_weights, seed_everything
     from primal_dual_attention.training.tasks import build_task
 
     state = load_checkpoint(path)
-    cfg = config_from_mapping(state["config"] | ({"data_dir": data_dir} if data_dir else {}), path)
+    cfg = saved_config(state["config"] | ({"data_dir": data_dir} if data_dir else {}), path)
     seed_everything(cfg.seed)
     task = build_task(cfg)
     load_weights(task.model, state, path)

@@ -252,13 +252,14 @@ def default_model_and_batch(checkpoint: str | None, data_dir: str | None):
         config_from_mapping,
         dataset_config_path,
         load_yaml_config,
+        saved_config,
     )
     from primal_dual_attention.training.engine import load_checkpoint, load_weights, seed_everything
     from primal_dual_attention.training.tasks import build_task
 
     if checkpoint:
         state = load_checkpoint(checkpoint)
-        cfg = config_from_mapping(state["config"] | ({"data_dir": data_dir} if data_dir else {}), checkpoint)
+        cfg = saved_config(state["config"] | ({"data_dir": data_dir} if data_dir else {}), checkpoint)
         source = f"checkpoint {checkpoint}"
     else:
         base = load_yaml_config(dataset_config_path("uea", "JapaneseVowels"), TrainConfig())

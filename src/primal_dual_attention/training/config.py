@@ -167,11 +167,7 @@ class TrainConfig:
         if self.steps is None and (self.budget != 1.0 or self.warmup_steps is not None):
             raise ValueError(f"budget and warmup_steps count optimizer steps, so they need steps; got "
                              f"budget={self.budget}, warmup_steps={self.warmup_steps}, steps=None")
-        steps = None if self.steps is None else round(self.steps * self.budget)
-        if steps is not None and steps < self.epochs:
-            raise ValueError(f"steps x budget = {self.steps} x {self.budget} = {steps} optimizer steps, "
-                             f"fewer than epochs = {self.epochs} evaluation rounds (each round takes at "
-                             f"least one step); set epochs <= {max(1, steps)} or more steps")
+        self.check_step_budget()
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: --resume continues a run, "
                              "--overwrite starts it again")
@@ -193,6 +189,15 @@ class TrainConfig:
         except TypeError as error:  # an ill-typed attention option, e.g. head_scales of strings
             raise ValueError(str(error)) from None
         return self
+
+    def check_step_budget(self) -> None:
+        """A step-budgeted run takes at least one optimizer step per evaluation round."""
+        steps = self.total_steps()
+        if steps is not None and steps < self.epochs:
+            advice = f"set epochs <= {steps} or more steps" if steps else "raise steps or budget"
+            raise ValueError(f"steps x budget = {self.steps} x {self.budget} = {steps} optimizer steps, "
+                             f"fewer than epochs = {self.epochs} evaluation rounds (each round takes at "
+                             f"least one step); {advice}")
 
     def attention(self) -> AttentionConfig:
         """The run's attention as one value (SPEC.md §2), handed to the task's model."""
@@ -289,6 +294,26 @@ def config_from_mapping(values: dict[str, Any], where: str, base: TrainConfig | 
                 f"got {type(value).__name__} {value!r}")
     current = dataclasses.asdict(base) if base is not None else {}
     return TrainConfig(**{**current, **values})
+
+
+def saved_config(values: dict[str, Any], where: str) -> TrainConfig:
+    """The validated config of a finished or saved run (a checkpoint's, a ``config.yaml``), read
+    as a new one would be, except for what earlier versions accepted and a new run refuses: a
+    task-specific option the task does not read goes back to its default (it changed nothing),
+    and a step budget below one step per round becomes what such a run took, one step per round."""
+    from primal_dual_attention.training.tasks import TASK_READS, TASK_SPECIFIC_OPTIONS
+
+    cfg = config_from_mapping(values, where)
+    if cfg.total_steps() is not None and cfg.total_steps() < cfg.epochs:
+        cfg = dataclasses.replace(cfg, steps=cfg.epochs, budget=1.0)
+    task, dataset = canonical_task(cfg.task, cfg.dataset)
+    try:
+        reads = TASK_READS[task](dataclasses.replace(cfg, task=task, dataset=dataset))
+    except KeyError:  # an unknown task or LRA dataset: validate() names it
+        return cfg.validate()
+    defaults = TrainConfig()
+    return dataclasses.replace(cfg, **{name: getattr(defaults, name) for name in TASK_SPECIFIC_OPTIONS
+                                       if name not in reads}).validate()
 
 
 def load_yaml_config(path: str | os.PathLike | Traversable, base: TrainConfig | None = None) -> TrainConfig:

@@ -599,6 +599,7 @@ def _prepare(cfg: TrainConfig, task: Task) -> _Run:
     and the evaluation splits (``max_eval_samples``)."""
     if len(task.train) == 0:
         raise ValueError("the training split is empty")
+    cfg.check_step_budget()  # also for a config handed to fit() without validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     ctx = distributed.init(cfg.device)
