@@ -121,10 +121,12 @@ job() {  # one queue entry suite:variants:seeds: the sweep, then (once per suite
     done
     local marker="$runs/.bench_$suite"
     {  # once per suite, whichever lane comes first (the marker is checked under the lock); a
-       # results folder whose committed cost.csv already holds the dataset counts as measured, so
-       # a fresh checkout (no ignored markers) does not measure it again
+       # results folder whose committed cost.csv already holds the dataset at this precision
+       # (column 13) counts as measured, so a fresh checkout (no ignored markers) does not
+       # measure it again
         flock 9
-        grep -qs "^lra,$dataset," "$results/cost.csv" && touch "$marker"
+        awk -F, -v d="$dataset" -v p="$precision" '$1 == "lra" && $2 == d && $13 == p {found = 1}
+            END {exit !found}' "$results/cost.csv" 2> /dev/null && touch "$marker"
         [[ -f $marker ]] || { bench "$dataset" "$precision" softmax,linear,bn,sh,bn_sh "$results" && touch "$marker"; }
     } 9> "$RUNS/.cost.lock"
 }
