@@ -13,8 +13,6 @@ from primal_dual_attention.attention import AttentionConfig, attention_config
 from primal_dual_attention.causal import DecodingCache
 from primal_dual_attention.models.encoder import EncoderBlock
 
-INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-
 
 class DecoderBlock(EncoderBlock):
     """A pre-norm :class:`EncoderBlock` whose attention is causal (SPEC.md §2 "Causal"); its
@@ -98,7 +96,8 @@ class DecoderLM(nn.Module):
             raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k must be an integer >= 1 or None, got {top_k!r}")
-        if not isinstance(prompt, Tensor) or prompt.ndim != 2 or prompt.dtype not in INTEGER_DTYPES:
+        if (not isinstance(prompt, Tensor) or prompt.ndim != 2 or prompt.is_floating_point()
+                or prompt.is_complex() or prompt.dtype == torch.bool):
             what = (f"{prompt.dtype} of shape {tuple(prompt.shape)}" if isinstance(prompt, Tensor)
                     else type(prompt).__name__)
             raise ValueError(f"prompt must be an integer tensor of token ids (B, T), got {what}")
