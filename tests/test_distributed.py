@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,15 +18,27 @@ COMMON = ["--dataset", "JapaneseVowels", "--dim", "16", "--depth", "1", "--heads
           "--epochs", "2", "--protocol", "clean"]
 
 
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """Two CPU ranks; a rank that crashes prints its Python stack (faulthandler)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    env = os.environ | {"PYTHONFAULTHANDLER": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+
+
+def failure(result: subprocess.CompletedProcess) -> str:
+    """The start and end of the ranks' stderr: the crashing rank's own words come first, the
+    launcher's summary of the failure last."""
+    text = result.stderr
+    return text if len(text) <= 6000 else f"{text[:3000]}\n[...]\n{text[-3000:]}"
+
+
 def last_state(out: Path) -> dict:
     return load_checkpoint(out / "uea" / "JapaneseVowels" / "clean" / "bn_sh" / "seed0" / "last.pt")
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    two = subprocess.run([*torchrun, "-m", "primal_dual_attention.cli", "train", *COMMON,
-                          "--out-dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
+    two = torchrun("-m", "primal_dual_attention.cli", "train", *COMMON, "--out-dir", str(tmp_path / "two"))
+    assert two.returncode == 0, failure(two)
     assert two.stdout.count("test accuracy") == 1  # only rank 0 reports
     one = subprocess.run([sys.executable, "-m", "primal_dual_attention.cli", "train", *COMMON,
                           "--out-dir", str(tmp_path / "one")], capture_output=True, text=True, timeout=300)
@@ -65,11 +78,9 @@ def test_bf16_training_run_is_finite(tmp_path):
 def test_compiled_training_runs_under_ddp(tmp_path):
     """torch.compile (backend ``eager``: dynamo's graph capture without code generation, which
     keeps the test fast) wraps the DDP model on two ranks (resume: tests/test_uea.py)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    ddp = subprocess.run([*torchrun, "-m", "primal_dual_attention.cli", "train", *COMMON, "--compile", "on",
-                          "--compile-backend", "eager", "--out-dir", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    ddp = torchrun("-m", "primal_dual_attention.cli", "train", *COMMON, "--compile", "on",
+                   "--compile-backend", "eager", "--out-dir", str(tmp_path))
+    assert ddp.returncode == 0, failure(ddp)
     state = last_state(tmp_path)
     assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
 
@@ -77,6 +88,8 @@ def test_compiled_training_runs_under_ddp(tmp_path):
 DRIVER = '''
 import sys
 from dataclasses import replace
+
+import torch
 
 import primal_dual_attention.training.engine as engine
 from primal_dual_attention.training.config import TrainConfig
@@ -98,7 +111,10 @@ if mode == "cut":  # stop during the second epoch: last.pt holds the first
 
     engine._train_epoch = crash
 seed_everything(cfg.seed)
-fit(cfg, build_task(cfg))
+try:
+    fit(cfg, build_task(cfg))
+finally:
+    print("group still joined:", torch.distributed.is_initialized(), flush=True)
 '''
 
 
@@ -107,17 +123,14 @@ def test_ddp_resume_continues_every_ranks_dropout(tmp_path):
     so a resumed run equals the uninterrupted one only if each rank gets its own random state back."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                str(driver)]
-
-    def launch(mode: str, out: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([*torchrun, mode, str(out)], capture_output=True, text=True, timeout=300)
-
-    full = launch("full", tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-2000:]
-    assert launch("cut", tmp_path / "cut").returncode != 0
-    resumed = launch("resume", tmp_path / "cut")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full = torchrun(str(driver), "full", str(tmp_path / "full"))
+    assert full.returncode == 0, failure(full)
+    cut = torchrun(str(driver), "cut", str(tmp_path / "cut"))
+    assert cut.returncode != 0
+    for launched in (full, cut):  # fit left the group it joined, after success and after a crash
+        assert launched.stdout.count("group still joined: False") == 2, launched.stdout
+    resumed = torchrun(str(driver), "resume", str(tmp_path / "cut"))
+    assert resumed.returncode == 0, failure(resumed)
     (path,) = [p.relative_to(tmp_path / "full") for p in (tmp_path / "full").rglob("last.pt")]
     a, b = load_checkpoint(tmp_path / "full" / path), load_checkpoint(tmp_path / "cut" / path)
     assert a["epoch"] == b["epoch"] == 1

@@ -172,7 +172,7 @@ def resolve_config(args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from primal_dual_attention.training.distributed import is_main_process, shutdown
+    from primal_dual_attention.training.distributed import is_main_process
     from primal_dual_attention.training.engine import fit, seed_everything
     from primal_dual_attention.training.tasks import build_task
 
@@ -183,10 +183,7 @@ def _train(args: argparse.Namespace) -> int:
     say(task.description)
     note = protocol_note(cfg.protocol, task.val, cfg.max_eval_samples)
     say(f"variant={cfg.variant} protocol={cfg.protocol} ({note}) seed={cfg.seed}")
-    try:
-        result = fit(cfg, task)
-    finally:
-        shutdown()
+    result = fit(cfg, task)
     say(f"test accuracy {result.test_accuracy:.4f} (protocol {result.protocol}, best epoch "
           f"{result.best_epoch}/{result.epochs}); {result.params:,} parameters; "
           f"{result.epoch_seconds:.2f} s/epoch; {result.train_samples_per_second:.0f} samples/s; "

@@ -11,6 +11,8 @@ synchronisation: a sample's output never depends on the other samples of the bat
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -92,8 +94,22 @@ def init(device: str = "auto") -> Context:
     return Context(dist.get_rank(), dist.get_world_size(), resolved)
 
 
-def shutdown() -> None:
-    """Leave the process group, if one was joined: torch asks for it before exit (a rank that
-    tears gloo down at interpreter exit instead was seen to abort after a finished run)."""
-    if dist.is_available() and dist.is_initialized():
+@contextmanager
+def session(device: str = "auto") -> Iterator[Context]:
+    """The process group for one run: joined on entry and left on exit when this call joined it
+    (a group the caller joined stays). torch asks that a group be destroyed before the process
+    exits; gloo torn down at interpreter exit was seen to abort a rank after a finished run. On a
+    normal exit the ranks first meet at a barrier, so that none closes its connections while a
+    peer still finishes a collective; after an error the group is left at once, since a failed
+    peer would never reach the barrier."""
+    joins = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    ctx = init(device)
+    try:
+        yield ctx
+    except BaseException:
+        if joins:
+            dist.destroy_process_group()
+        raise
+    if joins:
+        ctx.barrier()
         dist.destroy_process_group()

@@ -570,8 +570,15 @@ class _Run:
 
 
 def fit(cfg: TrainConfig, task: Task) -> RunResult:
-    """Train ``task.model`` under ``cfg`` in ``cfg.run_dir()``; resume from ``last.pt`` if asked."""
-    run = _prepare(cfg, task)
+    """Train ``task.model`` under ``cfg`` in ``cfg.run_dir()``; resume from ``last.pt`` if asked.
+    Under ``torchrun`` it joins the process group for the run and leaves it at the end
+    (:func:`distributed.session`)."""
+    with distributed.session(cfg.device) as ctx:
+        return _fit(cfg, task, ctx)
+
+
+def _fit(cfg: TrainConfig, task: Task, ctx: Context) -> RunResult:
+    run = _prepare(cfg, task, ctx)
     cfg = run.cfg  # with the run's own folder
     if cfg.resume and run.last_path.is_file():
         _resume(run)
@@ -594,15 +601,14 @@ def fit(cfg: TrainConfig, task: Task) -> RunResult:
     return _finish(run, writes)
 
 
-def _prepare(cfg: TrainConfig, task: Task) -> _Run:
-    """Threads, process group, run folder, the model on its device, optimizer, schedule, scaler
+def _prepare(cfg: TrainConfig, task: Task, ctx: Context) -> _Run:
+    """Threads, run folder, the model on its device, optimizer, schedule, scaler
     and the evaluation splits (``max_eval_samples``)."""
     if len(task.train) == 0:
         raise ValueError("the training split is empty")
     cfg.check_step_budget()  # also for a config handed to fit() without validate()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ctx = distributed.init(cfg.device)
     cfg, clear = claim_run_dir(cfg, print if ctx.is_main else lambda _: None)
     ctx.barrier()  # every rank has read the folders before the main rank writes
     if ctx.is_main:
