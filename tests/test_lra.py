@@ -44,13 +44,16 @@ def test_independent_evaluator_and_tokenizer(text, value):
 
 def test_generated_listops_below_lra_length_are_whole_expressions(tmp_path, monkeypatch):
     """With max_len under LRA's 2000 the generator draws shorter expressions instead of cutting
-    them (a cut one keeps the whole expression's label)."""
+    them (a cut one keeps the whole expression's label), closing brackets included: at 64 tokens
+    about 1.5 % of the trees it returns end past max_len, and version 1 (LRA's length) keeps them."""
     monkeypatch.setenv("PDA_CACHE_DIR", str(tmp_path))
-    data = lra.load_listops(sizes=(20, 2, 2), max_len=120)
+    data = lra.load_listops(sizes=(1500, 2, 2), max_len=64)
     for split in (data.train, data.val, data.test):
         for index in range(len(split)):
             tokens, label = split[index]
-            assert 30 < len(tokens) < 120 and lra.evaluate_listops(tokens.numpy()) == label
+            assert 16 < len(tokens) < 64 and lra.evaluate_listops(tokens.numpy()) == label
+    kept, _ = lra.generate_listops(1500, seed=0, min_len=16, max_len=64, bounded=False)
+    assert max(len(s) for s in kept) >= 64
 
 
 def test_listops_tsv_reader(tmp_path):
@@ -140,6 +143,17 @@ def test_aan_reader_and_dual_encoder(tmp_path):
         lra.read_aan_tsv(tmp_path / "bad.tsv")
 
 
+def test_aan_reader_keeps_quotes_as_text(tmp_path):
+    """LRA's files quote nothing: a text that starts with '"' is one field, not the start of a
+    quoted run over the next tabs and rows."""
+    path = tmp_path / "pairs.tsv"
+    path.write_text('1\ta\tb\t"open quote\tsecond\n0\tc\td\t"Deep" nets\tx\n')
+    split = lra.read_aan_tsv(path, max_len=16)
+    assert len(split) == 2 and split.labels.tolist() == [1, 0]
+    first = bytes((split.tokens[1, : split.lengths[1]] - 1).tolist())
+    assert first == b'"Deep" nets'
+
+
 def test_retrieval_without_data_is_a_clear_error():
     with pytest.raises(FileNotFoundError, match="new_aan_pairs"):
         lra.load_retrieval(None)
@@ -187,3 +201,32 @@ def test_budget_scales_steps_and_the_alias_selects_the_dataset():
     assert cfg.total_steps() == 500
     with pytest.raises(ValueError, match="budget must be a finite number > 0"):
         TrainConfig(budget=0).validate()
+
+
+def test_max_train_samples_cuts_listops_read_from_lra_files(tmp_path):
+    from primal_dual_attention.training.config import TrainConfig
+    from primal_dual_attention.training.tasks import build_task
+
+    for split in ("train", "val", "test"):
+        rows = "".join(f"[MAX {i % 10} 3 ]\t{max(i % 10, 3)}\n" for i in range(10))
+        (tmp_path / f"basic_{split}.tsv").write_text("Source\tTarget\n" + rows)
+    cfg = TrainConfig(task="lra", dataset="listops", data_dir=str(tmp_path), max_train_samples=3, max_len=8,
+                      dim=16, depth=1, heads=2, mlp_dim=16).validate()
+    task = build_task(cfg)
+    assert len(task.train) == 3 and task.train.labels.tolist() == [3, 3, 3]
+    assert len(task.test) == 10
+
+
+@pytest.mark.parametrize("loader, state", [  # a CIFAR-10 folder is read as torchvision's layout
+    ("lra_text", "folder"), ("lra_text", "missing"), ("lm_text", "folder"), ("lm_text", "missing"),
+    ("cifar", "missing")])
+def test_a_wrong_data_dir_is_named_with_what_was_expected(tmp_path, loader, state):
+    from primal_dual_attention.data.images import load_cifar10
+    from primal_dual_attention.data.text import load_imdb_text
+
+    path = tmp_path if state == "folder" else tmp_path / "nowhere.zip"
+    loaders = {"lra_text": lra.load_text, "lm_text": lambda p: load_imdb_text(p, 16), "cifar": load_cifar10}
+    load = loaders[loader]
+    expected = "is a folder" if state == "folder" else "does not exist"
+    with pytest.raises(FileNotFoundError, match=f"data_dir='{path}' {expected}; expected the .* zip"):
+        load(str(path))

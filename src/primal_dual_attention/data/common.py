@@ -23,6 +23,20 @@ def shared_data(relative: str, variable: str, *, folder: bool = False) -> Path |
     return next((c for c in candidates if exists(c)), None)
 
 
+def zip_file(data_dir: str | Path | None, default: Path | None, what: str, variable: str) -> Path:
+    """The zip a loader reads: ``data_dir`` when given, else ``default`` (:func:`shared_data`); an
+    error that names the path and what was expected when it is not a file."""
+    if data_dir is None:
+        if default is None:
+            raise FileNotFoundError(f"no {what} found: pass --data-dir or set {variable}")
+        return default
+    path = Path(data_dir)
+    if not path.is_file():
+        state = "is a folder" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"data_dir={str(data_dir)!r} {state}; expected the {what}")
+    return path
+
+
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices (train, holdout) with ``fraction`` of each class held out (at least one per class
     with two or more members), reproducible from ``seed`` (SPEC.md §4, clean protocol)."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from primal_dual_attention.data.common import shared_data
+from primal_dual_attention.data.common import shared_data, zip_file
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -127,10 +127,8 @@ def load_cifar10(data_dir: str | Path | None = None) -> tuple[ImageSplit, ImageS
             images = torch.from_numpy(data.data).permute(0, 3, 1, 2).contiguous()
             splits.append(ImageSplit(images, torch.tensor(data.targets), augment=train))
         return splits[0], splits[1], list(data.classes)
-    path = Path(data_dir) if data_dir is not None else default_cifar_zip()
-    if path is None or not path.is_file():
-        raise FileNotFoundError("no CIFAR-10 zip found: pass --data-dir (the JPEG zip or a torchvision "
-                                "CIFAR-10 folder) or set PDA_CIFAR_ZIP")
+    path = zip_file(data_dir, default_cifar_zip(), "CIFAR-10 JPEG zip or a torchvision CIFAR-10 folder",
+                    "PDA_CIFAR_ZIP")
     train_images, train_labels, classes = read_image_zip(path, "train")
     test_images, test_labels, test_classes = read_image_zip(path, "test")
     if test_classes != classes:

@@ -22,7 +22,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from primal_dual_attention.data.common import imdb_reviews
+from primal_dual_attention.data.common import imdb_reviews, zip_file
 from primal_dual_attention.data.lra import default_imdb_zip
 
 VOCAB_SIZE = 256  # bytes
@@ -76,9 +76,7 @@ def _stream(texts: list[bytes]) -> torch.Tensor:
 
 def load_imdb_text(data_dir: str | Path | None, length: int) -> TextData:
     """IMDb reviews as byte streams (see the module docstring for the splits)."""
-    path = Path(data_dir) if data_dir is not None else default_imdb_zip()
-    if path is None or not path.is_file():
-        raise FileNotFoundError("no aclImdb zip found: pass --data-dir or set PDA_IMDB_ZIP")
+    path = zip_file(data_dir, default_imdb_zip(), "aclImdb zip", "PDA_IMDB_ZIP")
     train = [text for _, text in imdb_reviews(path, "train")]
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).tolist()
     held = round(IMDB_VAL_FRACTION * len(train))

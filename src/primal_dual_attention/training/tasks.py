@@ -179,6 +179,7 @@ def build_lra_task(cfg: TrainConfig) -> Task:
     if name not in LRA_FIXED_LENGTH:
         kwargs["max_len"] = max_len
     data = LOADERS[name](cfg.data_dir, **kwargs)
+    data.train = data.train.head(cfg.max_train_samples)  # LRA's files: their first ones
     warn_long_scales(cfg, data.max_len)
     model = LRAClassifier(data.vocab_size, data.num_classes, data.max_len, dim=cfg.dim, depth=cfg.depth,
                           num_heads=cfg.heads, mlp_dim=cfg.mlp_dim, dropout=cfg.dropout,
