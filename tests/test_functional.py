@@ -507,3 +507,12 @@ def test_maps_under_dropout_are_those_the_output_used(variant, causal):
     config = AttentionConfig(variant=variant, causal=causal).for_heads(4)
     out, maps = attention(q, k, v, config, dropout_p=0.5, need_weights=True)
     torch.testing.assert_close(maps @ v, out)
+
+
+def test_a_sparse_window_needs_queries_at_the_keys_positions():
+    """|i - j| <= window compares query and key indices: cross-attention (other lengths, no
+    shared positions) is refused, not banded by index."""
+    q, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 7, 4), torch.randn(1, 2, 7, 4)
+    with pytest.raises(ValueError, match="window=1 .* got 3 queries for 7 keys"):
+        attention(q, k, v, window=1)
+    assert attention(q, k, v).shape == (1, 2, 3, 4)

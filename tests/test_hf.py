@@ -146,6 +146,20 @@ def test_masks_beyond_padding_and_causal_order_are_refused():
         model(input_ids=ids, position_ids=packed, use_cache=False)
 
 
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generation_past_a_sliding_window_is_refused(cache):
+    """A sliding-window cache drops its oldest keys once the sequence outgrows the window: the
+    queries would see a window (a static cache also re-read the mask it was handed, cutting the
+    newest keys), so decoding stops with an error; up to the window it equals sdpa."""
+    model, ids = mistral(sliding_window=10), torch.randint(1, 40, (2, 9))
+    settings = dict(do_sample=False, pad_token_id=0, cache_implementation=cache)
+    expected = model.generate(input_ids=ids, max_new_tokens=1, **settings)
+    model.set_attn_implementation("pda_softmax")
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=1, **settings), expected)
+    with pytest.raises(ValueError, match="grown past it"):
+        model.generate(input_ids=ids, max_new_tokens=4, **settings)
+
+
 def test_score_biases_are_refused():
     """T5's relative position bias and a 4-D mask that carries a bias (Swin's) are not key padding."""
     from primal_dual_attention.hf import make_attention_function

@@ -1210,6 +1210,10 @@ def attention(
     k, v = zero_padding(key_padding_mask, k, v)
     grid = options.check_input(num_heads, num_keys)
     check_probability("dropout_p", dropout_p)
+    if options.window is not None and q.shape[-2] != num_keys:
+        raise ValueError(f"window={options.window} (sparse attention, |i - j| <= window) needs the queries "
+                         f"at the keys' positions, got {q.shape[-2]} queries for {num_keys} keys "
+                         "(cross-attention has no shared positions)")
 
     if packs_heads(options, num_keys, key_padding_mask):
         out, weights = packed_attention(q, torch.stack((k, v), 1), options, key_padding_mask=key_padding_mask,

@@ -46,10 +46,15 @@ def _padding_mask(
     transformers asks for; None when every key is kept. Keys a static cache has not filled yet
     (after the last query) are cut off, so the mask is then shorter than the keys and the
     attention function drops the rest. Anything more than key padding and causal order (a
-    sliding window that reaches back less far than the sequence, packed sequences, a model's own
-    ``and``/``or`` masks) is an error: the attention has no such pattern (SPEC.md §2)."""
+    sliding window that reaches back less far than the sequence, in one pass or in a cache that
+    has dropped keys, packed sequences, a model's own ``and``/``or`` masks) is an error: the
+    attention has no such pattern (SPEC.md §2)."""
     from transformers import masking_utils
 
+    if kv_offset:  # a sliding-window cache has dropped its oldest keys, so the queries see a window
+        raise ValueError(f"{PREFIX}* attention takes key padding and causal order only, but this layer's "
+                         f"cache keeps a sliding window, and the sequence has grown past it (kv_offset="
+                         f"{int(kv_offset)}): use an attention implementation of transformers for it")
     padding = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)  # padded with 0
     padding = None if padding is None else padding.to(torch.bool)
     if mask_function is masking_utils.causal_mask_function:  # the common cases, without a 4-D mask
