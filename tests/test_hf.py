@@ -197,3 +197,21 @@ def test_vit_at_another_image_size():
         model(pixel_values=torch.randn(1, 3, 20, 20), interpolate_pos_encoding=True)
     model.config.pda_num_prefix_tokens = 1
     assert model(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state.shape == (1, 65, 32)
+
+
+def test_sh_refuses_tokens_after_the_patch_grid_and_names_bad_head_scales():
+    """YOLOS appends detection tokens after its patches: SH would pool them as patches."""
+    config = transformers.YolosConfig(image_size=[16, 16], patch_size=4, hidden_size=32, num_hidden_layers=1,
+                                      num_attention_heads=4, intermediate_size=48, num_detection_tokens=3)
+    config.pda_head_scales = (1, 1, 2, 2)
+    yolos = transformers.YolosModel(config, add_pooling_layer=False).eval()
+    yolos.set_attn_implementation("pda_sh")
+    with pytest.raises(ValueError, match="3 detection tokens after its patch grid"):
+        yolos(pixel_values=torch.randn(1, 3, 16, 16))
+    yolos.set_attn_implementation("pda_bn")  # nothing pooled: the order of the tokens does not matter
+    assert yolos(pixel_values=torch.randn(1, 3, 16, 16)).last_hidden_state.shape == (1, 20, 32)
+    model = vit()
+    model.config.pda_head_scales = 2
+    model.set_attn_implementation("pda_sh")
+    with pytest.raises(ValueError, match="config.pda_head_scales must be a sequence .* got 2"):
+        model(pixel_values=torch.randn(1, 3, 16, 16))

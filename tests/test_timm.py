@@ -111,6 +111,21 @@ def test_unsupported_options_are_refused():
         timm.create_model("vit_cifar_bn", pretrained=True)
     with pytest.raises(ValueError, match="variant 'sh'"):
         timm.create_model("vit_cifar_bn", attention=AttentionConfig(variant="sh"))
+    with pytest.raises(ValueError, match="patch_drop_rate=0.5"):
+        timm.create_model("vit_cifar_sh", patch_drop_rate=0.5)
+    timm.create_model("vit_cifar_bn", patch_drop_rate=0.5)  # no grid to break
+
+
+@pytest.mark.parametrize("name, mean, crop_pct, interpolation", [
+    ("vit_cifar_bn", (0.4914, 0.4822, 0.4465), 1.0, "bilinear"),
+    ("deit_tiny_patch16_224_bn", timm.data.IMAGENET_DEFAULT_MEAN, 0.875, "bicubic")])
+def test_timm_data_config_is_the_preprocessing_of_pda_train(name, mean, crop_pct, interpolation):
+    from primal_dual_attention.data.images import CIFAR_MEAN
+
+    model = timm.create_model(name, depth=1)
+    config = timm.data.resolve_data_config({}, model=model)
+    assert (config["mean"], config["crop_pct"], config["interpolation"]) == (mean, crop_pct, interpolation)
+    assert (config["mean"] == CIFAR_MEAN) == name.startswith("vit_cifar")
 
 
 def test_flop_counting_switches_timm_attention_to_its_math_path_too():

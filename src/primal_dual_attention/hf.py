@@ -134,6 +134,9 @@ def _grid(config: object, num_tokens: int) -> tuple[tuple[int, int], int] | None
     image, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
     if image is None or patch is None:
         return None
+    if getattr(config, "num_detection_tokens", 0):  # YOLOS: its detection tokens follow the patches
+        raise ValueError(f"this model appends {config.num_detection_tokens} detection tokens after its patch "
+                         "grid, which SH would pool as patches; use a variant without SH for it")
     image = (image, image) if isinstance(image, int) else tuple(image)
     patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
     grid = (image[0] // patch[0], image[1] // patch[1])
@@ -194,6 +197,9 @@ def make_attention_function(variant: str, *, head_scales: Sequence[int] | None =
         config = getattr(module, "config", None)
         settings = {name: getattr(config, f"pda_{name}", value) for name, value in defaults.items()}
         if settings["head_scales"] is not None:
+            if not isinstance(settings["head_scales"], Sequence):
+                raise ValueError("config.pda_head_scales must be a sequence of pooling factors, one per "
+                                 f"head, got {settings['head_scales']!r}")
             settings["head_scales"] = tuple(settings["head_scales"])
         given = [name for name in UNSUPPORTED_KEYWORDS if kwargs.get(name) is not None]
         if given:

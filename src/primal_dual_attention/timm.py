@@ -20,6 +20,7 @@ from dataclasses import replace
 from typing import Any, ClassVar
 
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
@@ -31,6 +32,7 @@ from primal_dual_attention.attention import (
     attention_config,
     variant_names,
 )
+from primal_dual_attention.data.images import CIFAR_MEAN, CIFAR_STD
 from primal_dual_attention.models.vision import CIFAR, DEIT
 
 
@@ -85,10 +87,13 @@ def attention_class(attention: AttentionConfig | str, **switches: Any) -> type[T
 
 
 def _build(name: str, variant: str, pretrained: bool, *, img_size: int | tuple[int, int], patch_size: int,
-           attention: AttentionConfig | None = None, **kwargs) -> VisionTransformer:
+           data_config: dict[str, Any], attention: AttentionConfig | None = None, **kwargs
+           ) -> VisionTransformer:
     """``attention`` may set the variant's options (scales, eps, fused); a pooling (SH) variant
     takes the patch grid and the prefix tokens (class and register tokens) from the model, which
-    fixes its input size; the other variants take any size timm does (``dynamic_img_size``)."""
+    fixes its input size; the other variants take any size timm does (``dynamic_img_size``).
+    ``data_config`` (mean, std, crop, interpolation) goes into ``pretrained_cfg``, so timm's
+    ``resolve_data_config`` gives the preprocessing ``pda train`` uses for the model."""
     if pretrained:
         raise ValueError(f"{name} has no pretrained weights; train it (pda train --task image) or load "
                          "a checkpoint with load_state_dict")
@@ -104,13 +109,16 @@ def _build(name: str, variant: str, pretrained: bool, *, img_size: int | tuple[i
         if kwargs.get("dynamic_img_size"):
             raise ValueError(f"{name} pools a fixed patch grid (SH), so dynamic_img_size=True is not "
                              "supported; build the model for the input size (img_size=...)")
+        if kwargs.get("patch_drop_rate"):
+            raise ValueError(f"{name} pools a fixed patch grid (SH), which dropped patches break; got "
+                             f"patch_drop_rate={kwargs['patch_drop_rate']} (0 is supported)")
         prefix = (0 if kwargs.get("class_token") is False else 1) + int(kwargs.get("reg_tokens") or 0)
         grid = (img_size[0] // patch_size[0], img_size[1] // patch_size[1])
         attention = replace(attention, grid_size=grid, num_prefix_tokens=prefix)
     layer = attention_class(attention)
     model = VisionTransformer(img_size=img_size, patch_size=patch_size, attn_layer=layer, **kwargs)
     model.pretrained_cfg = {
-        "architecture": name, "num_classes": model.num_classes, "input_size": (3, *img_size),
+        "architecture": name, "num_classes": model.num_classes, "input_size": (3, *img_size), **data_config,
         "pda_attention": layer.pda_config,
     }
     return model
@@ -120,9 +128,16 @@ def _build(name: str, variant: str, pretrained: bool, *, img_size: int | tuple[i
 GRID_VARIANTS = variant_names(lambda v: v.supports_grid)
 
 
-def _register(name: str, variant: str, defaults: dict[str, Any]) -> str:
+#: What ``pda train`` feeds each family: ImageNet statistics with timm's bicubic resize and 0.875
+#: centre crop (``data.imagefolder``) for DeiT, CIFAR-10 statistics at 32x32 for ``vit_cifar``
+DEIT_DATA = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "crop_pct": 0.875,
+             "interpolation": "bicubic"}
+CIFAR_DATA = {"mean": CIFAR_MEAN, "std": CIFAR_STD, "crop_pct": 1.0, "interpolation": "bilinear"}
+
+
+def _register(name: str, variant: str, defaults: dict[str, Any], data_config: dict[str, Any]) -> str:
     def builder(pretrained: bool = False, **kwargs) -> VisionTransformer:
-        return _build(name, variant, pretrained, **(defaults | kwargs))
+        return _build(name, variant, pretrained, data_config=data_config, **(defaults | kwargs))
 
     builder.__name__ = name
     builder.__qualname__ = name
@@ -135,10 +150,11 @@ def _register(name: str, variant: str, defaults: dict[str, Any]) -> str:
 # timm's own deit_*_patch16_224 is the softmax DeiT
 REGISTERED = [
     _register(f"deit_{size}_patch16_224_{variant}", variant,
-              dict(img_size=224, patch_size=16, qkv_bias=True, **dims))
+              dict(img_size=224, patch_size=16, qkv_bias=True, **dims), DEIT_DATA)
     for size, dims in DEIT.items() for variant in GRID_VARIANTS if variant != "softmax"
 ] + [
-    _register(f"vit_cifar_{variant}", variant, dict(img_size=32, patch_size=4, qkv_bias=True, **CIFAR))
+    _register(f"vit_cifar_{variant}", variant, dict(img_size=32, patch_size=4, qkv_bias=True, **CIFAR),
+              CIFAR_DATA)
     for variant in GRID_VARIANTS
 ]
 
