@@ -213,5 +213,7 @@ def test_sh_refuses_tokens_after_the_patch_grid_and_names_bad_head_scales():
     model = vit()
     model.config.pda_head_scales = 2
     model.set_attn_implementation("pda_sh")
-    with pytest.raises(ValueError, match="config.pda_head_scales must be a sequence .* got 2"):
+    with pytest.raises(TypeError, match="config.pda_head_scales must be a sequence .* got 2"):
         model(pixel_values=torch.randn(1, 3, 16, 16))
+    model.config.pda_head_scales = torch.tensor([1, 1, 2, 2])  # any sequence of ints
+    assert model(pixel_values=torch.randn(1, 3, 16, 16)).last_hidden_state.shape == (1, 17, 32)

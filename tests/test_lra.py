@@ -230,3 +230,15 @@ def test_a_wrong_data_dir_is_named_with_what_was_expected(tmp_path, loader, stat
     expected = "is a folder" if state == "folder" else "does not exist"
     with pytest.raises(FileNotFoundError, match=f"data_dir='{path}' {expected}; expected the .* zip"):
         load(str(path))
+
+
+def test_generated_listops_need_room_for_distinct_expressions():
+    """Below 16 tokens too few distinct expressions fit: refused at once, not searched forever."""
+    from primal_dual_attention.training.config import TrainConfig
+
+    with pytest.raises(ValueError, match="max_len=5 is too short for generated ListOps"):
+        lra.generate_listops(3, 0, min_len=1, max_len=5)
+    with pytest.raises(ValueError, match="max_len=8 is too short"):
+        TrainConfig(task="lra", dataset="listops", max_len=8).validate()
+    sequences, _ = lra.generate_listops(50, 0, min_len=4, max_len=16)
+    assert all(4 < len(s) < 16 for s in sequences)

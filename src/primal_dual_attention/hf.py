@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -196,11 +196,12 @@ def make_attention_function(variant: str, *, head_scales: Sequence[int] | None =
                 **kwargs: object) -> tuple[Tensor, None]:
         config = getattr(module, "config", None)
         settings = {name: getattr(config, f"pda_{name}", value) for name, value in defaults.items()}
-        if settings["head_scales"] is not None:
-            if not isinstance(settings["head_scales"], Sequence):
-                raise ValueError("config.pda_head_scales must be a sequence of pooling factors, one per "
-                                 f"head, got {settings['head_scales']!r}")
-            settings["head_scales"] = tuple(settings["head_scales"])
+        scales = settings["head_scales"]
+        if scales is not None:  # a list, tuple, array or tensor of ints
+            if isinstance(scales, str | bytes) or not isinstance(scales, Iterable):
+                raise TypeError("config.pda_head_scales must be a sequence of pooling factors, one per "
+                                f"head, got {scales!r}")
+            settings["head_scales"] = tuple(scales)
         given = [name for name in UNSUPPORTED_KEYWORDS if kwargs.get(name) is not None]
         if given:
             raise ValueError(f"{PREFIX}{variant} does not take {given}, which {type(module).__name__} passes "

@@ -199,6 +199,16 @@ def listops_tree(rng: random.Random, max_depth: int = 10, max_args: int = 10,
 
 
 LISTOPS_MIN_LEN, LISTOPS_MAX_LEN = 500, 2000  # LRA's expressions: 500 < length < 2000 tokens
+#: the shortest max_len the generator takes: below it too few distinct expressions fit
+LISTOPS_SHORTEST_MAX_LEN = 16
+
+
+def check_generated_listops_length(max_len: int) -> None:
+    """Generated expressions need room: ``max_len`` of at least :data:`LISTOPS_SHORTEST_MAX_LEN`."""
+    if max_len < LISTOPS_SHORTEST_MAX_LEN:
+        raise ValueError(f"max_len={max_len} is too short for generated ListOps expressions (the generator "
+                         "would search forever for enough distinct ones); use at least "
+                         f"{LISTOPS_SHORTEST_MAX_LEN}")
 
 
 def generate_listops(count: int, seed: int, *, min_len: int = LISTOPS_MIN_LEN, max_len: int = LISTOPS_MAX_LEN,
@@ -210,6 +220,7 @@ def generate_listops(count: int, seed: int, *, min_len: int = LISTOPS_MIN_LEN, m
     ``bounded=False`` is the cache's version 1 (LRA's length, the data of every committed ListOps
     result): the generator gives up at ``max_len`` tokens but keeps an expression whose closing
     brackets reach or run past it (:func:`load_listops`)."""
+    check_generated_listops_length(max_len)
     rng = random.Random(seed)
     seen: set[bytes] = set()
     sequences, labels = [], []
@@ -293,6 +304,7 @@ def load_listops(data_dir: str | Path | None = None, *, seed: int = 0, sizes=(96
         splits = [read_listops_tsv(folder / f"basic_{s}.tsv", max_len) for s in ("train", "val", "test")]
         source = f"LRA TSV files in {folder}"
     else:
+        check_generated_listops_length(max_len)  # before a cached set is read, too
         # version 2 drew shorter expressions below 2000 but could run past max_len; version 3 never does
         version = 1 if max_len >= LISTOPS_MAX_LEN else 3
 

@@ -99,7 +99,7 @@ class TrainConfig:
     track_test: bool = False  # clean protocol: also log test accuracy per epoch (plots only)
     max_len: int | None = None  # LRA: sequence length (default: the task's published one)
     max_eval_samples: int | None = None  # evaluate on n validation/test samples (fixed random draw)
-    max_train_samples: int | None = None  # LRA generated tasks: make at most n (later laps repeat them)
+    max_train_samples: int | None = None  # LRA ListOps/Pathfinder: train on at most n (laps repeat them)
     data_file: str | None = None  # task lm: a UTF-8 text file instead of the IMDb reviews
     # images (ImageNet recipe; timm does the augmentation)
     model: str | None = None  # a timm model name (task imagenet); default deit_tiny_patch16_224[_<variant>]

@@ -111,5 +111,7 @@ def session(device: str = "auto") -> Iterator[Context]:
             dist.destroy_process_group()
         raise
     if joins:
-        ctx.barrier()
-        dist.destroy_process_group()
+        try:
+            ctx.barrier()
+        finally:  # left even when a peer failed at the barrier
+            dist.destroy_process_group()

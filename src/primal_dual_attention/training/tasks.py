@@ -135,8 +135,9 @@ def build_image_task(cfg: TrainConfig) -> Task:
 
 LRA_DEFAULT_LENGTHS = {"listops": 2000, "text": 4096, "image": 1024, "pathfinder": 1024, "retrieval": 4000}
 LRA_GENERATED_SIZES = {"listops": (96_000, 2_000, 2_000), "pathfinder": (160_000, 20_000, 20_000)}
-#: LRA's task-specific options beyond the model's shape, per dataset: the generated tasks make
-#: ``max_train_samples``, the token tasks cut at ``max_len``; Image and Pathfinder have a fixed
+#: LRA's task-specific options beyond the model's shape, per dataset: ListOps and Pathfinder keep
+#: ``max_train_samples`` (generated: make that many; read from files: the first ones), the token
+#: tasks cut at ``max_len``; Image and Pathfinder have a fixed
 #: length, which ``max_len`` may only repeat (:func:`check_lra`)
 LRA_DATASET_READS = {"listops": ("max_len", "max_train_samples"), "text": ("max_len",),
                      "retrieval": ("max_len",), "image": ("max_len",),
@@ -151,6 +152,10 @@ def check_lra(cfg: TrainConfig) -> None:
     length = LRA_DEFAULT_LENGTHS[cfg.dataset]
     if cfg.dataset in LRA_FIXED_LENGTH and cfg.max_len not in (None, length):
         raise ValueError(f"max_len of LRA {cfg.dataset} is fixed at {length} pixels, got {cfg.max_len}")
+    if cfg.dataset == "listops" and cfg.data_dir is None and cfg.max_len is not None:
+        from primal_dual_attention.data.lra import check_generated_listops_length
+
+        check_generated_listops_length(cfg.max_len)
 
 
 @register_task("lra", reads=lambda cfg: ("dim", "depth", "heads", "mlp_dim", *LRA_DATASET_READS[cfg.dataset]),
