@@ -102,16 +102,13 @@ def session(device: str = "auto") -> Iterator[Context]:
     normal exit the ranks first meet at a barrier, so that none closes its connections while a
     peer still finishes a collective; after an error the group is left at once, since a failed
     peer would never reach the barrier."""
-    joins = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
+    joined_before = dist.is_available() and dist.is_initialized()
     ctx = init(device)
+    joins = ctx.distributed and not joined_before
     try:
         yield ctx
-    except BaseException:
-        if joins:
-            dist.destroy_process_group()
-        raise
-    if joins:
-        try:
+        if joins:  # not after an error: the exception skips it
             ctx.barrier()
-        finally:  # left even when a peer failed at the barrier
+    finally:  # also when a peer failed at the barrier
+        if joins:
             dist.destroy_process_group()
