@@ -314,6 +314,18 @@ def attention_layers(model: nn.Module) -> list[MultiHeadAttention]:
 
 
 @contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in evaluation mode (no dropout) for a while, then back in the mode it was in, also
+    after an error (attention maps, head captures, generation)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
 def fused_paths(model: nn.Module, fused: bool) -> Iterator[None]:
     """Switch every softmax-kernel attention of ``model`` to the fused (SDPA) or the math path for
     a while (FLOP counting sees only the math path): this library's layers, and any other module

@@ -30,6 +30,7 @@ from primal_dual_attention.attention import (
     AttentionConfig,
     MultiHeadAttention,
     attention_config,
+    evaluation_mode,
     variant_names,
 )
 from primal_dual_attention.data.images import CIFAR_MEAN, CIFAR_STD
@@ -162,15 +163,10 @@ REGISTERED = [
 def attention_maps(model: VisionTransformer, images: Tensor, layer: int = 0) -> Tensor:
     """The ``(B, H, N, N)`` maps of one block, from the library's math path (``need_weights``),
     in evaluation mode (no dropout), whatever mode the model is in."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
-            for index, current in enumerate(model.blocks):
-                if index == layer:
-                    return current.attn.forward(current.norm1(x), need_weights=True)[1]
-                x = current(x)
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), torch.no_grad():
+        x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        for index, current in enumerate(model.blocks):
+            if index == layer:
+                return current.attn.forward(current.norm1(x), need_weights=True)[1]
+            x = current(x)
     raise IndexError(f"layer {layer} out of range for {len(model.blocks)} blocks")

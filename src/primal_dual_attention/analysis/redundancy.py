@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from primal_dual_attention.attention import MultiHeadAttention, attention_layers
+from primal_dual_attention.attention import MultiHeadAttention, attention_layers, evaluation_mode
 
 METRICS = ("js", "cos_maps", "cos_out")
 
@@ -89,15 +89,12 @@ def capture_heads(model: nn.Module, *inputs, **kwargs) -> list[LayerCapture]:
         captured.append(LayerCapture(maps, maps @ v, mask))
 
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_layers(model)]
-    was_training = model.training
-    model.eval()  # no dropout: maps whose rows sum to 1 (SPEC.md §3)
-    try:
-        with torch.inference_mode():
+    try:  # no dropout: maps whose rows sum to 1 (SPEC.md §3)
+        with evaluation_mode(model), torch.inference_mode():
             model(*inputs, **kwargs)
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     return captured
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from primal_dual_attention.attention import AttentionConfig, attention_config
+from primal_dual_attention.attention import AttentionConfig, attention_config, evaluation_mode
 from primal_dual_attention.causal import DecodingCache
 from primal_dual_attention.models.encoder import EncoderBlock
 
@@ -108,24 +108,22 @@ class DecoderLM(nn.Module):
         if max_new_tokens and needed > self.max_len:
             raise ValueError(f"{valid} prompt tokens + max_new_tokens={max_new_tokens} need {needed} "
                              f"positions, more than max_len={self.max_len}")
-        was_training = self.training
-        self.eval()
-        caches = [DecodingCache() for _ in self.blocks]
-        logits = self.logits(prompt, key_padding_mask, caches)[:, -1]
-        tokens = [prompt]
-        for step in range(max_new_tokens):
-            if temperature == 0:
-                token = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            tokens.append(token)
-            if step + 1 < max_new_tokens:
-                logits = self.logits(token, None, caches)[:, -1]
-        self.train(was_training)
+        with evaluation_mode(self):
+            caches = [DecodingCache() for _ in self.blocks]
+            logits = self.logits(prompt, key_padding_mask, caches)[:, -1]
+            tokens = [prompt]
+            for step in range(max_new_tokens):
+                if temperature == 0:
+                    token = logits.argmax(-1, keepdim=True)
+                else:
+                    logits = logits / temperature
+                    if top_k is not None:
+                        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    token = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
+                tokens.append(token)
+                if step + 1 < max_new_tokens:
+                    logits = self.logits(token, None, caches)[:, -1]
         return torch.cat(tokens, dim=1)
 
 
