@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from primal_dual_attention import MultiHeadAttention
@@ -116,3 +117,33 @@ def test_pda_heads_compares_checkpoints(tmp_path):
     rows = (out / "redundancy.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2  # header + 2 checkpoints x 2 layers
     assert all((out / name).is_file() for name in ("redundancy.png", "maps.png", "README.md"))
+    assert "one row per variant" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({}, "both softmax seed 0"),  # the same run twice is not two seeds
+    ({"seed": 1, "dataset": "Handwriting"}, "one dataset"),
+    ({"seed": 1, "attention_options": {"eps": 1e-3}}, "other attention"),
+])
+def test_pda_heads_refuses_checkpoints_that_are_not_seeds_of_one_set_up(tmp_path, capsys, change, message):
+    """A variant's checkpoints are averaged as seeds: the same run twice, another dataset or other
+    attention options are refused, before any data loads (the second is never read)."""
+    from dataclasses import replace
+
+    from primal_dual_attention.cli import main
+    from primal_dual_attention.training.config import TrainConfig
+    from primal_dual_attention.training.engine import fit, seed_everything
+    from primal_dual_attention.training.tasks import build_task
+
+    cfg = replace(TrainConfig(), dim=8, depth=1, heads=2, mlp_dim=8, epochs=1, out_dir=str(tmp_path),
+                  progress=False)
+    seed_everything(0)
+    fit(cfg, build_task(cfg))
+    first = str(cfg.run_dir() / "best.pt")
+    state = torch.load(first, weights_only=False)
+    state["config"] |= change
+    second = tmp_path / "second.pt"
+    torch.save(state, second)
+    assert main(["heads", first, str(second), "--samples", "4", "--out", str(tmp_path / "heads")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "heads").exists()

@@ -17,7 +17,7 @@ from primal_dual_attention.analysis.model_cost import (
 )
 from primal_dual_attention.analysis.report import write_report
 from primal_dual_attention.analysis.scaling import growth_exponent, run_scaling, write_scaling
-from primal_dual_attention.analysis.uea_report import write_uea_report
+from primal_dual_attention.analysis.uea_report import read_runs, write_uea_report
 from primal_dual_attention.training.sweep import RUN_COLUMNS
 
 
@@ -140,3 +140,79 @@ def test_framework_summary_counts_failing_statements_too(tmp_path):
         "| statement | max error | holds |\n|---|---|---|\n| a | 1e-16 | yes |\n| b | 0.5 | **NO** |\n"
         "All exact statements hold: NO.\n")
     assert "2 exact statements checked in float64; all hold: NO" in "\n".join(_framework_section(tmp_path))
+
+
+def _write_runs(path: Path, rows: list[dict]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "runs.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=RUN_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({"table": "main", "protocol": "clean", "epochs": 5, "budget": 1, "best_epoch": 3,
+                             "params": 100, "epoch_seconds": 0.1, "train_samples_per_s": 10,
+                             "wall_seconds": 1.0, "threads": 1, "finished_at": "now"} | row)
+
+
+def test_uea_report_of_two_variants_has_no_cd_diagram_and_one_seed_no_spread(tmp_path):
+    """aeon's Friedman test needs 3 variants (the report crashed, losing a sweep's merge); a
+    single seed prints its mean alone, never '± 0'."""
+    rows = [{"dataset": d, "variant": v, "seed": s, "test_acc": 0.5 + 0.1 * i + 0.01 * s}
+            for d in "ABC" for i, v in enumerate(("softmax", "bn")) for s in range(3)]
+    rows += [{"dataset": "D", "variant": "softmax", "seed": 0, "test_acc": 0.4}]
+    _write_runs(tmp_path, rows)
+    text = write_uea_report(tmp_path).read_text()
+    assert "| bn | 61.00 | 1.00 | 3/0/0 |" in text and not (tmp_path / "main_clean_cd.png").exists()
+    assert "| D | **40.0 (n=1)** | – |" in text
+    assert "Fewer than 3 seeds for some variant" in text and "D;" in text
+
+
+def test_runs_of_other_budgets_are_never_pooled_as_seeds(tmp_path):
+    """A dataset held at two budgets (--allow-mixed) gives a table per budget in the sweep report
+    and a row per budget in the UEA report."""
+    from primal_dual_attention.analysis.task_report import _dataset_section
+
+    def row(variant: str, seed: int, budget: str, acc: float) -> dict:
+        return {"dataset": "A", "variant": variant, "seed": seed, "budget": budget, "test_acc": acc}
+
+    rows = [row(v, 0, budget, acc + (v == "bn")) for v in ("softmax", "bn")
+            for budget, acc in (("0.008", 0.17), ("0.4", 0.37))]
+    _write_runs(tmp_path, rows)
+    text = write_uea_report(tmp_path).read_text()
+    assert "| A (5 epochs, budget 0.008) | 17.0 (n=1) |" in text
+    assert "| A (5 epochs, budget 0.4) | 37.0 (n=1) |" in text
+    section = "\n".join(_dataset_section(tmp_path, "A", read_runs(tmp_path / "runs.csv"), []))
+    assert section.count("| softmax | 17.00 (n=1) | 17.00 |") == 1
+    assert section.count("| softmax | 37.00 (n=1) | 37.00 |") == 1
+    assert section.count("`bn` − `softmax`: +100.00 points") == 2  # each paired within its budget
+
+
+def test_lm_report_takes_seed_folders_of_one_dataset(tmp_path):
+    """seed0-2 is a run of seed 0 with other options, not a fourth seed; runs of two datasets
+    would overwrite each other's seeds, so they are refused."""
+    from primal_dual_attention.analysis.lm_report import _read, collect
+
+    def run(dataset: str, folder: str, bpb: float) -> None:
+        path = tmp_path / "runs" / "lm" / dataset / "clean" / "softmax" / folder
+        path.mkdir(parents=True)
+        (path / "lm_eval.json").write_text(f'{{"test_bpb": {bpb}}}')
+        (path / "log.csv").write_text("epoch,val_loss\n1,2.0\n")
+
+    for seed in (10, 2, 0):
+        run("imdb", f"seed{seed}", 2.0 + seed)
+    run("imdb", "seed0-2", 1.5)
+    said = []
+    collect(tmp_path / "runs", tmp_path / "out", log=said.append)
+    assert [e["test_bpb"] for e, _ in _read(tmp_path / "out")["softmax"]] == [2.0, 4.0, 12.0]
+    assert len(said) == 1 and "seed0-2" in said[0]
+    run("tinyshakespeare", "seed1", 3.0)
+    with pytest.raises(ValueError, match="datasets \\['imdb', 'tinyshakespeare'\\]"):
+        collect(tmp_path / "runs", tmp_path / "out2")
+
+
+def test_speed_table_says_how_sparse_flops_are_counted(tmp_path):
+    costs = [ModelCost("lra", "listops", variant, 4, "2000", 100, 1.0, 3.0, 10.0, 20.0, None, "cpu", "fp32")
+             for variant in ("softmax", "sparse")]
+    write_costs(costs, tmp_path, "pda bench model")
+    assert "`sparse` FLOPs are those of its dense band-masked" in write_speed_table(tmp_path).read_text()
+    write_costs(costs[:1], tmp_path / "dense", "pda bench model")
+    assert "band-masked" not in write_speed_table(tmp_path / "dense").read_text()

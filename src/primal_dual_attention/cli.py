@@ -337,12 +337,14 @@ def _sweep(args: argparse.Namespace) -> int:
         raise ValueError(f"--dataset-epochs names {unplanned}, which this sweep does not run")
     run_sweep(runs, out, workers=args.workers, threads_per_worker=args.threads)
     record_commands(out, [args.command])  # only now: the command finished
-    print(f"wrote {write_task_report(args.task, out)}")
-    if args.merge_into:
+    if args.merge_into:  # before any report, so that a report's failure cannot lose the merge
         target = Path(args.merge_into)
         added = merge_results(out, {run_key(table, cfg) for table, cfg in runs}, target, [args.command],
                               allow_mixed=args.allow_mixed)
-        print(f"added {added} row(s) to {target / 'runs.csv'}; wrote {write_task_report(args.task, target)}")
+        print(f"added {added} row(s) to {target / 'runs.csv'}")
+    print(f"wrote {write_task_report(args.task, out)}")
+    if args.merge_into:
+        print(f"wrote {write_task_report(args.task, target)}")
     return 0
 
 

@@ -8,10 +8,11 @@ reported as samples per second, milliseconds per step and the ratio to softmax's
 same mode. FLOPs per sample come from :class:`torch.utils.flop_counter.FlopCounterMode`,
 forward only and forward+backward: softmax layers on their explicit math path (the counter does
 not see the fused CPU kernels; the math path performs the same matrix products), linear layers
-on the primal O(N) form they run. Peak memory of one eager training step:
-``torch.cuda.max_memory_allocated`` on a GPU; on the CPU the rise of the process's peak resident
-set (``VmHWM``, reset after warm-up through ``/proc/self/clear_refs``) over the resident set
-before the step, in a fresh process.
+on the primal O(N) form they run. ``sparse`` is therefore counted as its dense band-masked
+product, while its blocked path computes about (block + 2·window)/N of it; the tables say so.
+Peak memory of one eager training step: ``torch.cuda.max_memory_allocated`` on a GPU; on the
+CPU the rise of the process's peak resident set (``VmHWM``, reset after warm-up through
+``/proc/self/clear_refs``) over the resident set before the step, in a fresh process.
 """
 
 from __future__ import annotations
@@ -86,6 +87,9 @@ def _flops(model: nn.Module, x, mask, y, backward: bool) -> int:
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
+
+SPARSE_FLOPS_NOTE = ("`sparse` FLOPs are those of its dense band-masked math path (what the counter "
+                     "sees); its blocked path computes about (block + 2·window)/N of the attention part.")
 
 COMPILE_MODES = {"eager": None, "compile": "default", "cudagraphs": "reduce-overhead"}
 
@@ -300,6 +304,8 @@ def write_speed_table(out_dir: Path) -> Path:
             flop = "" if "softmax" not in flops else f"{flops[variant] / flops['softmax']:.2f}"
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {flop} |")
         lines.append("")
+    if any(r["variant"] == "sparse" for r in rows):
+        lines += [SPARSE_FLOPS_NOTE, ""]
     lines += ["## Commands", "",
               *[f"- `{c.rpartition(COMMAND_NOTE)[0]}` ({c.rpartition(COMMAND_NOTE)[2]})" for c in commands]]
     path = out_dir / "speed.md"

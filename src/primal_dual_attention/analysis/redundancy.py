@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from primal_dual_attention.attention import MultiHeadAttention, attention_layers, evaluation_mode
+
+if TYPE_CHECKING:
+    from primal_dual_attention.training.config import TrainConfig
 
 METRICS = ("js", "cos_maps", "cos_out")
 
@@ -118,31 +122,60 @@ def model_redundancy(model: nn.Module, batches) -> list[dict[str, float]]:
     return [{name: value / count for name, value in layer.items()} for layer in totals]
 
 
-def _checkpoint_model(path: str, data_dir: str | None):
+def _checkpoint_configs(checkpoints: list[str], data_dir: str | None) -> list[tuple[TrainConfig, dict]]:
+    """Each checkpoint's run configuration and state, checked before any data loads: the report
+    compares variants of one set-up, seeds of a variant averaged, so the checkpoints must share one
+    dataset, and a variant's checkpoints one attention configuration and distinct seeds."""
     from primal_dual_attention.training.config import saved_config
-    from primal_dual_attention.training.engine import load_checkpoint, load_weights, seed_everything
+    from primal_dual_attention.training.engine import load_checkpoint
+
+    loaded = []
+    for path in checkpoints:
+        state = load_checkpoint(path)
+        loaded.append((saved_config(state["config"] | ({"data_dir": data_dir} if data_dir else {}), path),
+                       state))
+    datasets = sorted({cfg.dataset for cfg, _ in loaded})
+    if len(datasets) > 1:
+        raise ValueError(f"checkpoints are of datasets {datasets}; pda heads compares the variants of "
+                         "one dataset (run it once per dataset)")
+    seen: dict[str, tuple[str, TrainConfig]] = {}
+    for path, (cfg, _) in zip(checkpoints, loaded, strict=True):
+        first = seen.setdefault(cfg.variant, (path, cfg))
+        if first[0] == path:
+            continue
+        if first[1].seed == cfg.seed:
+            raise ValueError(f"checkpoints {first[0]} and {path} are both {cfg.variant} seed {cfg.seed}; "
+                             "a variant's checkpoints are averaged as seeds, so each needs its own seed")
+        if first[1].attention != cfg.attention:
+            raise ValueError(f"checkpoints {first[0]} and {path} are both {cfg.variant} with other "
+                             f"attention ({first[1].attention} and {cfg.attention}); a variant's "
+                             "checkpoints are averaged as seeds of one set-up")
+    return loaded
+
+
+def _checkpoint_model(cfg: TrainConfig, state: dict, path: str):
+    from primal_dual_attention.training.engine import load_weights, seed_everything
     from primal_dual_attention.training.tasks import build_task
 
-    state = load_checkpoint(path)
-    cfg = saved_config(state["config"] | ({"data_dir": data_dir} if data_dir else {}), path)
     seed_everything(cfg.seed)
     task = build_task(cfg)
     load_weights(task.model, state, path)
-    return cfg, task
+    return task
 
 
 def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: int = 1,
                  data_dir: str | None = None, command: str = "pda heads", log=print):
     """``pda heads``: per-layer redundancy of each checkpoint (CSV + plot) and the attention maps
-    of every head of ``layer`` for the first evaluation series, one row per checkpoint."""
+    of every head of ``layer`` for the first evaluation series, one row per variant."""
     import csv
     from pathlib import Path
 
     out_dir = Path(out_dir)
+    loaded = _checkpoint_configs(checkpoints, data_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, drawn = [], []
-    for path in checkpoints:
-        cfg, task = _checkpoint_model(path, data_dir)
+    for path, (cfg, state) in zip(checkpoints, loaded, strict=True):
+        task = _checkpoint_model(cfg, state, path)
         depth = len(attention_layers(task.model))
         if not 1 <= layer <= depth:
             raise ValueError(f"layer must be in 1..{depth} (the attention layers of {path}), got {layer}")
@@ -169,7 +202,7 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
         *[f"- `{path}`" for path in checkpoints], "",
         "Per-layer metrics of SPEC §3 in `redundancy.csv` (`js` in nats: 0 = identical heads, "
         "ln 2 = 0.693 = disjoint; cosines: 1 = identical), plotted in `redundancy.png`; `maps.png` "
-        f"shows every head of layer {layer} for the first test series, one row per checkpoint.", "",
+        f"shows every head of layer {layer} for the first test series, one row per variant.", "",
         "![redundancy](redundancy.png)", "", "![maps](maps.png)", ""]))
     return rows
 

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from primal_dual_attention.analysis.model_cost import SPARSE_FLOPS_NOTE
 from primal_dual_attention.analysis.uea_report import (
     BASELINE,
     finished_span,
     machines,
+    mean_std,
     read_runs,
-    seed_std,
+    run_budget,
     write_uea_report,
 )
 from primal_dual_attention.attention import VARIANTS
@@ -129,48 +131,62 @@ def _device_label(row: dict) -> str:
 
 
 def _dataset_section(results_dir: Path, dataset: str, rows: list[dict], costs: list[dict]) -> list[str]:
+    """One table per protocol and budget: runs of other budgets (``--allow-mixed``) are never
+    pooled as seeds of one run."""
     present = {r["variant"] for r in rows}
     variants = [v for v in VARIANTS if v in present]
-    protocols = sorted({r["protocol"] for r in rows})
     out = [f"## {dataset}", ""]
-    for protocol in protocols:
-        subset = [r for r in rows if r["protocol"] == protocol]
-        budgets = sorted({r["epochs"] for r in subset})
-        out += [f"Protocol `{protocol}`, epochs (evaluation rounds) per run: {', '.join(budgets)}."]
-        out += sorted({_step_budget(c) for c in _configs(results_dir, dataset, protocol) if c.get("steps")})
-        out += ["",
-                "| variant | test acc (%) | per seed | chosen epoch | params | GFLOPs fwd/sample | "
-                "train samples/s | inference samples/s | peak train MiB |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        means = {}
-        for variant in variants:
-            runs = sorted((r for r in subset if r["variant"] == variant), key=lambda r: int(r["seed"]))
-            if not runs:
+    for protocol in sorted({r["protocol"] for r in rows}):
+        budgets = sorted({run_budget(r) for r in rows if r["protocol"] == protocol})
+        for epochs, budget in budgets:
+            subset = [r for r in rows if r["protocol"] == protocol and run_budget(r) == (epochs, budget)]
+            configs = [c for c in _configs(results_dir, dataset, protocol)
+                       if (str(c["epochs"]), f"{c.get('budget', 1):g}") == (epochs, budget)]
+            out += [f"Protocol `{protocol}`, epochs (evaluation rounds) per run: {epochs}."]
+            out += sorted({_step_budget(c) for c in configs if c.get("steps")})
+            out += _accuracy_table(subset, variants, dataset, costs)
+            if len(budgets) > 1:
+                out += ["(No per-epoch curve: the logs of runs at several budgets share one folder.)", ""]
                 continue
-            acc = np.array([100 * r["test_acc"] for r in runs])
-            means[variant] = {int(r["seed"]): a for r, a in zip(runs, acc, strict=True)}
-            seeds = ", ".join(f"{a:.2f}" for a in acc)
-            chosen = ", ".join(r["best_epoch"] for r in runs)
-            out.append(f"| {variant} | {acc.mean():.2f} ± {seed_std(acc):.2f} (n={len(acc)}) | {seeds} | "
-                       f"{chosen} | {int(runs[0]['params']):,} |" + _cost_cells(costs, dataset, variant))
+            plot = _plot(results_dir, dataset, variants, protocol)
+            if plot:
+                out += [f"![test accuracy per epoch]({plot})", ""]
+    return out
+
+
+def _accuracy_table(rows: list[dict], variants: list[str], dataset: str, costs: list[dict]) -> list[str]:
+    """The rows of one protocol and budget: a line per variant, then each variant against softmax
+    paired by seed."""
+    out = ["",
+           "| variant | test acc (%) | per seed | chosen epoch | params | GFLOPs fwd/sample | "
+           "train samples/s | inference samples/s | peak train MiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    means = {}
+    for variant in variants:
+        runs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: int(r["seed"]))
+        if not runs:
+            continue
+        acc = np.array([100 * r["test_acc"] for r in runs])
+        means[variant] = {int(r["seed"]): a for r, a in zip(runs, acc, strict=True)}
+        seeds = ", ".join(f"{a:.2f}" for a in acc)
+        chosen = ", ".join(r["best_epoch"] for r in runs)
+        out.append(f"| {variant} | {mean_std(acc, 2)} (n={len(acc)}) | {seeds} | "
+                   f"{chosen} | {int(runs[0]['params']):,} |" + _cost_cells(costs, dataset, variant))
+    out.append("")
+    if BASELINE in means:
+        base = means[BASELINE]
+        for variant, acc in means.items():
+            if variant == BASELINE:
+                continue
+            seeds = sorted(set(acc) & set(base))  # paired by seed: same seed, same data order
+            if not seeds:
+                continue
+            ours, theirs = np.array([acc[s] for s in seeds]), np.array([base[s] for s in seeds])
+            both = "" if len(seeds) == len(acc) == len(base) else f" (the {len(seeds)} seeds both ran)"
+            out.append(f"- `{variant}` − `softmax`: {ours.mean() - theirs.mean():+.2f} points{both}; "
+                       f"higher on {int(np.sum(ours > theirs))} of {len(seeds)} seeds (same seed, same "
+                       "data order).")
         out.append("")
-        if BASELINE in means:
-            base = means[BASELINE]
-            for variant, acc in means.items():
-                if variant == BASELINE:
-                    continue
-                seeds = sorted(set(acc) & set(base))  # paired by seed: same seed, same data order
-                if not seeds:
-                    continue
-                ours, theirs = np.array([acc[s] for s in seeds]), np.array([base[s] for s in seeds])
-                both = "" if len(seeds) == len(acc) == len(base) else f" (the {len(seeds)} seeds both ran)"
-                out.append(f"- `{variant}` − `softmax`: {ours.mean() - theirs.mean():+.2f} points{both}; "
-                           f"higher on {int(np.sum(ours > theirs))} of {len(seeds)} seeds (same seed, same "
-                           "data order).")
-            out.append("")
-        plot = _plot(results_dir, dataset, variants, protocol)
-        if plot:
-            out += [f"![test accuracy per epoch]({plot})", ""]
     return out
 
 
@@ -202,6 +218,8 @@ def write_sweep_report(results_dir: str | Path, title: str) -> Path:
         by_dataset[row["dataset"]].append(row)
     for dataset in sorted(by_dataset):
         lines += _dataset_section(results_dir, dataset, by_dataset[dataset], costs)
+    if any(c["variant"] == "sparse" for c in costs):
+        lines += [SPARSE_FLOPS_NOTE, ""]
     notes = results_dir / "NOTES.md"
     if notes.is_file():
         lines += ["## Notes", "", notes.read_text().strip(), ""]

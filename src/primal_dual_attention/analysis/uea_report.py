@@ -42,15 +42,39 @@ def finished_span(rows: list[dict]) -> str:
     return f"{stamps[0]} to {stamps[-1]}" if stamps else "no run"
 
 
-def score_grid(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]]]:
-    """Datasets (sorted), variants (registry order) and test accuracies in % per (dataset, variant)."""
-    scores: dict[tuple[str, str], list[float]] = defaultdict(list)
+def dataset_labels(rows: list[dict]) -> list[str]:
+    """Each row's dataset; a dataset held at several budgets (``--allow-mixed``) is named with its
+    budget, so that runs of different budgets never read as seeds of one run."""
+    budgets: dict[str, set[tuple[str, str]]] = defaultdict(set)
     for row in rows:
-        scores[(row["dataset"], row["variant"])].append(100 * row["test_acc"])
-    datasets = sorted({r["dataset"] for r in rows})
+        budgets[row["dataset"]].add(run_budget(row))
+    return [row["dataset"] + (" ({} epochs, budget {})".format(*run_budget(row))
+                              if len(budgets[row["dataset"]]) > 1 else "") for row in rows]
+
+
+def score_grid(rows: list[dict]) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]]]:
+    """Datasets (sorted, see :func:`dataset_labels`), variants (registry order) and test
+    accuracies in % per (dataset, variant)."""
+    scores: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for row, dataset in zip(rows, dataset_labels(rows), strict=True):
+        scores[(dataset, row["variant"])].append(100 * row["test_acc"])
+    datasets = sorted({d for d, _ in scores})
     present = {r["variant"] for r in rows}
     variants = [v for v in VARIANTS if v in present]  # registry order: softmax first
     return datasets, variants, scores
+
+
+def run_budget(row: dict) -> tuple[str, str]:
+    """A run's budget as ``runs.csv`` records it: (epochs, fraction of the configured steps)."""
+    return str(row["epochs"]), str(row.get("budget") or 1)
+
+
+def mean_std(values, digits: int) -> str:
+    """``mean ± sample std`` over seeds, or the mean alone for one seed (a spread of one value
+    is undefined, and SPEC §4 asks for at least 3 seeds)."""
+    values = np.asarray(values, dtype=float)
+    spread = f" ± {seed_std(values):.{digits}f}" if values.size > 1 else ""
+    return f"{values.mean():.{digits}f}{spread}"
 
 
 def complete_datasets(datasets, variants, scores, seeds: int) -> list[str]:
@@ -76,7 +100,7 @@ def accuracy_table(datasets, variants, scores) -> list[str]:
             if not values:
                 cells.append("–")
                 continue
-            text = f"{np.mean(values):.1f} ± {seed_std(values):.1f}" + (
+            text = mean_std(values, 1) + (
                 f" (n={len(values)})" if len(values) != 3 else "")
             cells.append(f"**{text}**" if means[v] == best else text)
         lines.append(f"| {dataset} | " + " | ".join(cells) + " |")
@@ -104,7 +128,8 @@ def summary_statistics(datasets, variants, scores) -> dict[str, dict[str, float]
 
 
 def bar_plot(datasets, variants, scores, path: Path, title: str) -> None:
-    """Each variant's accuracy minus softmax's, per dataset (mean over seeds, std as error bar)."""
+    """Each variant's accuracy minus softmax's, per dataset (mean over seeds); the error bar is
+    the standard error of that difference of means, sqrt(s_v^2 / n_v + s_softmax^2 / n_softmax)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,8 +141,9 @@ def bar_plot(datasets, variants, scores, path: Path, title: str) -> None:
     x = np.arange(len(datasets))
     for j, variant in enumerate(others):
         delta = [np.mean(scores[(d, variant)]) - np.mean(scores[(d, BASELINE)]) for d in datasets]
-        std = [seed_std(scores[(d, variant)]) for d in datasets]
-        ax.bar(x + (j - (len(others) - 1) / 2) * width, delta, width, yerr=std, capsize=2, label=variant)
+        error = [math.sqrt(sum(seed_std(scores[(d, v)]) ** 2 / len(scores[(d, v)])
+                               for v in (variant, BASELINE))) for d in datasets]
+        ax.bar(x + (j - (len(others) - 1) / 2) * width, delta, width, yerr=error, capsize=2, label=variant)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, datasets, rotation=30, ha="right")
     ax.set_ylabel("test accuracy minus softmax (points)")
@@ -129,8 +155,9 @@ def bar_plot(datasets, variants, scores, path: Path, title: str) -> None:
 
 
 def cd_diagram(datasets, variants, scores, path: Path) -> bool:
-    """aeon's critical difference diagram; False when there are too few datasets."""
-    if len(datasets) < 2:
+    """aeon's critical difference diagram; False when there are too few datasets, or fewer than
+    the 3 variants its Friedman test needs."""
+    if len(datasets) < 2 or len(variants) < 3:
         return False
     import matplotlib
 
@@ -154,8 +181,8 @@ def _section(rows, table: str, protocol: str, out_dir: Path, seeds: int) -> list
     lines.append("")
     if len(complete) < len(datasets):
         missing = sorted(set(datasets) - set(complete))
-        lines.append(f"Still running or not run for every variant and seed: {', '.join(missing)}; "
-                     "these are left out of the statistics below.")
+        lines.append(f"Fewer than {seeds} seeds for some variant (still running, or not run; SPEC §4 "
+                     f"asks for at least 3): {', '.join(missing)}; left out of the statistics below.")
         lines.append("")
     if complete:
         stats = summary_statistics(complete, variants, scores)
@@ -172,7 +199,9 @@ def _section(rows, table: str, protocol: str, out_dir: Path, seeds: int) -> list
         lines.append("")
         plot = out_dir / f"{stem}_bars.png"
         bar_plot(complete, variants, scores, plot, f"UEA {table} table ({protocol} protocol)")
-        lines += [f"![accuracy minus softmax per dataset]({plot.name})", ""]
+        lines += [f"![accuracy minus softmax per dataset]({plot.name})", "",
+                  "(Bars: mean accuracy minus softmax's; error bars: the standard error of that "
+                  "difference over seeds.)", ""]
         cd = out_dir / f"{stem}_cd.png"
         if cd_diagram(complete, variants, scores, cd):
             lines += [f"Critical difference diagram (aeon, α = 0.1): ![CD]({cd.name})", ""]
@@ -181,10 +210,12 @@ def _section(rows, table: str, protocol: str, out_dir: Path, seeds: int) -> list
               "Measured while the sweep's worker processes shared the machine's cores, one torch "
               "thread each, so they are indicative only; `pda bench` has clean timings.", "",
               "| dataset | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    labels = dataset_labels(rows)
     for dataset in datasets:
         cells = []
         for variant in variants:
-            mine = [r for r in rows if r["variant"] == variant and r["dataset"] == dataset]
+            mine = [r for r, label in zip(rows, labels, strict=True)
+                    if r["variant"] == variant and label == dataset]
             cells.append("–" if not mine else
                          f"{np.median([r['epoch_seconds'] for r in mine]):.2f} "
                          f"({np.median([r['train_samples_per_s'] for r in mine]):.0f})")
