@@ -226,6 +226,40 @@ def test_linear_decoding_state_keeps_absorbing_tokens_in_half_precision(dtype):
     assert float(out[0, 0, 0, 0]) == pytest.approx(100 / 600, abs=2e-3)
 
 
+@pytest.mark.parametrize("variant", ["linear", "linear_sh"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_linear_in_float16_keeps_its_sums_past_float16s_range(variant, causal):
+    """Phi(q).z grows with the number of keys: at head dim 64 it passed 65504 near key 700 and the
+    outputs went to 0. Float16 feature-map attention runs in float32, causal or not, decoded too."""
+    torch.manual_seed(0)
+    n = 1024
+    q, k, v = (torch.randn(1, 1, n, 64).half() for _ in range(3))
+    scales = (2,) if variant == "linear_sh" else None
+    options = AttentionConfig(variant=variant, causal=causal, head_scales=scales)
+    out = attention(q, k, v, options)
+    exact = attention(q.double(), k.double(), v.double(), options)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double(), exact, atol=2e-3, rtol=0)
+    if causal:
+        cache = DecodingCache()
+        decode(q[:, :, :900], k[:, :, :900], v[:, :, :900], options, cache)
+        step = decode(q[:, :, 900:901], k[:, :, 900:901], v[:, :, 900:901], options, cache)
+        torch.testing.assert_close(step.double(), exact[:, :, 900:901], atol=2e-3, rtol=0)
+
+
+def test_bfloat16_sh_window_means_are_rounded_once():
+    """The causal SH windows' running sums are kept in float32 and each mean rounded once to
+    bfloat16, as the non-causal pooling does; summed in bfloat16 they drifted several steps."""
+    from primal_dual_attention.causal import prefix_windows
+
+    torch.manual_seed(0)
+    k = (3.0 + torch.randn(2, 2, 70, 8)).bfloat16()
+    windows = prefix_windows(k, k, None, 7)
+    exact = prefix_windows(k.double(), k.double(), None, 7)
+    torch.testing.assert_close(windows.partial_keys, exact.partial_keys.bfloat16(), atol=0, rtol=2 ** -8)
+    torch.testing.assert_close(windows.keys, exact.keys.bfloat16(), atol=0, rtol=2 ** -8)
+
+
 def test_float16_decoding_scales_before_the_dot_product():
     """|q||k| above float16's range: the full pass is finite, so is each decoding step."""
     q = k = v = torch.full((1, 1, 3, 64), 33.0, dtype=torch.float16)

@@ -70,6 +70,30 @@ def test_generate_refuses_bad_sampling_options(options, message):
         model("softmax").generate(arguments.pop("prompt"), arguments.pop("max_new_tokens"), **arguments)
 
 
+def test_generate_refuses_padding_after_a_prompt_token_and_an_empty_prompt():
+    """Each row continues from its last position: a right-padded prompt predicted from a pad."""
+    lm = model("softmax")
+    prompt = torch.randint(0, 40, (3, 5))
+    pad = torch.tensor([[False] * 5, [True] * 2 + [False] * 3, [False] * 3 + [True] * 2])
+    with pytest.raises(ValueError, match=r"padding after a valid prompt token \(rows \[2\]\)"):
+        lm.generate(prompt, 2, key_padding_mask=pad)
+    with pytest.raises(ValueError, match="at least one token per sequence"):
+        lm.generate(prompt[:, :0], 2)
+
+
+def test_logits_check_the_mask_before_positions_use_it():
+    with pytest.raises(ValueError, match=r"must have shape \(B, N\) = \(1, 5\), got \(2, 5\)"):
+        model("softmax").logits(torch.randint(0, 40, (1, 5)), torch.zeros(2, 5, dtype=torch.bool))
+
+
+def test_a_tiny_temperature_samples_the_greedy_tokens():
+    """Logits are shifted before the division, so 1e-40 stays finite: it picks the argmax."""
+    lm = model("softmax")
+    prompt = torch.randint(0, 40, (2, 4))
+    greedy = lm.generate(prompt, 5, temperature=0)
+    torch.testing.assert_close(lm.generate(prompt, 5, temperature=1e-40), greedy)
+
+
 def test_generation_counts_positions_of_valid_tokens_only():
     """Twelve padding tokens take no position: 3 valid tokens and 8 new ones fit max_len 16,
     although the padded sequence is longer; the training subclass generates too."""

@@ -69,15 +69,17 @@ def prefix_windows(k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale:
     batch, _, length, _ = k.shape
     windows = math.ceil(length / scale)
     pad = windows * scale - length
-    weights = (k.new_ones(batch, 1, length, 1) if key_padding_mask is None
-               else (~key_padding_mask)[:, None, :, None].to(k.dtype))
+    stat = torch.promote_types(k.dtype, torch.float32)  # sums in at least float32, means rounded once
+    weights = (k.new_ones(batch, 1, length, 1, dtype=stat) if key_padding_mask is None
+               else (~key_padding_mask)[:, None, :, None].to(stat))
 
     def running(x: Tensor) -> Tensor:  # (B, ., S, D) -> within-window running sums (B, ., M, s, D)
         return F.pad(x, (0, 0, 0, pad)).unflatten(2, (windows, scale)).cumsum(3)
 
     counts = running(weights)
     divisor = counts.clamp_min(1.0)
-    partial_k, partial_v = running(k * weights) / divisor, running(v * weights) / divisor
+    partial_k = (running(k.to(stat) * weights) / divisor).to(k.dtype)
+    partial_v = (running(v.to(stat) * weights) / divisor).to(v.dtype)
     return PrefixWindows(
         scale=scale, keys=partial_k[:, :, :, -1], values=partial_v[:, :, :, -1],
         valid=counts[:, 0, :, -1, 0] > 0,
@@ -388,12 +390,18 @@ def _check_causal_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
                          f"last positions), got {q.shape[2]} queries and {k.shape[2]} keys")
 
 
+def _runs_in_float32(q: Tensor, options: AttentionOptions) -> bool:
+    """Whether a float16 computation runs in float32 instead: Attention-BN, because
+    ``(q - mu) / s^2`` reaches ``|q - mu| / eps`` where a position sees keys without variance (the
+    first position sees one), and feature-map kernels, whose prefix sums ``Phi(q).z`` grow with
+    the position (past float16's 65504 near position 700 at head dim 64: outputs 0)."""
+    return computes_in_float16(q) and (options.bn or options.kernel != "softmax")
+
+
 @contextmanager
 def _in_float32(*tensors: Tensor) -> Iterator[tuple[Tensor, ...]]:
-    """``tensors`` in float32, with autocast off: causal Attention-BN in float16 runs in float32,
-    because ``(q - mu) / s^2`` reaches ``|q - mu| / eps`` where a position sees keys without
-    variance (the first position sees one), past float16's range (65504); the decoding cache then
-    holds float32 state."""
+    """``tensors`` in float32, with autocast off (see :func:`_runs_in_float32`); the decoding
+    cache then holds float32 state."""
     with torch.autocast(tensors[0].device.type, enabled=False):
         yield tuple(t.float() for t in tensors)
 
@@ -419,7 +427,7 @@ def causal_attention(
     ``(out, weights)`` with ``(B, H, T, S)`` maps when ``need_weights``.
     """
     _check_causal_qkv(q, k, v)
-    if options.bn and computes_in_float16(q):
+    if _runs_in_float32(q, options):
         with _in_float32(q, k, v) as (q, k, v):
             return _to(causal_attention(q, k, v, options, key_padding_mask=key_padding_mask,
                                         dropout_p=dropout_p, need_weights=need_weights), torch.float16)
@@ -559,9 +567,9 @@ def _empty_state(k: Tensor, v: Tensor, options: AttentionOptions) -> GroupState:
     batch, heads, _, dim = k.shape
     stat = torch.promote_types(k.dtype, torch.float32)
     state = GroupState(shift=k.new_zeros(batch, heads, 1, dim, dtype=stat),
-                       open_keys=k.new_zeros(batch, heads, 1, dim),
-                       open_values=v.new_zeros(batch, heads, 1, v.shape[-1]),
-                       open_count=k.new_zeros(batch, 1, 1, 1))
+                       open_keys=k.new_zeros(batch, heads, 1, dim, dtype=stat),
+                       open_values=v.new_zeros(batch, heads, 1, v.shape[-1], dtype=stat),
+                       open_count=k.new_zeros(batch, 1, 1, 1, dtype=stat))
     if _keeps_keys(options):
         state = replace(state, keys=k[:, :, :0], values=v[:, :, :0],
                         valid=torch.zeros(batch, 0, dtype=torch.bool, device=k.device))
@@ -583,10 +591,11 @@ def _prefill(k: Tensor, v: Tensor, key_padding_mask: Tensor | None, scale: int,
     windows = prefix_windows(k, v, key_padding_mask, scale)
     state = _close(_empty_state(k, v, options), windows.keys[:, :, :closed], windows.values[:, :, :closed],
                    windows.valid[:, :closed], options)
-    weights = (k.new_ones(k.shape[0], 1, k.shape[2], 1) if key_padding_mask is None
-               else (~key_padding_mask)[:, None, :, None].to(k.dtype))[:, :, closed * scale:]
-    return replace(state, open_keys=(k[:, :, closed * scale:] * weights).sum(2, keepdim=True),
-                   open_values=(v[:, :, closed * scale:] * weights).sum(2, keepdim=True),
+    stat = state.open_keys.dtype
+    weights = (k.new_ones(k.shape[0], 1, k.shape[2], 1, dtype=stat) if key_padding_mask is None
+               else (~key_padding_mask)[:, None, :, None].to(stat))[:, :, closed * scale:]
+    return replace(state, open_keys=(k[:, :, closed * scale:].to(stat) * weights).sum(2, keepdim=True),
+                   open_values=(v[:, :, closed * scale:].to(stat) * weights).sum(2, keepdim=True),
                    open_count=weights.sum(2, keepdim=True))
 
 
@@ -594,11 +603,12 @@ def _step(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, state: GroupState, sca
           options: AttentionOptions) -> tuple[Tensor, GroupState]:
     """One token at ``position`` (``q, k, v``: ``(B, h, 1, D)``, ``valid``: ``(B,)``): its
     output from the state, and the state with it added (its window closed when full)."""
-    weight = valid[:, None, None, None].to(k.dtype)
+    weight = valid[:, None, None, None].to(state.open_keys.dtype)  # the open sums: at least float32
     state = replace(state, open_keys=state.open_keys + k * weight, open_values=state.open_values + v * weight,
                     open_count=state.open_count + weight)
     count = state.open_count.clamp_min(1.0)
-    partial_keys, partial_values = state.open_keys / count, state.open_values / count
+    partial_keys = (state.open_keys / count).to(k.dtype)  # rounded once, as prefix_windows
+    partial_values = (state.open_values / count).to(v.dtype)
     partial_visible = state.open_count > 0
     if state.primal is not None:
         stat = state.primal.dtype
@@ -630,7 +640,7 @@ def decode(
     cache runs the full causal pass (the prompt) and keeps its state; a filled one steps token by
     token through :class:`GroupState`, which reproduces the full pass."""
     _check_causal_qkv(q, k, v)
-    if options.bn and computes_in_float16(q):
+    if _runs_in_float32(q, options):
         with _in_float32(q, k, v) as (q, k, v):
             return decode(q, k, v, options, cache, key_padding_mask).half()
     batch, num_heads, length = k.shape[:3]

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from primal_dual_attention.attention import AttentionConfig, attention_config, evaluation_mode
 from primal_dual_attention.causal import DecodingCache
+from primal_dual_attention.functional import check_key_padding_mask
 from primal_dual_attention.models.encoder import EncoderBlock
 
 
@@ -62,6 +63,10 @@ class DecoderLM(nn.Module):
     def logits(self, tokens: Tensor, key_padding_mask: Tensor | None = None,
                caches: list[DecodingCache] | None = None) -> Tensor:
         """``(B, N, vocab)`` next-token logits (:meth:`forward`'s, whatever a subclass returns)."""
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+            got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a (B, N) tensor of token ids, got {got}")
+        key_padding_mask = check_key_padding_mask(key_padding_mask, *tokens.shape)  # before positions use it
         start = 0 if caches is None else caches[0].length
         before = None if caches is None else caches[0].valid_tokens
         if key_padding_mask is None and (before is None or start == 0):
@@ -87,7 +92,8 @@ class DecoderLM(nn.Module):
     def generate(self, prompt: Tensor, max_new_tokens: int, *, key_padding_mask: Tensor | None = None,
                  temperature: float = 1.0, top_k: int | None = None,
                  generator: torch.Generator | None = None) -> Tensor:
-        """``prompt`` ``(B, T)`` (left padding marked in ``key_padding_mask``) followed by
+        """``prompt`` ``(B, T)`` (left padding marked in ``key_padding_mask``; padding after a
+        prompt token is refused, as each row continues from its last position) followed by
         ``max_new_tokens`` sampled tokens; ``temperature=0`` is greedy. Each step feeds one token
         through the caches (:class:`DecodingCache`), so a step costs O(cache), not O(length)."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
@@ -101,8 +107,15 @@ class DecoderLM(nn.Module):
             what = (f"{prompt.dtype} of shape {tuple(prompt.shape)}" if isinstance(prompt, Tensor)
                     else type(prompt).__name__)
             raise ValueError(f"prompt must be an integer tensor of token ids (B, T), got {what}")
+        if prompt.shape[1] == 0:
+            raise ValueError("prompt must hold at least one token per sequence (B, T >= 1), got T = 0")
+        key_padding_mask = check_key_padding_mask(key_padding_mask, *prompt.shape)
         valid = prompt.shape[1]
-        if key_padding_mask is not None and key_padding_mask.shape == prompt.shape:  # else logits() says why
+        if key_padding_mask is not None:
+            if rows := _padded_after_tokens(key_padding_mask):  # each row continues from its last position
+                raise ValueError(f"key_padding_mask marks padding after a valid prompt token (rows {rows}); "
+                                 "generate() continues each row from its last position, so pad prompts "
+                                 "on the left")
             valid = int((~key_padding_mask).sum(1).max())
         needed = valid + max_new_tokens - 1  # positions fed: the prompt's, then every new token but the last
         if max_new_tokens and needed > self.max_len:
@@ -116,7 +129,8 @@ class DecoderLM(nn.Module):
                 if temperature == 0:
                     token = logits.argmax(-1, keepdim=True)
                 else:
-                    logits = logits / temperature
+                    # shifted first: the largest logit becomes 0, so a tiny temperature cannot overflow
+                    logits = (logits - logits.amax(-1, keepdim=True)) / temperature
                     if top_k is not None:
                         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
                         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -125,6 +139,12 @@ class DecoderLM(nn.Module):
                 if step + 1 < max_new_tokens:
                     logits = self.logits(token, None, caches)[:, -1]
         return torch.cat(tokens, dim=1)
+
+
+def _padded_after_tokens(key_padding_mask: Tensor) -> list[int]:
+    """The rows of a ``(B, T)`` padding mask with a padded position after a valid token."""
+    seen_token = (~key_padding_mask).long().cummax(1).values.bool()
+    return torch.nonzero((key_padding_mask & seen_token).any(1)).flatten().tolist()
 
 
 class NextTokenLM(DecoderLM):
