@@ -213,3 +213,23 @@ def test_a_variant_name_takes_the_fields_it_needs():
     assert MultiHeadAttention(16, 4, "sparse", window=2).config.window == 2
     with pytest.raises(TypeError, match=r"unknown attention option\(s\) \['windw'\]"):
         attention_config("sparse", windw=2)
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_and_cudagraphs_needs_inductor():
+    with pytest.warns(UserWarning, match=r"the warm-up \(1000 steps\) lasts the whole run \(500 steps\)"):
+        TrainConfig(task="lra", dataset="listops", steps=500, warmup_steps=1000).validate()
+    with pytest.warns(UserWarning, match=r"the warm-up \(5 epochs\) lasts the whole run \(2 epochs\)"):
+        TrainConfig(epochs=2, warmup_epochs=5).validate()
+    with pytest.raises(ValueError, match="compile='cudagraphs' is a mode of the inductor backend, got "
+                                         "compile_backend='aot_eager'"):
+        TrainConfig(compile="cudagraphs", compile_backend="aot_eager").validate()
+
+
+def test_cuda_under_torchrun_is_each_ranks_own_gpu(monkeypatch):
+    from primal_dual_attention.training.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda", local_rank=1, world_size=2) == torch.device("cuda", 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)  # one process: the GPU asked for
+    with pytest.raises(ValueError, match="would put every rank on one GPU"):
+        resolve_device("cuda:0", local_rank=1, world_size=2)

@@ -49,6 +49,8 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     for row_a, row_b in zip(a["history"], b["history"], strict=True):
         assert row_a["val_acc"] == row_b["val_acc"]
         assert row_a["train_loss"] == pytest.approx(row_b["train_loss"], rel=1e-6)
+    ranks = b["rng_ranks"]  # each rank its own random stream (dropout, augmentation), not rank 0's
+    assert not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from primal_dual_attention.training.config import TrainConfig, load_yaml_config
@@ -55,6 +56,20 @@ def test_two_steps_on_a_fake_imagefolder(tmp_path):
     assert code == 0
     log = (out / "imagenet" / "imagenet" / "paper" / "bn_sh" / "seed0" / "log.csv").read_text().splitlines()
     assert len(log) == 2 and "test_acc" in log[0]
+
+
+@pytest.mark.parametrize("repeated_aug", [0, 3])
+def test_the_schedule_counts_the_batches_an_epoch_yields(tmp_path, repeated_aug):
+    """The training loader drops a last partial batch: 8 images in batches of 3 are 2 steps, not
+    the 3 the schedule counted (its cosine then stopped at 2/3)."""
+    from primal_dual_attention.data.imagefolder import imagefolder_splits
+
+    train, _ = imagefolder_splits(fake_imagefolder(tmp_path / "inet"), img_size=32, auto_augment=None,
+                                  random_erase=0.0, mixup=0.0, cutmix=0.0, label_smoothing=0.0,
+                                  repeated_aug=repeated_aug, num_workers=0, seed=0)
+    yielded = sum(1 for _ in train.batches(3, torch.Generator().manual_seed(0)))
+    assert train.batches_per_epoch(3) == yielded
+    assert yielded == 2 or repeated_aug  # timm's repeated augmentation selects its own count
 
 
 def test_two_steps_with_torchrun_on_two_ranks(tmp_path):

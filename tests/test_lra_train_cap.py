@@ -19,7 +19,7 @@ def test_max_train_samples_caps_the_generated_training_split(tmp_path, monkeypat
     task = build_task(cfg)
     assert len(task.train) == 40 and len(task.val) == 4 and len(task.test) == 4
     # the step stream repeats the 40 samples in laps
-    stream = StepSplit(task.train, samples=100, round=0, seed=0)
+    stream = StepSplit(task.train, start=0, samples=100, seed=0)
     assert sum(len(y) for *_, y in stream.batches(32)) == 100
 
 

@@ -45,7 +45,7 @@ SPLITS = {
                                               np.array([6, 5, 4, 3, 2, 1, 6, 5]), LABELS.numpy()),
     "PairSplit": lambda tmp_path: PairSplit(np.arange(64).reshape(8, 8) % 9 + 1, np.full(8, 4),
                                             np.array([4, 3, 2, 1, 4, 3, 2, 1]), LABELS.numpy()),
-    "StepSplit": lambda tmp_path: StepSplit(_series(), samples=8, round=1, seed=3),
+    "StepSplit": lambda tmp_path: StepSplit(_series(), start=8, samples=8, seed=3),
     "BucketedSplit": lambda tmp_path: BucketedSplit(_series(), per_octave=2, cap=5),
     "ImageFolderSplit": _imagefolder,
     # one-byte windows: each sample's target is the next byte, so targets line up with samples

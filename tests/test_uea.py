@@ -315,3 +315,21 @@ def test_empty_training_split_is_refused(tmp_path):
     task.train = task.train.subset(torch.arange(0))
     with pytest.raises(ValueError, match="training split is empty"):
         fit(cfg, task)
+
+
+@pytest.mark.parametrize("total, rounds", [(7, 2), (68, 10), (1113, 10), (2000, 10), (3, 3)])
+def test_rounds_share_exactly_the_budgeted_steps(total, rounds):
+    """Every round took ceil(total / rounds) steps, e.g. 1,120 for a stated 1,113; now the rounds
+    hold exactly ``total``, one step apart at most, each starting where the last ended."""
+    from primal_dual_attention.training.engine import round_steps
+
+    parts = [round_steps(total, rounds, index) for index in range(rounds)]
+    assert sum(steps for _, steps in parts) == total
+    assert max(s for _, s in parts) - min(s for _, s in parts) <= 1
+    assert all(first == sum(s for _, s in parts[:index]) for index, (first, _) in enumerate(parts))
+
+
+def test_a_step_budgeted_run_takes_exactly_its_steps(tmp_path):
+    cfg = tiny_config(tmp_path, steps=7, epochs=2, batch_size=8)
+    run(cfg)
+    assert load_checkpoint(cfg.run_dir() / "last.pt")["scheduler"]["last_epoch"] == 7  # was 8

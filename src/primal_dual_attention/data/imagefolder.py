@@ -39,6 +39,11 @@ class ImageFolderSplit:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def batches_per_epoch(self, batch_size: int) -> int:
+        """Training batches an epoch yields: this rank's sampler's share in whole per-rank batches
+        (the loader drops a last partial one), what the schedule counts."""
+        return len(self._sampler(torch.Generator())) // (batch_size // self.world_size)
+
     def subset(self, index: torch.Tensor) -> ImageFolderSplit:
         """The samples ``index`` of this split, with its transforms, sampler and mixing."""
         part = copy.copy(self)

@@ -8,6 +8,7 @@ import os
 import re
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from importlib import resources
@@ -168,6 +169,10 @@ class TrainConfig:
             raise ValueError(f"budget and warmup_steps count optimizer steps, so they need steps; got "
                              f"budget={self.budget}, warmup_steps={self.warmup_steps}, steps=None")
         self.check_step_budget()
+        self.warn_long_warmup()
+        if self.compile == "cudagraphs" and self.compile_backend != "inductor":
+            raise ValueError(f"compile='cudagraphs' is a mode of the inductor backend, got "
+                             f"compile_backend={self.compile_backend!r} (it would run without CUDA graphs)")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: --resume continues a run, "
                              "--overwrite starts it again")
@@ -198,6 +203,19 @@ class TrainConfig:
             raise ValueError(f"steps x budget = {self.steps} x {self.budget} = {steps} optimizer steps, "
                              f"fewer than epochs = {self.epochs} evaluation rounds (each round takes at "
                              f"least one step); {advice}")
+
+    def warn_long_warmup(self) -> None:
+        """Warn when the warm-up lasts the whole run: the learning rate then never reaches its peak
+        and never decays (e.g. a recipe's ``warmup_steps`` kept with fewer ``--steps``)."""
+        total = self.total_steps()
+        if total is not None and self.warmup_steps is not None:
+            warmup, unit, length = round(self.warmup_steps * self.budget), "steps", total
+        else:
+            warmup, unit, length = self.warmup_epochs, "epochs", self.epochs
+        if warmup and warmup >= length:
+            warnings.warn(f"the warm-up ({warmup} {unit}) lasts the whole run ({length} {unit}): the "
+                          "learning rate never reaches lr nor decays; lower warmup_steps / "
+                          "warmup_epochs", stacklevel=2)
 
     def attention(self) -> AttentionConfig:
         """The run's attention as one value (SPEC.md §2), handed to the task's model."""

@@ -69,13 +69,20 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` -> the local CUDA device when there is one, else the CPU."""
+def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch.device:
+    """``auto`` -> the local CUDA device when there is one, else the CPU; ``cuda`` -> the local
+    one (``cuda:<LOCAL_RANK>`` under torchrun). A fixed index under torchrun is refused: it
+    would put every rank on one GPU."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} asked for, but no CUDA device is available")
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank)
+    if device.type == "cuda" and world_size > 1:
+        raise ValueError(f"device={name!r} under torchrun (WORLD_SIZE={world_size}) would put every rank "
+                         "on one GPU; use device 'cuda' or 'auto' (each rank takes its LOCAL_RANK's)")
     return device
 
 
@@ -83,7 +90,7 @@ def init(device: str = "auto") -> Context:
     """Join the process group that ``torchrun`` describes, or run as a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    resolved = resolve_device(device, local_rank)
+    resolved = resolve_device(device, local_rank, world_size)
     if world_size <= 1:
         return Context(device=resolved)
     if not dist.is_initialized():

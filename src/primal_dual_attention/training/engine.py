@@ -104,13 +104,13 @@ class RunResult:
 
 @dataclass
 class StepSplit:
-    """Round ``round`` of a step-budgeted run: the next ``samples`` samples of an endless stream
-    of seeded permutations of ``split`` (so a run that stops early has seen no sample twice, and
-    the stream depends only on the seed and the round, which keeps resume exact)."""
+    """One round of a step-budgeted run: ``samples`` samples from position ``start`` of an endless
+    stream of seeded permutations of ``split`` (so a run that stops early has seen no sample
+    twice, and the stream depends only on the seed and the position, which keeps resume exact)."""
 
     split: Split
+    start: int
     samples: int
-    round: int
     seed: int
 
     @property
@@ -123,7 +123,7 @@ class StepSplit:
     def _indices(self) -> Tensor:
         """This round's samples: indices into ``split``."""
         size = len(self.split)
-        start, stop = self.round * self.samples, (self.round + 1) * self.samples
+        start, stop = self.start, self.start + self.samples
         parts = []
         for lap in range(start // size, (stop - 1) // size + 1):
             order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed * 7919 + lap))
@@ -337,12 +337,21 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.RAdam(groups, lr=cfg.effective_lr(), decoupled_weight_decay=True)
 
 
-def _lr_lambda(cfg: TrainConfig, steps_per_epoch: int):
+def round_steps(total: int, rounds: int, index: int) -> tuple[int, int]:
+    """(first step, steps) of round ``index`` when ``total`` optimizer steps are spread over
+    ``rounds`` evaluation rounds: exactly ``total`` in all, the first ``total % rounds`` rounds
+    one step longer."""
+    base, extra = divmod(total, rounds)
+    return index * base + min(index, extra), base + (index < extra)
+
+
+def _lr_lambda(cfg: TrainConfig, steps_per_epoch: float, total: int):
+    """The schedule's factor per optimizer step over the run's ``total`` steps (``steps_per_epoch``
+    places warm-up epochs and step decays; a step-budgeted run's rounds average it)."""
     if cfg.steps is not None and cfg.warmup_steps is not None:
         warmup = round(cfg.warmup_steps * cfg.budget)
     else:
         warmup = cfg.warmup_epochs * steps_per_epoch
-    total = cfg.epochs * steps_per_epoch
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -545,7 +554,6 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    steps_per_epoch: int
     train: Split
     val: Split | None
     test: Split
@@ -582,6 +590,8 @@ def _fit(cfg: TrainConfig, task: Task, ctx: Context) -> RunResult:
     cfg = run.cfg  # with the run's own folder
     if cfg.resume and run.last_path.is_file():
         _resume(run)
+    elif ctx.distributed:  # each rank its own dropout and augmentation (the data order has its own seed)
+        seed_everything(cfg.seed + ctx.rank)
     # a finished run is only reported; one that stopped after its last epoch (before its summary)
     # is finished now
     unfinished = run.start_epoch < cfg.epochs or not (cfg.run_dir() / "summary.json").is_file()
@@ -624,15 +634,18 @@ def _prepare(cfg: TrainConfig, task: Task, ctx: Context) -> _Run:
     optimizer = _optimizer(cfg, model)
     total_steps = cfg.total_steps()
     if total_steps is None:
-        steps_per_epoch = math.ceil(len(task.train) / cfg.batch_size)
+        # per-rank loaders drop a last partial batch and count their own (repeated augmentation)
+        counted = getattr(task.train, "batches_per_epoch", None)
+        steps_per_epoch = counted(cfg.batch_size) if counted else math.ceil(len(task.train) / cfg.batch_size)
+        total_steps = cfg.epochs * steps_per_epoch
     else:
-        steps_per_epoch = math.ceil(total_steps / cfg.epochs)
+        steps_per_epoch = total_steps / cfg.epochs
     per_octave, train, val, test = run_splits(cfg, task, model, ctx.device)
     cfg = replace(cfg, length_buckets=per_octave)  # config.yaml records what the run used
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch, total_steps))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
-    return _Run(cfg, ctx, model, train_model, optimizer, scheduler, scaler, steps_per_epoch, train, val,
-                test, task.select_by_loss)
+    return _Run(cfg, ctx, model, train_model, optimizer, scheduler, scaler, train, val, test,
+                task.select_by_loss)
 
 
 def _resume(run: _Run) -> None:
@@ -660,7 +673,8 @@ def _train_and_evaluate(run: _Run, train: Split, epoch: int) -> tuple[dict[str, 
     (validation under ``clean``, test under ``paper``)."""
     cfg = run.cfg
     if cfg.total_steps() is not None:
-        train = StepSplit(train, run.steps_per_epoch * cfg.batch_size, epoch, cfg.seed)
+        first, steps = round_steps(cfg.total_steps(), cfg.epochs, epoch)
+        train = StepSplit(train, first * cfg.batch_size, steps * cfg.batch_size, cfg.seed)
     train_stats = _train_epoch(run.train_model, train, cfg, run.optimizer, run.scheduler, run.scaler,
                                epoch, run.ctx)
     row: dict[str, Any] = {
