@@ -155,7 +155,10 @@ def test_a_run_folder_is_never_overwritten(tmp_path, capsys):
     _one_epoch(tmp_path, epochs=2, resume=True)  # finds its own folder again
     assert f"resuming {folder}-2 with all 2 epochs done" in capsys.readouterr().out
     assert _files(folder) == kept
+    (folder / "tensorboard").mkdir()  # the old run's events (TensorBoard, when installed)
+    (folder / "tensorboard" / "events.out").write_text("old")
     _one_epoch(tmp_path, lr=0.01, overwrite=True)
+    assert not (folder / "tensorboard" / "events.out").exists()
     assert f"overwriting {folder} (a run with other options: lr: 0.001 -> 0.01)" in capsys.readouterr().out
     assert load_checkpoint(folder / "last.pt")["config"]["lr"] == 0.01
     assert load_checkpoint(Path(f"{folder}-2") / "last.pt")["config"]["epochs"] == other.epochs

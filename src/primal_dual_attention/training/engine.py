@@ -24,6 +24,7 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -623,8 +624,10 @@ def _prepare(cfg: TrainConfig, task: Task, ctx: Context) -> _Run:
     ctx.barrier()  # every rank has read the folders before the main rank writes
     if ctx.is_main:
         cfg.run_dir().mkdir(parents=True, exist_ok=True)
-        for name in RUN_FILES if clear else ():
-            (cfg.run_dir() / name).unlink(missing_ok=True)
+        if clear:  # the old run's files, its TensorBoard events too (they would mix with the new run's)
+            for name in RUN_FILES:
+                (cfg.run_dir() / name).unlink(missing_ok=True)
+            shutil.rmtree(cfg.run_dir() / "tensorboard", ignore_errors=True)
     model = task.model.to(ctx.device)
     train_model: nn.Module = model
     if ctx.distributed:
