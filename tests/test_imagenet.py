@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -90,3 +91,22 @@ def test_missing_imagefolder_is_a_clear_error(tmp_path, capsys):
     code = main(["train", "--config", "configs/imagenet/deit_tiny_sh.yaml", "--data-dir",
                  str(tmp_path / "nowhere"), *SMOKE])
     assert code == 2 and "ImageFolder split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model, variant, error", [
+    ("vit_tiny_patch16_224", "softmax", None),  # timm's own model: built without our attention
+    ("vit_tiny_patch16_224", "bn", "is built with variant 'softmax', got variant='bn'"),
+    ("deit_tiny_patch16_224_bn_sh", "sh", "is built with variant 'bn_sh', got variant='sh'"),
+    ("no_such_model", "softmax", "is not a timm model"),
+])
+def test_a_timm_model_of_another_variant_is_refused_before_data(tmp_path, model, variant, error):
+    cfg = TrainConfig(task="imagenet", model=model, variant=variant, img_size=32,
+                      data_dir=str(tmp_path / "nothing"))
+    if error is not None:
+        with pytest.raises(ValueError, match=error):
+            cfg.validate()
+        return
+    from primal_dual_attention.training.tasks import build_task
+
+    cfg = replace(cfg.validate(), data_dir=str(fake_imagefolder(tmp_path / "inet")), num_workers=0)
+    assert type(build_task(cfg).model.blocks[0].attn).__name__ == "Attention"  # timm's own

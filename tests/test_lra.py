@@ -143,6 +143,40 @@ def test_aan_reader_and_dual_encoder(tmp_path):
         lra.read_aan_tsv(tmp_path / "bad.tsv")
 
 
+def test_an_empty_document_is_all_padding_in_either_tower(tmp_path):
+    """An empty first document kept one padded position as valid (its tower gave a non-zero
+    vector where an empty second one gave 0); both are now all padding."""
+    path = tmp_path / "pairs.tsv"
+    path.write_text("1\ta\tb\t\tsecond\n0\tc\td\tfirst\t\n")
+    x, mask, _ = next(lra.read_aan_tsv(path, max_len=8).batches(2))
+    assert mask[0, :8].all() and mask[1, 8:].all()
+    model = LRAClassifier(257, 2, 8, dual=True).eval()
+    u, v = model.encode(x[:1, :8], mask[:1, :8]), model.encode(x[1:, 8:], mask[1:, 8:])
+    assert u.abs().max() == v.abs().max() == 0
+
+
+@pytest.mark.parametrize("reader, text, match", [
+    ("listops", "Source\tTarget\n[MAX 2 ]\t12\n", "label '12' is not a class 0..9"),
+    ("aan", "2\ta\tb\tx\ty\n", "label '2' is not a class 0..1"),
+    ("aan", "0.5\ta\tb\tx\ty\n", "label '0.5' is not a class 0..1"),
+])
+def test_tsv_labels_outside_the_classes_are_refused(tmp_path, reader, text, match):
+    path = tmp_path / "rows.tsv"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        lra.read_listops_tsv(path) if reader == "listops" else lra.read_aan_tsv(path)
+
+
+def test_lra_models_name_bad_token_shapes():
+    dual = LRAClassifier(257, 2, 8, dual=True)
+    with pytest.raises(ValueError, match=r"\(B, 2 x T\) tokens.*got shape \(2, 7\)"):
+        dual(torch.ones(2, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"must have shape \(B, N\) = \(2, 8\), got \(2, 6\)"):
+        dual(torch.ones(2, 8, dtype=torch.long), torch.zeros(2, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"tokens must be a \(B, T\) tensor of token ids, got \(5,\)"):
+        LRAClassifier(257, 2, 8)(torch.ones(5, dtype=torch.long))
+
+
 def test_aan_reader_keeps_quotes_as_text(tmp_path):
     """LRA's files quote nothing: a text that starts with '"' is one field, not the start of a
     quoted run over the next tabs and rows."""

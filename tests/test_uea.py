@@ -133,6 +133,8 @@ def test_time_series_model_names_bad_shapes():
     model = TimeSeriesTransformer(3, 2, 5, dim=8, depth=1, num_heads=2, mlp_dim=8)
     with pytest.raises(ValueError, match=r"x must have shape \(B, T, C=3\), got \(1, 4, 2\)"):
         model(torch.randn(1, 4, 2))
+    with pytest.raises(ValueError, match=r"must have shape \(B, N\) = \(1, 4\), got \(1, 5\)"):
+        model(torch.randn(1, 4, 3), torch.zeros(1, 5, dtype=torch.bool))  # was torch's broadcast error
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         TimeSeriesTransformer(3, 0, 5)
 

@@ -149,15 +149,16 @@ def _register(name: str, variant: str, defaults: dict[str, Any], data_config: di
 
 
 # timm's own deit_*_patch16_224 is the softmax DeiT
-REGISTERED = [
+#: The registered models and the variant each is built with.
+REGISTERED: dict[str, str] = {
     _register(f"deit_{size}_patch16_224_{variant}", variant,
-              dict(img_size=224, patch_size=16, qkv_bias=True, **dims), DEIT_DATA)
+              dict(img_size=224, patch_size=16, qkv_bias=True, **dims), DEIT_DATA): variant
     for size, dims in DEIT.items() for variant in GRID_VARIANTS if variant != "softmax"
-] + [
+} | {
     _register(f"vit_cifar_{variant}", variant, dict(img_size=32, patch_size=4, qkv_bias=True, **CIFAR),
-              CIFAR_DATA)
+              CIFAR_DATA): variant
     for variant in GRID_VARIANTS
-]
+}
 
 
 def attention_maps(model: VisionTransformer, images: Tensor, layer: int = 0) -> Tensor:

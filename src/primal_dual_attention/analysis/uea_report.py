@@ -265,7 +265,9 @@ def write_uea_report(results_dir: str | Path, seeds: int = 3) -> Path:
         f"- Runs finished: {finished_span(rows)}",
         "- Protocols (SPEC §4): `paper` reports the best test accuracy over epochs (what the "
         "published UEA tables do; optimistic); `clean` selects the epoch on a stratified 20 % "
-        "validation split of the training data and reports its test accuracy.",
+        "validation split of the training data and reports its test accuracy. Channels are "
+        "standardised with the whole training file's statistics (validation part included, without "
+        "labels; never the test file's).",
         "- Model and budget: the field's standard set-up unless the dataset's "
         "`configs/uea/<Dataset>.yaml` says otherwise; epochs per run are in `runs.csv`.",
         "",

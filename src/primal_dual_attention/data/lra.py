@@ -282,12 +282,23 @@ def read_listops_tsv(path: str | Path, max_len: int = 2000) -> TokenSplit:
             if len(row) < 2:
                 raise ValueError(f"{path}:{line}: expected 2 columns, got {len(row)}")
             sequences.append(tokenize_listops(row[0]))
-            labels.append(int(row[1]))
+            labels.append(_label(row[1], 10, f"{path}:{line}"))
     longer = sum(len(sequence) > max_len for sequence in sequences)
     if longer:  # a cut expression keeps the label of the whole one
         raise ValueError(f"{path}: {longer} expressions are longer than max_len={max_len}, and a ListOps "
                          "label needs the whole expression; raise max_len (LRA's is 2000)")
     return TokenSplit.from_sequences(sequences, labels, max_len, np.uint8)
+
+
+def _label(text: str, classes: int, where: str) -> int:
+    """A class label of an LRA TSV row, ``0 <= label < classes`` (LRA writes them as ``1`` or ``1.0``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{where}: label {text!r} is not a number") from None
+    if not value.is_integer() or not 0 <= value < classes:
+        raise ValueError(f"{where}: label {text!r} is not a class 0..{classes - 1}")
+    return int(value)
 
 
 def load_listops(data_dir: str | Path | None = None, *, seed: int = 0, sizes=(96_000, 2_000, 2_000),
@@ -298,7 +309,10 @@ def load_listops(data_dir: str | Path | None = None, *, seed: int = 0, sizes=(96
     label needs the whole expression. At 2000 and up it keeps the cache's version 1, the data of
     every committed ListOps result: of its first 100,000 expressions at seed 0, 51 have 2000
     tokens or more, and 31 end 1-3 closing brackets past 2000, which ``max_len`` 2000 cuts (no
-    value changes: the lost brackets close the outermost operators, after the last digit)."""
+    value changes: the lost brackets close the outermost operators, after the last digit).
+    Generated splits are consecutive slices of one stream (train, validation, test), so training
+    sets of other sizes have other validation and test expressions (kept: the committed results
+    were made so)."""
     if data_dir is not None:
         folder = Path(data_dir)
         splits = [read_listops_tsv(folder / f"basic_{s}.tsv", max_len) for s in ("train", "val", "test")]
@@ -542,10 +556,7 @@ def read_aan_tsv(path: str | Path, max_len: int = 4000) -> TokenSplit:
             if len(row) != 5:
                 raise ValueError(f"{path}:{line}: expected 5 tab-separated columns "
                                  f"(label, id1, id2, text1, text2), got {len(row)}")
-            try:
-                labels.append(int(float(row[0])))
-            except ValueError:
-                raise ValueError(f"{path}:{line}: label {row[0]!r} is not a number") from None
+            labels.append(_label(row[0], 2, f"{path}:{line}"))
             for texts, text in ((firsts, row[3]), (seconds, row[4])):
                 texts.append(np.frombuffer(text.encode("utf-8")[:max_len], np.uint8).astype(np.int16) + 1)
     first, first_len = _pad(firsts, max_len, np.int16)
@@ -559,7 +570,7 @@ class PairSplit(TokenSplit):
 
     def __init__(self, tokens: np.ndarray, first_lengths: np.ndarray, second_lengths: np.ndarray,
                  labels: np.ndarray) -> None:
-        super().__init__(tokens, np.maximum(first_lengths, 1), labels)
+        super().__init__(tokens, first_lengths, labels)  # an empty document is all padding, either half
         self.second_lengths = torch.as_tensor(second_lengths, dtype=torch.long)
 
     @property

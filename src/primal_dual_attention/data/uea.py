@@ -6,7 +6,8 @@ more), else, on a machine with internet, through aeon's download by name. Series
 to the longest *training* length with a padding mask (True = padding, SPEC.md §2); longer test
 series are cut to that length and counted. Channels are standardised with statistics of the
 valid training time points only; missing values (NaN / ``?``) become 0 after standardisation
-(the training mean).
+(the training mean). The statistics are the whole training file's: the clean protocol's
+validation part (held out later) takes part in them, without its labels; the test file never does.
 """
 
 from __future__ import annotations

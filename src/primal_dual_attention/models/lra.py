@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from primal_dual_attention.attention import AttentionConfig
-from primal_dual_attention.functional import check_positive_int
+from primal_dual_attention.functional import check_key_padding_mask, check_positive_int
 from primal_dual_attention.models.encoder import TransformerEncoder
 
 
@@ -48,6 +48,9 @@ class LRAClassifier(nn.Module):
 
     def encode(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """``(B, T)`` token ids -> ``(B, dim)`` masked mean of the encoder's outputs."""
+        if not isinstance(tokens, Tensor) or tokens.ndim != 2:
+            got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            raise ValueError(f"tokens must be a (B, T) tensor of token ids, got {got}")
         if tokens.shape[1] > self.max_len:
             raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed max_len={self.max_len}")
         h = self.drop(self.embed(tokens) + self.pos_embed[:, : tokens.shape[1]])
@@ -60,7 +63,11 @@ class LRAClassifier(nn.Module):
     def forward(self, tokens: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         if not self.dual:
             return self.head(self.encode(tokens, key_padding_mask))
+        if tokens.ndim != 2 or tokens.shape[1] % 2:
+            raise ValueError(f"a dual (two-document) model takes (B, 2 x T) tokens, the two documents "
+                             f"side by side, got shape {tuple(tokens.shape)}")
         half = tokens.shape[1] // 2
+        key_padding_mask = check_key_padding_mask(key_padding_mask, *tokens.shape)
         masks = (None, None) if key_padding_mask is None else key_padding_mask.split(half, dim=1)
         u = self.encode(tokens[:, :half], masks[0])
         v = self.encode(tokens[:, half:], masks[1])

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from primal_dual_attention.attention import AttentionConfig
-from primal_dual_attention.functional import check_positive_int
+from primal_dual_attention.functional import check_key_padding_mask, check_positive_int
 from primal_dual_attention.models.encoder import TransformerEncoder
 
 POOLINGS = ("flatten", "mean")
@@ -60,6 +60,7 @@ class TimeSeriesTransformer(nn.Module):
             raise ValueError(
                 f"sequence length {length} exceeds the positional embedding's max_len "
                 f"{self.max_len}; pad or cut the input, or build the model with a larger max_len")
+        key_padding_mask = check_key_padding_mask(key_padding_mask, x.shape[0], length)
         if key_padding_mask is not None:  # padded steps are inert whatever they hold (NaN too), SPEC.md §2
             x = x.masked_fill(key_padding_mask[..., None], 0.0)
         h = self.drop(self.embed(x) + self.pos_embed[:, :length])

@@ -193,33 +193,51 @@ def build_lra_task(cfg: TrainConfig) -> Task:
     return Task(model=model, train=data.train, test=data.test, val=val, description=data.description)
 
 
+def imagenet_model_name(cfg: TrainConfig) -> str:
+    """The timm model an ImageNet run builds: ``cfg.model``, default ``deit_tiny_patch16_224``
+    (timm's own, softmax) or ``deit_tiny_patch16_224_<variant>``."""
+    return cfg.model or ("deit_tiny_patch16_224" if cfg.variant == "softmax"
+                         else f"deit_tiny_patch16_224_{cfg.variant}")
+
+
+def check_imagenet_model(cfg: TrainConfig) -> None:
+    """The model exists in timm and is built with ``cfg.variant`` (timm's own models: softmax)."""
+    import timm
+
+    from primal_dual_attention.timm import REGISTERED
+
+    name = imagenet_model_name(cfg)
+    if not timm.list_models(name):
+        raise ValueError(f"model {name!r} is not a timm model (after importing primal_dual_attention.timm)")
+    built_with = REGISTERED.get(name, "softmax")
+    if built_with != cfg.variant:
+        raise ValueError(f"model {name!r} is built with variant {built_with!r}, got variant={cfg.variant!r}; "
+                         f"use a model built with it, e.g. deit_tiny_patch16_224_{cfg.variant} "
+                         "(primal_dual_attention.timm.REGISTERED lists them)")
+
+
 @register_task("imagenet", heads=lambda cfg: DEIT["tiny"]["num_heads"] if cfg.model is None else None,
                reads=("model", "img_size", "drop_path", "auto_augment", "random_erase", "mixup", "cutmix",
-                      "repeated_aug", "num_workers"))
+                      "repeated_aug", "num_workers"), check=check_imagenet_model)
 def build_imagenet_task(cfg: TrainConfig) -> Task:
-    """An ImageFolder tree (``--data-dir`` with ``train/`` and ``val/``) and a timm model:
-    ``cfg.model``, default ``deit_tiny_patch16_224`` (softmax, timm's own) or
-    ``deit_tiny_patch16_224_<variant>``. Each rank loads its own share of every batch; the
+    """An ImageFolder tree (``--data-dir`` with ``train/`` and ``val/``) and a timm model
+    (:func:`imagenet_model_name`). Each rank loads its own share of every batch; the
     ``val`` folder is the reported split (``paper`` protocol, as DeiT reports ImageNet)."""
     import os
 
     import timm
 
-    import primal_dual_attention.timm  # noqa: F401  (registers the models)
     from primal_dual_attention.data.imagefolder import imagefolder_splits
+    from primal_dual_attention.timm import REGISTERED  # importing it registers the models
 
-    name = cfg.model or ("deit_tiny_patch16_224" if cfg.variant == "softmax"
-                         else f"deit_tiny_patch16_224_{cfg.variant}")
-    if not timm.list_models(name):
-        raise ValueError(f"model {name!r} is not a timm model (after importing primal_dual_attention.timm)")
+    name = imagenet_model_name(cfg)
     train, val = imagefolder_splits(
         cfg.data_dir, img_size=cfg.img_size, auto_augment=cfg.auto_augment,
         random_erase=cfg.random_erase, mixup=cfg.mixup, cutmix=cfg.cutmix,
         label_smoothing=cfg.label_smoothing, repeated_aug=cfg.repeated_aug, num_workers=cfg.num_workers,
         seed=cfg.seed, rank=int(os.environ.get("RANK", "0")),
         world_size=int(os.environ.get("WORLD_SIZE", "1")))
-    extra = {} if cfg.variant == "softmax" and name == "deit_tiny_patch16_224" else {
-        "attention": cfg.attention()}
+    extra = {"attention": cfg.attention()} if name in REGISTERED else {}
     model = timm.create_model(name, num_classes=len(train.classes), img_size=cfg.img_size,
                               drop_path_rate=cfg.drop_path, drop_rate=cfg.dropout, **extra)
     selection = ("no validation split: the last epoch is kept" if cfg.protocol == "clean"
