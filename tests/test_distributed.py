@@ -100,11 +100,20 @@ from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.engine import fit, seed_everything
 from primal_dual_attention.training.tasks import build_task
 
-mode, out = sys.argv[1], sys.argv[2]
+mode, out, every = sys.argv[1], sys.argv[2], int(sys.argv[3])
 cfg = replace(TrainConfig(), dataset="JapaneseVowels", dim=16, depth=1, heads=2, mlp_dim=32, epochs=2,
               batch_size=31, dropout=0.3, out_dir=out, progress=False, threads=1, device="cpu",
-              resume=mode == "resume").validate()
-if mode == "cut":  # stop during the second epoch: last.pt holds the first
+              resume=mode == "resume", checkpoint_every=every or None).validate()
+if mode == "cut" and every:  # stop at batch 5 of the second epoch: last.pt holds its step 3
+    check_finite = engine._check_finite
+
+    def crash(tensor, what):
+        if what == "the inputs of epoch 2, batch 5":
+            raise SystemExit(3)
+        return check_finite(tensor, what)
+
+    engine._check_finite = crash
+elif mode == "cut":  # stop during the second epoch: last.pt holds the first
     train_epoch = engine._train_epoch
 
     def crash(*args, epoch_calls=[], **kwargs):
@@ -124,22 +133,29 @@ Path(f"{out}.rank{rank}.joined").write_text(str(torch.distributed.is_initialized
 '''
 
 
-def test_ddp_resume_continues_every_ranks_dropout(tmp_path):
+@pytest.mark.parametrize("every", [0, 3], ids=["rounds", "mid-round"])
+def test_ddp_resume_continues_every_ranks_dropout(tmp_path, every):
     """31 samples per global batch split 16/15: the ranks draw different amounts of dropout noise,
-    so a resumed run equals the uninterrupted one only if each rank gets its own random state back."""
+    so a resumed run equals the uninterrupted one only if each rank gets its own random state back;
+    from a mid-round checkpoint (``checkpoint_every``) too, with every rank's training sums."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    full = torchrun(str(driver), "full", str(tmp_path / "full"))
+    full = torchrun(str(driver), "full", str(tmp_path / "full"), str(every))
     assert full.returncode == 0, failure(full)
-    cut = torchrun(str(driver), "cut", str(tmp_path / "cut"))
+    cut = torchrun(str(driver), "cut", str(tmp_path / "cut"), str(every))
     assert cut.returncode == 0, failure(cut)
     assert [(tmp_path / f"cut.rank{rank}.cut").read_text() for rank in (0, 1)] == ["3"] * 2
     for out in ("full", "cut"):  # fit left the group it joined, after success and after a crash
         assert [(tmp_path / f"{out}.rank{rank}.joined").read_text() for rank in (0, 1)] == ["False"] * 2
-    resumed = torchrun(str(driver), "resume", str(tmp_path / "cut"))
-    assert resumed.returncode == 0, failure(resumed)
     (path,) = [p.relative_to(tmp_path / "full") for p in (tmp_path / "full").rglob("last.pt")]
+    if every:
+        assert load_checkpoint(tmp_path / "cut" / path)["round"]["step"] == 3
+    resumed = torchrun(str(driver), "resume", str(tmp_path / "cut"), str(every))
+    assert resumed.returncode == 0, failure(resumed)
     a, b = load_checkpoint(tmp_path / "full" / path), load_checkpoint(tmp_path / "cut" / path)
     assert a["epoch"] == b["epoch"] == 1
+    # the sums of every rank carried by rank 0 add in another order: equal to float64 rounding
+    assert [r["train_loss"] for r in b["history"]] == pytest.approx([r["train_loss"] for r in a["history"]],
+                                                                  rel=1e-12)
     for key in a["model"]:
         torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=0)

@@ -30,8 +30,9 @@ def run_dir(out: Path) -> Path:
     return out / "uea" / "JapaneseVowels" / "paper" / "bn_sh" / "seed0"
 
 
-def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path):
-    epochs = ["--epochs", "6"]
+@pytest.mark.parametrize("every", [[], ["--checkpoint-every", "2"]], ids=["rounds", "mid-round"])
+def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tmp_path, every):
+    epochs = ["--epochs", "6", *every]
     reference = train(tmp_path / "ref", *epochs)
     assert reference.wait(timeout=300) == 0, reference.stderr.read().decode()
 

@@ -221,6 +221,42 @@ def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch, compiled):
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1, 2, 3]
 
 
+@pytest.mark.parametrize("options", [{}, {"steps": 30, "length_buckets": 4, "dropout": 0.2}],
+                         ids=["epochs", "steps"])
+def test_a_mid_round_checkpoint_resumes_exactly(tmp_path, monkeypatch, capsys, options):
+    """checkpoint_every=2: a crash at batch 5 of round 2 loses one step, not the round; --resume
+    continues from step 4 and ends as the uninterrupted run (weights, losses, log)."""
+    import primal_dual_attention.training.engine as engine
+
+    def config(folder: str, **extra) -> TrainConfig:
+        return tiny_config(tmp_path / folder, epochs=3, checkpoint_every=2, **options, **extra)
+
+    full = run(config("full"))
+    original = engine._check_finite
+
+    def crash_at_batch_5_of_round_2(tensor, what):
+        if what == "the inputs of epoch 2, batch 5":
+            raise KeyboardInterrupt("simulated crash")
+        return original(tensor, what)
+
+    monkeypatch.setattr(engine, "_check_finite", crash_at_batch_5_of_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(config("cut"))
+    state = load_checkpoint(config("cut").run_dir() / "last.pt")
+    assert (state["epoch"], state["round"]["epoch"], state["round"]["step"]) == (0, 1, 4)
+    monkeypatch.setattr(engine, "_check_finite", original)
+    capsys.readouterr()
+    resumed = run(config("cut", resume=True))
+    assert "last.pt holds epoch 1, step 4 of epoch 2" in capsys.readouterr().out
+    for key in ("train_loss", "train_acc", "test_acc", "lr"):
+        assert [r[key] for r in resumed.history] == [r[key] for r in full.history], key
+    a = load_checkpoint(config("full").run_dir() / "last.pt")
+    b = load_checkpoint(config("cut").run_dir() / "last.pt")
+    assert "round" not in b and b["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
 def test_resume_never_continues_a_checkpoint_of_another_budget(tmp_path):
     first = run(tiny_config(tmp_path, epochs=1))
     second = run(tiny_config(tmp_path, epochs=2, resume=True))  # its own folder, from scratch

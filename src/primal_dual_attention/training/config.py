@@ -52,7 +52,7 @@ NUMBER_RULES: dict[NumberRule, tuple[str, ...]] = {
         "epochs", "batch_size", "eval_batch_size", "dim", "depth", "heads", "mlp_dim", "img_size",
         "step_size"),
     NumberRule(">= 1 or None", lambda v: v >= 1, allows_none=True): (
-        "steps", "max_len", "max_eval_samples", "max_train_samples", "lr_base_batch"),
+        "steps", "max_len", "max_eval_samples", "max_train_samples", "lr_base_batch", "checkpoint_every"),
     NumberRule(">= 0", lambda v: v >= 0): ("seed", "num_workers", "repeated_aug", "warmup_epochs"),
     NumberRule(">= 0 or None (0 and None: torch's default)", lambda v: v >= 0,
                allows_none=True): ("threads",),
@@ -148,6 +148,9 @@ class TrainConfig:
     out_dir: str = "runs"
     run_name: str | None = None  # the run's folder under <variant>/ (default: seed<k>, seed<k>-2, ...)
     resume: bool = False
+    # also write last.pt every n optimizer steps inside a round, so that a crash or a stop loses
+    # at most n steps (--resume continues from that step exactly); None: after each round only
+    checkpoint_every: int | None = None
     overwrite: bool = False  # replace the run in the folder instead of refusing or moving on
     threads: int | None = None
     progress: bool | None = None  # progress bars: None = only on a terminal, True = always

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -403,19 +404,39 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, ctx: Context = SIN
     return EpochStats(total_loss / count, correct / count, int(count), time.perf_counter() - start)
 
 
+@dataclass
+class RoundProgress:
+    """How far a round got: its optimizer steps and its running training sums (every rank's
+    together, so a resume on any number of ranks ends with the same totals)."""
+
+    epoch: int
+    step: int = 0
+    loss: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    seconds: float = 0.0
+
+
 def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, scaler, epoch: int,
-                 ctx: Context) -> EpochStats:
+                 ctx: Context, progress: RoundProgress | None = None,
+                 checkpoint: Callable[[RoundProgress], None] | None = None) -> EpochStats:
     """One epoch. Every rank walks the same global batches (same seeded order) and trains on its
-    slice; the loss is scaled so that DDP's gradient average equals the global batch mean."""
+    slice; the loss is scaled so that DDP's gradient average equals the global batch mean.
+    ``progress``: where a mid-round checkpoint stopped (its batches are skipped, its sums kept);
+    ``checkpoint`` is called every ``cfg.checkpoint_every`` steps on every rank."""
     model.train()
     generator = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-    total_loss, correct, count = 0.0, 0.0, 0.0
-    start = time.perf_counter()
+    progress = progress or RoundProgress(epoch)
+    carried = (progress.loss, progress.correct, progress.count)  # every rank's sums: rank 0 carries them
+    total_loss, correct, count = carried if ctx.rank == 0 else (0.0, 0.0, 0.0)
+    start = time.perf_counter() - progress.seconds
     bar = tqdm(split.batches(cfg.batch_size, generator), total=math.ceil(len(split) / cfg.batch_size),
-               desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+               desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, initial=progress.step,
                disable=not ctx.is_main or cfg.progress is False or (
                    cfg.progress is None and not sys.stderr.isatty()))
     for step, batch in enumerate(bar):
+        if step < progress.step:  # trained before the checkpoint: the same seeded batch order
+            continue
         _check_finite(batch[0], f"the inputs of epoch {epoch + 1}, batch {step}")
         x, mask, y = _place(split, ctx, batch)
         global_count = len(y) * ctx.world_size if split.per_rank else len(batch[2])
@@ -439,13 +460,16 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
         correct += (logits.argmax(-1) == y).sum().item()
         count += len(y)
         bar.set_postfix(loss=f"{total_loss / max(count, 1):.3f}", acc=f"{correct / max(count, 1):.3f}")
+        if checkpoint is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            checkpoint(RoundProgress(epoch, step + 1, *ctx.sum(total_loss, correct, count),
+                                     time.perf_counter() - start))
     total_loss, correct, count = ctx.sum(total_loss, correct, count)
     return EpochStats(total_loss / max(count, 1), correct / max(count, 1), int(count),
                       time.perf_counter() - start)
 
 
 RUNNING_OPTIONS = {"resume", "overwrite", "run_name", "progress", "out_dir", "threads", "device", "data_dir",
-                   "num_workers", "compile", "compile_backend", "length_buckets"}
+                   "num_workers", "compile", "compile_backend", "length_buckets", "checkpoint_every"}
 #: what a run writes in its folder (``--overwrite`` removes these and nothing else)
 RUN_FILES = ("config.yaml", "last.pt", "best.pt", "log.csv", "summary.json")
 
@@ -481,7 +505,10 @@ def _run_state(folder: Path, saved: dict[str, Any]) -> str:
     if (folder / "summary.json").is_file():
         return f"finished, {saved['epochs']}/{saved['epochs']} epochs"
     if (folder / "last.pt").is_file():
-        return f"stopped after epoch {load_checkpoint(folder / 'last.pt')['epoch'] + 1}/{saved['epochs']}"
+        state = load_checkpoint(folder / "last.pt")
+        round_ = state.get("round")
+        inside = f", at step {round_['step']} of epoch {state['epoch'] + 2}" if round_ else ""
+        return f"stopped after epoch {state['epoch'] + 1}/{saved['epochs']}{inside}"
     return "started, no epoch finished"
 
 
@@ -562,6 +589,7 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     best: tuple[float, float] | None = None
     start_epoch: int = 0
+    progress: RoundProgress | None = None  # a round a mid-round checkpoint stopped in
     wall_before: float = 0.0  # seconds spent before a resume
     wall_start: float = 0.0
     writer: Any = None  # a TensorBoard writer on the main rank, when TensorBoard is installed
@@ -663,12 +691,14 @@ def _resume(run: _Run) -> None:
     own = ranks[run.ctx.rank] if ranks is not None and len(ranks) == run.ctx.world_size else state["rng"]
     _set_rng_state(own, run.ctx.device)
     run.history, run.start_epoch = list(state["history"]), state["epoch"] + 1
+    run.progress = RoundProgress(**state["round"]) if state.get("round") else None
     run.best = None if state["best"] is None else tuple(state["best"])
     run.wall_before = state["wall_seconds"]
     if run.ctx.is_main:
         where = (f"at epoch {run.start_epoch + 1}/{run.cfg.epochs}" if run.start_epoch < run.cfg.epochs
                  else f"with all {run.cfg.epochs} epochs done (nothing to train)")
-        print(f"resuming {run.cfg.run_dir()} {where} (last.pt holds epoch {run.start_epoch})")
+        inside = f", step {run.progress.step} of epoch {run.start_epoch + 1}" if run.progress else ""
+        print(f"resuming {run.cfg.run_dir()} {where} (last.pt holds epoch {run.start_epoch}{inside})")
 
 
 def _train_and_evaluate(run: _Run, train: Split, epoch: int) -> tuple[dict[str, Any], tuple[float, float]]:
@@ -678,8 +708,9 @@ def _train_and_evaluate(run: _Run, train: Split, epoch: int) -> tuple[dict[str, 
     if cfg.total_steps() is not None:
         first, steps = round_steps(cfg.total_steps(), cfg.epochs, epoch)
         train = StepSplit(train, first * cfg.batch_size, steps * cfg.batch_size, cfg.seed)
+    progress, run.progress = run.progress, None  # only the first round after a resume
     train_stats = _train_epoch(run.train_model, train, cfg, run.optimizer, run.scheduler, run.scaler,
-                               epoch, run.ctx)
+                               epoch, run.ctx, progress, lambda done: _save_round(run, done))
     row: dict[str, Any] = {
         "epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
         "train_loss": train_stats.loss, "train_acc": train_stats.accuracy,
@@ -703,6 +734,19 @@ def _train_and_evaluate(run: _Run, train: Split, epoch: int) -> tuple[dict[str, 
     return row, score
 
 
+def _training_state(run: _Run, epoch: int) -> dict[str, Any]:
+    """What ``last.pt`` holds after round ``epoch`` (every rank must call it: it gathers the
+    random states)."""
+    ranks = run.ctx.gather(_rng_state(run.ctx.device))  # every rank's, in rank order
+    return {
+        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
+        "best": run.best,
+        "history": run.history, "rng": ranks[0], "rng_ranks": ranks, "config": run.cfg.to_dict(),
+        "wall_seconds": run.wall_seconds(),
+    }
+
+
 def _save_epoch(run: _Run, epoch: int, row: dict[str, Any], improved: bool) -> None:
     """TensorBoard scalars, ``last.pt`` (and ``best.pt`` when ``improved``), ``log.csv``; the
     main rank writes, every rank waits for it."""
@@ -710,19 +754,21 @@ def _save_epoch(run: _Run, epoch: int, row: dict[str, Any], improved: bool) -> N
         for key, value in row.items():
             if isinstance(value, float):
                 run.writer.add_scalar(key, value, epoch + 1)
-    ranks = run.ctx.gather(_rng_state(run.ctx.device))  # every rank's, in rank order
-    state = {
-        "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(), "epoch": epoch,
-        "best": run.best,
-        "history": run.history, "rng": ranks[0], "rng_ranks": ranks, "config": run.cfg.to_dict(),
-        "wall_seconds": run.wall_seconds(),
-    }
+    state = _training_state(run, epoch)
     if run.ctx.is_main:
         if improved:
             atomic_save(state, run.best_path)
         atomic_save(state, run.last_path)
         _write_csv(run.cfg.run_dir() / "log.csv", run.history)  # rewritten whole: always matches last.pt
+    run.ctx.barrier()
+
+
+def _save_round(run: _Run, progress: RoundProgress) -> None:
+    """``last.pt`` inside a round (``checkpoint_every``): the rounds before it, and how far this
+    one got (``round``); log and ``best.pt`` stay those of the last whole round."""
+    state = _training_state(run, progress.epoch - 1) | {"round": dataclasses.asdict(progress)}
+    if run.ctx.is_main:
+        atomic_save(state, run.last_path)
     run.ctx.barrier()
 
 
