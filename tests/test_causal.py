@@ -247,6 +247,16 @@ def test_linear_in_float16_keeps_its_sums_past_float16s_range(variant, causal):
         torch.testing.assert_close(step.double(), exact[:, :, 900:901], atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("pack_heads", [True, False])
+def test_float16_linear_maps_keep_the_input_dtype(pack_heads):
+    """The float32 computation of float16 feature-map kernels hands back float16 maps, which the
+    packed SH path multiplies with its float16 pooling matrix (it crashed on float32 maps)."""
+    q, k, v = (torch.randn(1, 4, 16, 8).half() for _ in range(3))
+    options = AttentionConfig(variant="linear_sh", head_scales=(1, 1, 2, 4), pack_heads=pack_heads)
+    out, weights = attention(q, k, v, options, need_weights=True)
+    assert out.dtype == weights.dtype == torch.float16 and weights.shape == (1, 4, 16, 16)
+
+
 def test_bfloat16_sh_window_means_are_rounded_once():
     """The causal SH windows' running sums are kept in float32 and each mean rounded once to
     bfloat16, as the non-causal pooling does; summed in bfloat16 they drifted several steps."""

@@ -98,10 +98,11 @@ def test_missing_imagefolder_is_a_clear_error(tmp_path, capsys):
     ("vit_tiny_patch16_224", "bn", "is built with variant 'softmax', got variant='bn'"),
     ("deit_tiny_patch16_224_bn_sh", "sh", "is built with variant 'bn_sh', got variant='sh'"),
     ("no_such_model", "softmax", "is not a timm model"),
+    (None, "softmax", "checkpoint_every=5: task 'imagenet' resumes at round boundaries only"),
 ])
 def test_a_timm_model_of_another_variant_is_refused_before_data(tmp_path, model, variant, error):
     cfg = TrainConfig(task="imagenet", model=model, variant=variant, img_size=32,
-                      data_dir=str(tmp_path / "nothing"))
+                      data_dir=str(tmp_path / "nothing"), checkpoint_every=None if model else 5)
     if error is not None:
         with pytest.raises(ValueError, match=error):
             cfg.validate()

@@ -147,3 +147,10 @@ def test_pda_heads_refuses_checkpoints_that_are_not_seeds_of_one_set_up(tmp_path
     assert main(["heads", first, str(second), "--samples", "4", "--out", str(tmp_path / "heads")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "heads").exists()
+    from primal_dual_attention.analysis.redundancy import _checkpoint_configs
+
+    state["config"] = torch.load(first, weights_only=False)["config"] | {"seed": 1}
+    torch.save(state, second)  # seed 1 of the same set-up: two seeds, accepted
+    assert [cfg.seed for cfg, _ in _checkpoint_configs([first, str(second)], None)] == [0, 1]
+    with pytest.raises(ValueError, match="both softmax seed 0"):
+        _checkpoint_configs([first, str(second), first], None)  # one checkpoint given twice

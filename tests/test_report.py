@@ -180,6 +180,7 @@ def test_runs_of_other_budgets_are_never_pooled_as_seeds(tmp_path):
     text = write_uea_report(tmp_path).read_text()
     assert "| A (5 epochs, budget 0.008) | 17.0 (n=1) |" in text
     assert "| A (5 epochs, budget 0.4) | 37.0 (n=1) |" in text
+    assert "Held at several budgets (`--allow-mixed`), so left out of the statistics below" in text
     section = "\n".join(_dataset_section(tmp_path, "A", read_runs(tmp_path / "runs.csv"), []))
     assert section.count("| softmax | 17.00 (n=1) | 17.00 |") == 1
     assert section.count("| softmax | 37.00 (n=1) | 37.00 |") == 1

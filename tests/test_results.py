@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import pytest
 from test_reliability import one_line_error
 from test_uea import toy_dataset
 
@@ -75,6 +76,12 @@ def test_a_sweep_writes_its_own_folder_and_merges_only_when_asked(tmp_path, monk
     err = one_line_error(capsys, [*_sweep(data), "--set", "dim=16"])
     assert "its finished runs were made with other options (Toy softmax seed 0: dim: 8 -> 16)" in err
     assert (own / "sweep_commands.txt").read_text() == recorded
+    other = tmp_path / "runs" / "other"  # merged, its row would be dropped beside the kept one's
+    err = one_line_error(capsys, [*_sweep(data, "--out", str(other), "--merge-into", str(results)),
+                                  "--set", "dim=16"])
+    assert f"--merge-into {results}: it holds these runs made with other options (Toy softmax seed 0: " \
+           "dim: 8 -> 16)" in err
+    assert not other.exists()  # refused before any training
 
     # a sweep's own folder holds one budget per dataset: it is refused before anything runs
     err = one_line_error(capsys, _sweep(data, "--epochs", "2"))
@@ -97,3 +104,24 @@ def test_a_sweep_writes_its_own_folder_and_merges_only_when_asked(tmp_path, monk
     assert (own / "sweep_commands.txt").read_text() == commands  # a failed sweep is not recorded
     err = one_line_error(capsys, _sweep(data, "--results", str(results)))
     assert "--merge-into" in err
+
+
+def test_a_merge_cut_after_its_logs_completes_and_duplicate_rows_are_refused(tmp_path):
+    """A merge killed between copying the logs and appending the rows is completed by the retry
+    (the logs are the same bytes); a source with two rows of one run (two sweeps at once) is refused."""
+    from primal_dual_attention.training.sweep import RUN_COLUMNS, _append_rows, merge_results, row_key
+
+    def row(seed: int) -> dict:
+        return dict.fromkeys(RUN_COLUMNS, "1") | {"table": "main", "dataset": "Toy", "protocol": "clean",
+                                                  "variant": "softmax", "seed": str(seed), "test_acc": "0.5"}
+
+    source, target = tmp_path / "source", tmp_path / "target"
+    _append_rows(source / "runs.csv", [row(0), row(1)])
+    _append_rows(target / "runs.csv", [row(0)])
+    for folder in (source, target):  # seed 1's logs were copied, its row not appended
+        (folder / "logs" / "Toy" / "clean" / "softmax").mkdir(parents=True, exist_ok=True)
+        (folder / "logs" / "Toy" / "clean" / "softmax" / "seed1.csv").write_text("epoch\n1\n")
+    assert merge_results(source, {row_key(row(0)), row_key(row(1))}, target, ["pda sweep"]) == 1
+    _append_rows(source / "runs.csv", [row(2), row(2)])
+    with pytest.raises(ValueError, match="holds two rows of main Toy clean softmax 2"):
+        merge_results(source, {row_key(row(2))}, target, ["pda sweep"])

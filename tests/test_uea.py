@@ -359,10 +359,13 @@ def test_empty_training_split_is_refused(tmp_path):
 def test_rounds_share_exactly_the_budgeted_steps(total, rounds):
     """Every round took ceil(total / rounds) steps, e.g. 1,120 for a stated 1,113; now the rounds
     hold exactly ``total``, one step apart at most, each starting where the last ended."""
-    from primal_dual_attention.training.engine import round_steps
+    from primal_dual_attention.training.engine import round_of_step, round_steps
 
     parts = [round_steps(total, rounds, index) for index in range(rounds)]
     assert sum(steps for _, steps in parts) == total
+    # the schedule's round of each step (step decays, warm-up epochs) is the round that runs it
+    assert [round_of_step(total, rounds, step) for step in range(total)] == [
+        index for index, (_, steps) in enumerate(parts) for _ in range(steps)]
     assert max(s for _, s in parts) - min(s for _, s in parts) <= 1
     assert all(first == sum(s for _, s in parts[:index]) for index, (first, _) in enumerate(parts))
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TypeAlias
 
 from primal_dual_attention.attention import PAPER_VARIANTS, STUDIED_VARIANTS, VARIANTS
-from primal_dual_attention.training.config import PRECISIONS, PROTOCOLS, TrainConfig
+from primal_dual_attention.training.config import PRECISIONS, PROTOCOLS, TrainConfig, canonical_task
 from primal_dual_attention.utils import command_line, exclusive
 
 
@@ -216,7 +216,9 @@ def _eval(args: argparse.Namespace) -> int:
     load_weights(task.model, state, args.checkpoint)
     _, _, val, test = run_splits(cfg, task, task.model, torch.device("cpu"))  # as the run evaluated
     print(task.description)
-    print(f"checkpoint {args.checkpoint}: epoch {state['epoch'] + 1}, variant {cfg.variant}, precision "
+    done, inside = state["epoch"] + 1, state.get("round")  # a mid-round checkpoint: weights from inside
+    where = f"step {inside['step']} of epoch {done + 1}" if inside else f"epoch {done}"
+    print(f"checkpoint {args.checkpoint}: {where}, variant {cfg.variant}, precision "
           f"{cfg.precision}" + (f", {cfg.max_eval_samples} evaluation samples per split as in the run "
                                 "(--all-samples: every one)" if cfg.max_eval_samples else ""))
     for name, split in (("val", val), ("test", test)):
@@ -296,6 +298,7 @@ def _sweep(args: argparse.Namespace) -> int:
     results folder's README from its files alone."""
     from primal_dual_attention.analysis.task_report import write_task_report
     from primal_dual_attention.training.sweep import (
+        changed_finished_runs,
         merge_results,
         plan_runs,
         plan_sweep,
@@ -325,7 +328,8 @@ def _sweep(args: argparse.Namespace) -> int:
                                protocols=args.protocols or ("paper", "clean"), **common)
     else:
         datasets = args.datasets or SWEEP_DEFAULT_DATASETS.get(args.task, (args.task,))
-        runs = plan_runs(args.task, args.task, datasets, protocols=args.protocols or ("clean",),
+        table = canonical_task(args.task, "")[0]  # lra-listops is table lra: one key per run
+        runs = plan_runs(table, args.task, datasets, protocols=args.protocols or ("clean",),
                          variants=args.variants or PAPER_VARIANTS, data_dir=args.data_dir, **common)
     if not runs:
         raise ValueError("this sweep plans no run (the extended table runs the clean protocol only; "
@@ -335,6 +339,12 @@ def _sweep(args: argparse.Namespace) -> int:
     unplanned = sorted(set(common["epochs_per_dataset"]) - named)
     if unplanned:
         raise ValueError(f"--dataset-epochs names {unplanned}, which this sweep does not run")
+    if args.merge_into:  # before any training: rows of other options would be dropped at the merge
+        changed = changed_finished_runs(runs, Path(args.merge_into))
+        if changed:
+            raise ValueError(f"--merge-into {args.merge_into}: it holds these runs made with other options "
+                             f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); merge into "
+                             "another folder")
     run_sweep(runs, out, workers=args.workers, threads_per_worker=args.threads)
     record_commands(out, [args.command])  # only now: the command finished
     if args.merge_into:  # before any report, so that a report's failure cannot lose the merge

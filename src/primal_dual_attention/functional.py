@@ -810,7 +810,7 @@ def attend(
         with torch.autocast(q.device.type, enabled=False):
             out, weights = attend(q.float(), k.float(), v.float(), options, key_padding_mask=key_padding_mask,
                                   dropout_p=dropout_p, need_weights=need_weights)
-        return out.to(q.dtype), weights
+        return out.to(q.dtype), None if weights is None else weights.to(q.dtype)
     if options.bn:
         q, k = kernel.bn(q, k, key_padding_mask, options.eps)
     if options.fused and not need_weights:

@@ -138,17 +138,18 @@ def _checkpoint_configs(checkpoints: list[str], data_dir: str | None) -> list[tu
     if len(datasets) > 1:
         raise ValueError(f"checkpoints are of datasets {datasets}; pda heads compares the variants of "
                          "one dataset (run it once per dataset)")
-    seen: dict[str, tuple[str, TrainConfig]] = {}
-    for path, (cfg, _) in zip(checkpoints, loaded, strict=True):
-        first = seen.setdefault(cfg.variant, (path, cfg))
-        if first[0] == path:
-            continue
-        if first[1].seed == cfg.seed:
-            raise ValueError(f"checkpoints {first[0]} and {path} are both {cfg.variant} seed {cfg.seed}; "
-                             "a variant's checkpoints are averaged as seeds, so each needs its own seed")
-        if first[1].attention != cfg.attention:
-            raise ValueError(f"checkpoints {first[0]} and {path} are both {cfg.variant} with other "
-                             f"attention ({first[1].attention} and {cfg.attention}); a variant's "
+    first: dict[str, tuple[str, TrainConfig]] = {}
+    seeds: dict[tuple[str, int], int] = {}
+    for index, (path, (cfg, _)) in enumerate(zip(checkpoints, loaded, strict=True)):
+        other = seeds.setdefault((cfg.variant, cfg.seed), index)
+        if other != index:  # the same checkpoint twice counts too
+            raise ValueError(f"checkpoints {checkpoints[other]} and {path} are both {cfg.variant} seed "
+                             f"{cfg.seed}; a variant's checkpoints are averaged as seeds, so each needs "
+                             "its own seed")
+        path_0, cfg_0 = first.setdefault(cfg.variant, (path, cfg))
+        if cfg_0.attention() != cfg.attention():
+            raise ValueError(f"checkpoints {path_0} and {path} are both {cfg.variant} with other "
+                             f"attention ({cfg_0.attention()} and {cfg.attention()}); a variant's "
                              "checkpoints are averaged as seeds of one set-up")
     return loaded
 

@@ -223,6 +223,12 @@ def run_splits(cfg: TrainConfig, task: Task, model: nn.Module, device: torch.dev
     return (per_octave, *splits)
 
 
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of a torchrun rank's own random stream (dropout, augmentation); far apart, so
+    that no rank of one seed draws another seed's stream."""
+    return seed + 1_000_003 * rank
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -347,13 +353,20 @@ def round_steps(total: int, rounds: int, index: int) -> tuple[int, int]:
     return index * base + min(index, extra), base + (index < extra)
 
 
-def _lr_lambda(cfg: TrainConfig, steps_per_epoch: float, total: int):
-    """The schedule's factor per optimizer step over the run's ``total`` steps (``steps_per_epoch``
-    places warm-up epochs and step decays; a step-budgeted run's rounds average it)."""
+def round_of_step(total: int, rounds: int, step: int) -> int:
+    """The round that optimizer ``step`` falls in (the inverse of :func:`round_steps`)."""
+    base, extra = divmod(total, rounds)
+    longer = extra * (base + 1)  # the steps of the first ``extra`` rounds, one step longer
+    return step // (base + 1) if step < longer else extra + (step - longer) // base
+
+
+def _lr_lambda(cfg: TrainConfig, total: int):
+    """The schedule's factor per optimizer step over the run's ``total`` steps in ``cfg.epochs``
+    rounds: warm-up epochs end and step decays start where a round starts (:func:`round_steps`)."""
     if cfg.steps is not None and cfg.warmup_steps is not None:
         warmup = round(cfg.warmup_steps * cfg.budget)
     else:
-        warmup = cfg.warmup_epochs * steps_per_epoch
+        warmup = round_steps(total, cfg.epochs, cfg.warmup_epochs)[0]
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -364,7 +377,7 @@ def _lr_lambda(cfg: TrainConfig, steps_per_epoch: float, total: int):
         if cfg.schedule == "linear":
             return 1.0 - progress
         if cfg.schedule == "step":
-            return cfg.gamma ** ((step // steps_per_epoch) // cfg.step_size)
+            return cfg.gamma ** (round_of_step(total, cfg.epochs, step) // cfg.step_size)
         return 1.0
 
     return factor
@@ -431,7 +444,7 @@ def _train_epoch(model, split: Split, cfg: TrainConfig, optimizer, scheduler, sc
     total_loss, correct, count = carried if ctx.rank == 0 else (0.0, 0.0, 0.0)
     start = time.perf_counter() - progress.seconds
     bar = tqdm(split.batches(cfg.batch_size, generator), total=math.ceil(len(split) / cfg.batch_size),
-               desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, initial=progress.step,
+               desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not ctx.is_main or cfg.progress is False or (
                    cfg.progress is None and not sys.stderr.isatty()))
     for step, batch in enumerate(bar):
@@ -620,7 +633,7 @@ def _fit(cfg: TrainConfig, task: Task, ctx: Context) -> RunResult:
     if cfg.resume and run.last_path.is_file():
         _resume(run)
     elif ctx.distributed:  # each rank its own dropout and augmentation (the data order has its own seed)
-        seed_everything(cfg.seed + ctx.rank)
+        seed_everything(rank_seed(cfg.seed, ctx.rank))
     # a finished run is only reported; one that stopped after its last epoch (before its summary)
     # is finished now
     unfinished = run.start_epoch < cfg.epochs or not (cfg.run_dir() / "summary.json").is_file()
@@ -667,13 +680,11 @@ def _prepare(cfg: TrainConfig, task: Task, ctx: Context) -> _Run:
     if total_steps is None:
         # per-rank loaders drop a last partial batch and count their own (repeated augmentation)
         counted = getattr(task.train, "batches_per_epoch", None)
-        steps_per_epoch = counted(cfg.batch_size) if counted else math.ceil(len(task.train) / cfg.batch_size)
-        total_steps = cfg.epochs * steps_per_epoch
-    else:
-        steps_per_epoch = total_steps / cfg.epochs
+        total_steps = cfg.epochs * (counted(cfg.batch_size) if counted
+                                    else math.ceil(len(task.train) / cfg.batch_size))
     per_octave, train, val, test = run_splits(cfg, task, model, ctx.device)
     cfg = replace(cfg, length_buckets=per_octave)  # config.yaml records what the run used
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, steps_per_epoch, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=cfg.precision == "fp16")
     return _Run(cfg, ctx, model, train_model, optimizer, scheduler, scaler, train, val, test,
                 task.select_by_loss)
@@ -688,8 +699,12 @@ def _resume(run: _Run) -> None:
     if state.get("scaler"):  # absent in checkpoints written before mixed precision
         run.scaler.load_state_dict(state["scaler"])
     ranks = state.get("rng_ranks")  # each rank draws its own dropout: its own state, when as many ranks
-    own = ranks[run.ctx.rank] if ranks is not None and len(ranks) == run.ctx.world_size else state["rng"]
-    _set_rng_state(own, run.ctx.device)
+    if ranks is not None and len(ranks) == run.ctx.world_size:
+        _set_rng_state(ranks[run.ctx.rank], run.ctx.device)
+    elif run.ctx.rank == 0:
+        _set_rng_state(state["rng"], run.ctx.device)
+    else:  # more ranks than saved: a stream of its own, not rank 0's again
+        seed_everything(rank_seed(run.cfg.seed, run.ctx.rank) + state["epoch"] + 1)
     run.history, run.start_epoch = list(state["history"]), state["epoch"] + 1
     run.progress = RoundProgress(**state["round"]) if state.get("round") else None
     run.best = None if state["best"] is None else tuple(state["best"])

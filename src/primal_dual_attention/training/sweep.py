@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import filecmp
 import multiprocessing
+import os
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -147,7 +150,7 @@ def _append_rows(results_csv: Path, rows: Sequence[dict]) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             writer = csv.DictWriter(handle, fieldnames=RUN_COLUMNS)
-            if handle.tell() == 0:
+            if handle.seek(0, os.SEEK_END) == 0:  # the size now, under the lock (another may have written)
                 writer.writeheader()
             writer.writerows(rows)
         finally:
@@ -213,11 +216,17 @@ def merge_results(source: Path, keys: set[tuple[str, ...]], target: Path, comman
         raise ValueError(f"{source}: {missing} planned run(s) have no row; finish the sweep before merging")
     have = {row_key(r) for r in existing}
     rows = [r for r in finished if row_key(r) in keys and row_key(r) not in have]
+    counts = Counter(row_key(r) for r in rows)
+    twice = sorted(" ".join(key) for key, count in counts.items() if count > 1)
+    if twice:
+        raise ValueError(f"{source}/runs.csv holds two rows of {twice[0]}: two sweeps ran it at once? "
+                         "Keep one row before merging")
     problems = [] if allow_mixed or not existing else _mixed(rows, existing)
     if problems:
         raise ValueError(f"--merge-into {target}: rows of another table or budget: {'; '.join(problems)}; "
                          "pass --allow-mixed to add them anyway")
-    clashes = [str(target / f) for r in rows for f in _log_files(r) if (target / f).exists()]
+    clashes = [str(target / f) for r in rows for f in _log_files(r) if (target / f).exists()
+               and not ((source / f).is_file() and filecmp.cmp(source / f, target / f, shallow=False))]
     if clashes:
         raise ValueError(f"--merge-into {target}: {clashes[0]} exists (a run of another budget); "
                          "merge into another folder")

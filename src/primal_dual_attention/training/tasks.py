@@ -201,8 +201,14 @@ def imagenet_model_name(cfg: TrainConfig) -> str:
 
 
 def check_imagenet_model(cfg: TrainConfig) -> None:
-    """The model exists in timm and is built with ``cfg.variant`` (timm's own models: softmax)."""
+    """The model exists in timm and is built with ``cfg.variant`` (timm's own models: softmax);
+    no mid-round checkpoints: the loader's augmentation draws from the global random state, so
+    skipping a round's first batches on resume would not repeat them."""
     import timm
+
+    if cfg.checkpoint_every:
+        raise ValueError(f"checkpoint_every={cfg.checkpoint_every}: task 'imagenet' resumes at round "
+                         "boundaries only (its loader's augmentation could not be replayed exactly)")
 
     from primal_dual_attention.timm import REGISTERED
 
