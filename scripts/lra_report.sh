@@ -14,7 +14,8 @@ if [[ "$(realpath "$RUN_RESULTS")" != "$(realpath "$RESULTS")" ]]; then
         [[ -e "$RUN_RESULTS/$item" ]] && cp -r "$RUN_RESULTS/$item" "$RESULTS/"
     done
 fi
-"$PYTHON" scripts/lra_report.py "$RESULTS" > "$RESULTS/NOTES.md"
+"$PYTHON" scripts/lra_report.py "$RESULTS" > "$RESULTS/NOTES.md.tmp"  # a failure keeps the old notes
+mv "$RESULTS/NOTES.md.tmp" "$RESULTS/NOTES.md"
 if [[ -f "$RESULTS/runs.csv" ]]; then
     $PDA sweep --task lra --report-only --results "$RESULTS"
 else  # nothing finished yet: the notes alone

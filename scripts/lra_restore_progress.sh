@@ -13,8 +13,11 @@ declare -A RESULTS_OF=([lra_learn]=results/lra [lra_listops_5000_steps]=results/
 for name in "${!RESULTS_OF[@]}"; do
   runs=runs/$name results=${RESULTS_OF[$name]}
   mkdir -p "$runs"
-  for item in runs.csv logs; do  # the finished runs: skipped, not redone
-    [[ -e "$results/$item" && ! -e "$runs/$item" ]] && cp -r "$results/$item" "$runs/"
+  for item in runs.csv logs; do  # the finished runs: skipped, not redone. The saved sweep folder's
+    # own copy first: it also holds runs that finished before their sweep merged them
+    for from in "$SAVED/$name" "$results"; do
+      [[ -e "$from/$item" && ! -e "$runs/$item" ]] && cp -r "$from/$item" "$runs/"
+    done
   done
   [[ -d "$SAVED/$name/lra" ]] || { echo "nothing saved for $runs"; continue; }
   find "$SAVED/$name/lra" -name last.pt | while read -r saved; do
