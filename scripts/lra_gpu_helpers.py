@@ -78,6 +78,11 @@ def plan(probe: str, budget: str, limit: float, now: float, reserve: float, task
     def shape(task: str) -> str:
         return task if task in probed else "image" if "image" in probed else "pathfinder"
 
+    unprobed = {t: [v for v in variants if (shape(t), v) not in step] for t in tasks}
+    for task in (t for t in tasks if unprobed[t]):  # a failed probe costs that task, not the window
+        print(f"warning: the probe has no step time of {task} for {unprobed[task]}: {task} is not run",
+              file=sys.stderr)
+    tasks = [t for t in tasks if not unprobed[t]]
     work = {t: seeds * sum(FULL_STEPS[t] * step[(shape(t), v)] for v in variants) / gain for t in tasks}
     free = [t for t in tasks if t not in fixed]
     if budget == "auto" and free:
@@ -92,6 +97,7 @@ def plan(probe: str, budget: str, limit: float, now: float, reserve: float, task
     # 0 stays 0: no time left for that task, not run
     fractions = {t: fixed.get(t, common) for t in tasks}
     fractions = {t: f and max(f, ROUNDS / FULL_STEPS[t]) for t, f in fractions.items()}
+    fractions |= {t: 0.0 for t in unprobed if unprobed[t]}  # 0: not run
     needed, left = sum(fractions[t] * work[t] for t in tasks), limit - now - reserve
     if needed > left:  # fixed budgets are not shrunk: say so before anything runs
         print(f"warning: these budgets need about {needed:.0f} s of GPU time (probe step times, gain "
