@@ -217,3 +217,15 @@ def test_speed_table_says_how_sparse_flops_are_counted(tmp_path):
     assert "`sparse` FLOPs are those of its dense band-masked" in write_speed_table(tmp_path).read_text()
     write_costs(costs[:1], tmp_path / "dense", "pda bench model")
     assert "band-masked" not in write_speed_table(tmp_path / "dense").read_text()
+
+
+def test_curves_draw_only_the_logs_of_reported_runs(tmp_path):
+    """A log whose run has no row (cut between the two writes) is not drawn beside the table."""
+    from primal_dual_attention.analysis.task_report import _curves
+
+    folder = tmp_path / "logs" / "A" / "clean" / "softmax"
+    folder.mkdir(parents=True)
+    for seed in (0, 1):
+        (folder / f"seed{seed}.csv").write_text(f"epoch,test_acc\n1,0.{seed + 1}\n")
+    (curve,) = _curves(tmp_path, "A", "clean", [{"variant": "softmax", "seed": "0"}])
+    assert curve == [{"epoch": "1", "test_acc": "0.1"}]

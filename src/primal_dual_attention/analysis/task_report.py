@@ -48,12 +48,15 @@ def _lines_of(path: Path) -> list[str]:
     return [line for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
-def _curves(results_dir: Path, dataset: str, variant: str, protocol: str) -> list[list[dict]]:
-    folder = results_dir / "logs" / dataset / protocol / variant
-    return [_read_csv(p) for p in sorted(folder.glob("seed*.csv"))]
+def _curves(results_dir: Path, dataset: str, protocol: str, runs: list[dict]) -> list[list[dict]]:
+    """The per-epoch logs of ``runs`` (rows of ``runs.csv``): a log without its row (a run cut
+    between the two writes) is not drawn."""
+    folder = results_dir / "logs" / dataset / protocol
+    return [_read_csv(folder / r["variant"] / f"seed{r['seed']}.csv") for r in runs]
 
 
-def _plot(results_dir: Path, dataset: str, variants: list[str], protocol: str) -> str | None:
+def _plot(results_dir: Path, dataset: str, variants: list[str], protocol: str,
+          rows: list[dict]) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +65,8 @@ def _plot(results_dir: Path, dataset: str, variants: list[str], protocol: str) -
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     drawn = False
     for variant in variants:
-        logs = [log for log in _curves(results_dir, dataset, variant, protocol)
+        runs = sorted((r for r in rows if r["variant"] == variant), key=lambda r: int(r["seed"]))
+        logs = [log for log in _curves(results_dir, dataset, protocol, runs)
                 if log and log[0].get("test_acc")]
         if not logs:
             continue
@@ -148,7 +152,7 @@ def _dataset_section(results_dir: Path, dataset: str, rows: list[dict], costs: l
             if len(budgets) > 1:
                 out += ["(No per-epoch curve: the logs of runs at several budgets share one folder.)", ""]
                 continue
-            plot = _plot(results_dir, dataset, variants, protocol)
+            plot = _plot(results_dir, dataset, variants, protocol, subset)
             if plot:
                 out += [f"![test accuracy per epoch]({plot})", ""]
     return out
