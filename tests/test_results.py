@@ -125,3 +125,19 @@ def test_a_merge_cut_after_its_logs_completes_and_duplicate_rows_are_refused(tmp
     _append_rows(source / "runs.csv", [row(2), row(2)])
     with pytest.raises(ValueError, match="holds two rows of main Toy clean softmax 2"):
         merge_results(source, {row_key(row(2))}, target, ["pda sweep"])
+
+
+def test_failing_sweep_workers_end_with_one_line_each(tmp_path, monkeypatch, capfd):
+    """With --workers 2 a run's bad data stops its worker with pda's one-line error, and the
+    sweep with one more line (each printed a traceback, the sweep another)."""
+    from test_uea import write_ts
+
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data" / "Toy"
+    folder.mkdir(parents=True)
+    write_ts(folder / "Toy_TRAIN.ts", ["1,2,3:4,5,6:a", "2,3,4:5,6,7:a"])  # one class: refused on load
+    write_ts(folder / "Toy_TEST.ts", ["1,2,3:4,5,6:a"])
+    assert main([*_sweep(folder.parent, "--workers", "2"), "--variants", "softmax,bn"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and err.count("pda: error:") == 3, err
+    assert "single class" in err and "2 sweep worker(s) failed" in err

@@ -17,6 +17,7 @@ import filecmp
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -306,6 +307,17 @@ def _worker(runs: list[tuple[str, TrainConfig]], results_dir: Path, threads: int
             f"acc {float(row['test_acc']):.4f} ({time.perf_counter() - start:.0f} s)")
 
 
+def _worker_process(runs: list[tuple[str, TrainConfig]], results_dir: Path, threads: int,
+                    machine: str) -> None:
+    """A worker process: a bad input or a diverged run ends it with ``pda``'s one-line error
+    (exit status 2), anything else with its traceback."""
+    try:
+        _worker(runs, results_dir, threads, machine, print)
+    except (ValueError, OSError, FloatingPointError) as error:
+        print(f"pda: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def run_sweep(runs: list[tuple[str, TrainConfig]], results_dir: str | Path, workers: int = 1,
               threads_per_worker: int = 1, log=print) -> None:
     """Run every unfinished run; ``workers`` processes share the list round-robin. Each row
@@ -332,8 +344,8 @@ def run_sweep(runs: list[tuple[str, TrainConfig]], results_dir: str | Path, work
         _worker(todo, results_dir, threads_per_worker, machine, log)
         return
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker, args=(todo[i::workers], results_dir,
-                                                         threads_per_worker, machine, print))
+    processes = [context.Process(target=_worker_process, args=(todo[i::workers], results_dir,
+                                                                 threads_per_worker, machine))
                  for i in range(workers)]
     for process in processes:
         process.start()
@@ -341,5 +353,5 @@ def run_sweep(runs: list[tuple[str, TrainConfig]], results_dir: str | Path, work
         process.join()
     failed = [p.exitcode for p in processes if p.exitcode]
     if failed:
-        raise RuntimeError(f"{len(failed)} sweep worker(s) failed (exit codes {failed}); "
-                           "rerun the same command to continue")
+        raise ChildProcessError(f"{len(failed)} sweep worker(s) failed (exit codes {failed}); "
+                                "rerun the same command to continue")
