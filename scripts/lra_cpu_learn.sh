@@ -46,7 +46,8 @@
 # both queues now put listops5k_lr's variants before the remaining 1e-4 ones. (That session ran
 # lane B alone from this script, `LANE_A= `, beside lane A's process of the old queue.)
 # Resumable: `pda sweep` skips runs already in runs.csv and continues an interrupted run from its
-# last.pt (at most one evaluation round is lost), so the same command continues the queue in a
+# last.pt (since 2026-11-28, seventh session, written every CHECKPOINT_EVERY steps inside a round
+# too: at most that many steps are lost; before, up to one evaluation round), so the same command continues the queue in a
 # later session; a sweep that fails (e.g. killed for memory) is retried twice, a minute apart
 # (not one that pda refused with a one-line error). When both lanes are done, `pda sweep --report-only` rebuilds README.md.
 #
@@ -64,6 +65,9 @@ RUNS_5K_LR=${RUNS_5K_LR:-runs/lra_listops_5000_steps_lr5e-4}
 LISTOPS_BUDGET=${LISTOPS_BUDGET:-0.4}
 IMAGE_BUDGET=${IMAGE_BUDGET:-0.008}
 EVAL_SAMPLES=${EVAL_SAMPLES:-1000}
+# last.pt also every this many optimizer steps inside a round (a stop loses at most that many;
+# a running option: runs in progress take it on resume)
+CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-50}
 LISTOPS_PRECISION=${LISTOPS_PRECISION:-fp32}
 IMAGE_PRECISION=${IMAGE_PRECISION:-bf16}
 LANE_A=${LANE_A-listops5k:softmax:0 listops5k_lr:sh:0 listops5k_lr:bn:0 listops5k:sh:0 listops5k:bn_sh:0 listops5k_lr:softmax,sh,bn:1,2 listops5k:softmax,sh:1,2}
@@ -111,7 +115,8 @@ job() {  # one queue entry suite:variants:seeds: the sweep, then (once per suite
     read -r dataset precision budget runs results extra <<< "${SUITE[$suite]}"
     local options=(--task lra --workers 1 --threads 1 --out "$runs" --merge-into "$results"
                    --set max_eval_samples="$EVAL_SAMPLES" --datasets "$dataset"
-                   --set budget="$budget" --set precision="$precision")
+                   --set budget="$budget" --set precision="$precision"
+                   --set checkpoint_every="$CHECKPOINT_EVERY")
     local option extras
     read -ra extras <<< "$extra"
     for option in "${extras[@]}"; do options+=(--set "$option"); done
