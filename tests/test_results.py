@@ -122,6 +122,8 @@ def test_a_merge_cut_after_its_logs_completes_and_duplicate_rows_are_refused(tmp
         (folder / "logs" / "Toy" / "clean" / "softmax").mkdir(parents=True, exist_ok=True)
         (folder / "logs" / "Toy" / "clean" / "softmax" / "seed1.csv").write_text("epoch\n1\n")
     assert merge_results(source, {row_key(row(0)), row_key(row(1))}, target, ["pda sweep"]) == 1
+    assert merge_results(source, {row_key(row(1))}, target, ["pda sweep --set other=1"]) == 0
+    assert (target / "sweep_commands.txt").read_text() == "pda sweep\n"  # not beside rows it did not add
     _append_rows(source / "runs.csv", [row(2), row(2)])
     with pytest.raises(ValueError, match="holds two rows of main Toy clean softmax 2"):
         merge_results(source, {row_key(row(2))}, target, ["pda sweep"])

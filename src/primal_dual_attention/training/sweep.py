@@ -204,7 +204,8 @@ def _mixed(rows: Sequence[dict[str, str]], existing: Sequence[dict[str, str]]) -
 def merge_results(source: Path, keys: set[tuple[str, ...]], target: Path, commands: Sequence[str], *,
                   allow_mixed: bool = False) -> int:
     """Append to ``target`` (a committed results folder) the rows of ``source`` whose key is in
-    ``keys``, their logs and the ``commands`` that made them; return how many rows were added.
+    ``keys``, their logs and the ``commands`` that made them (when it adds any); return how many
+    rows were added.
 
     Append-only: rows already there are kept, never replaced, and a log file that exists is
     never written over. Rows of a table ``target`` does not hold, or of a dataset it holds with
@@ -236,9 +237,9 @@ def merge_results(source: Path, keys: set[tuple[str, ...]], target: Path, comman
             if (source / name).is_file():
                 (target / name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(source / name, target / name)
-    if rows:
+    if rows:  # a command is recorded beside the rows it made, not for a merge that added none
         _append_rows(target / "runs.csv", rows)
-    record_commands(target, commands)
+        record_commands(target, commands)
     return len(rows)
 
 
