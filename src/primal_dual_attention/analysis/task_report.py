@@ -142,10 +142,10 @@ def _dataset_section(results_dir: Path, dataset: str, rows: list[dict], costs: l
     out = [f"## {dataset}", ""]
     for protocol in sorted({r["protocol"] for r in rows}):
         budgets = sorted({run_budget(r) for r in rows if r["protocol"] == protocol})
+        saved = _configs(results_dir, dataset, protocol)  # read once per protocol
         for epochs, budget in budgets:
             subset = [r for r in rows if r["protocol"] == protocol and run_budget(r) == (epochs, budget)]
-            configs = [c for c in _configs(results_dir, dataset, protocol)
-                       if (str(c["epochs"]), f"{c.get('budget', 1):g}") == (epochs, budget)]
+            configs = [c for c in saved if (str(c["epochs"]), f"{c.get('budget', 1):g}") == (epochs, budget)]
             out += [f"Protocol `{protocol}`, epochs (evaluation rounds) per run: {epochs}."]
             out += sorted({_step_budget(c) for c in configs if c.get("steps")})
             out += _accuracy_table(subset, variants, dataset, costs)

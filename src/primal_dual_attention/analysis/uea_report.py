@@ -175,8 +175,8 @@ def cd_diagram(datasets, variants, scores, path: Path) -> bool:
 def _section(rows, table: str, protocol: str, out_dir: Path, seeds: int) -> list[str]:
     datasets, variants, scores = score_grid(rows)
     # a dataset held at several budgets would count as several datasets in the statistics
-    several = sorted({label for row, label in zip(rows, dataset_labels(rows), strict=True)
-                      if label != row["dataset"]})
+    labels = dataset_labels(rows)
+    several = sorted({label for row, label in zip(rows, labels, strict=True) if label != row["dataset"]})
     complete = [d for d in complete_datasets(datasets, variants, scores, seeds) if d not in several]
     stem = f"{table}_{protocol}"
     lines = [f"### {table.capitalize()} table, protocol `{protocol}`", ""]
@@ -216,7 +216,6 @@ def _section(rows, table: str, protocol: str, out_dir: Path, seeds: int) -> list
               "Measured while the sweep's worker processes shared the machine's cores, one torch "
               "thread each, so they are indicative only; `pda bench` has clean timings.", "",
               "| dataset | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    labels = dataset_labels(rows)
     for dataset in datasets:
         cells = []
         for variant in variants:
