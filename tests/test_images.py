@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import zipfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -99,6 +100,7 @@ def test_image_sweep_report_and_cost_bench(tmp_path, monkeypatch):
         with pytest.warns(UserWarning, match="load average 3.5 before the bench"):
             assert main(["bench", "model", "--variants", "softmax,sh", "--batch", "4", "--repeats", "1",
                          "--device", "cpu", "--set", f"data_dir={path}", "--set", f"threads={asked}",
+                         "--no-memory",  # its own test below: one fresh process per variant costs ~10 s
                          "--out", str(results), "--timing-lock", str(tmp_path / "device.lock")]) == 0
     finally:
         torch.set_num_threads(threads)
@@ -107,11 +109,29 @@ def test_image_sweep_report_and_cost_bench(tmp_path, monkeypatch):
     costs = {r["variant"]: r for r in read(results / "cost.csv")}
     assert float(costs["sh"]["gflops_fwd_per_sample"]) < float(costs["softmax"]["gflops_fwd_per_sample"])
     assert all(float(c["train_samples_per_s"]) > 0 for c in costs.values())
+    assert {c["peak_train_mb"] for c in costs.values()} == {""}  # not measured: no number
     assert main(["sweep", "--task", "image", "--report-only", "--results", str(results)]) == 0
     report = (results / "README.md").read_text()
     assert "| softmax |" in report and "| sh |" in report and "(n=1)" in report
     assert (results / "accuracy_CIFAR10.png").is_file()
     assert all("worker(s)" in row["machine"] for row in read(results / "runs.csv"))
+
+
+def test_cpu_peak_memory_of_a_training_step_is_measured_in_a_fresh_process(tmp_path):
+    """`pda bench model`'s peak column on the CPU: the rise of the resident set's peak during one
+    training step, measured in a spawned process (the only place where the kernel resets it)."""
+    pytest.importorskip("timm")
+    from pathlib import Path
+
+    from primal_dual_attention.analysis import model_cost
+    from primal_dual_attention.training.config import TrainConfig, bundled_config
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("the peak RSS reset needs Linux's /proc/self/clear_refs")
+    cfg = bundled_config("image", "CIFAR10", TrainConfig(task="image", dataset="CIFAR10"))
+    cfg = replace(cfg, data_dir=str(write_zip(tmp_path / "c.zip")), variant="sh").validate()
+    peak = model_cost._peak_memory(model_cost.prepare_model(cfg, 4, "cpu"))
+    assert isinstance(peak, float) and 0 < peak < 1024
 
 
 def test_step_profile_script_counts_each_variants_calls_by_kind(tmp_path, monkeypatch):
