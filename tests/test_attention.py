@@ -213,6 +213,29 @@ def test_bad_qkv_shapes():
         attention(good, good, torch.randn(2, 4, 7, 3))
 
 
+@pytest.mark.parametrize("kernel", ["softmax", "linear"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_mixed_qkv_dtypes_are_refused_by_every_kernel(kernel, fused):
+    """One dtype for q, k and v, named in the error: float16 queries over float32 keys ran on the
+    linear kernel (cast to float32) and failed inside torch on the softmax kernel."""
+    half, full = torch.randn(1, 2, 5, 4, dtype=torch.float16), torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match=r"q, k, v must share one dtype, got torch.float16, torch.float32, "
+                                         r"torch.float32"):
+        attention(half, full, full, kernel=kernel, fused=fused)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_layer_prints_its_options_without_a_warning(variant):
+    """``print(model)``: a sparse layer (whose window has no default) printed nothing but an error,
+    and a one-head SH layer warned again at every print."""
+    layer = MultiHeadAttention(DIM, 1, variant=variant, window=2 if VARIANTS[variant].sparse else None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        text = repr(layer)
+    assert f"variant={variant!r}" in text
+    assert ("window=2" in text) == VARIANTS[variant].sparse
+
+
 @pytest.mark.parametrize("kwargs, where", [({"grid_size": (4, 4)}, r"a grid of \(4, 4\)"), ({}, "1 head")])
 def test_sh_whose_default_scales_do_not_pool_says_so(kwargs, where):
     """A grid too small to pool (or one head) leaves every default scale at 1: SH would silently be
@@ -223,3 +246,17 @@ def test_sh_whose_default_scales_do_not_pool_says_so(kwargs, where):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         MultiHeadAttention(16, 4, variant="sh", head_scales=(1, 1, 2, 2), **kwargs)
+
+
+def test_evaluation_mode_gives_every_module_its_own_mode_back():
+    """Maps, head captures and generation run in eval mode; afterwards (also after an error) a
+    submodule the user keeps in eval mode, such as a frozen BatchNorm, is not put back into
+    training mode with the rest."""
+    from primal_dual_attention.attention import evaluation_mode
+
+    model = torch.nn.Sequential(MultiHeadAttention(DIM, HEADS), torch.nn.BatchNorm1d(DIM)).train()
+    model[1].eval()  # frozen statistics
+    with pytest.raises(RuntimeError, match="inside"), evaluation_mode(model):
+        assert not any(m.training for m in model.modules())
+        raise RuntimeError("inside")
+    assert [m.training for m in model.modules()] == [True, True, True, True, True, False]

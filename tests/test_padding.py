@@ -97,3 +97,20 @@ def test_empty_batches_and_sequences_give_empty_outputs(variant, fused, causal, 
         switches = dict(kernel=spec.kernel, bn=spec.bn, window=config.window, fused=fused, causal=causal,
                         head_scales=(1, 2, 3, 5) if spec.multi_scale else None)
         assert attention(q, k, v, key_padding_mask=mask, **switches).shape == q.shape
+
+
+@pytest.mark.parametrize("kernel", ["softmax", "linear"])
+@pytest.mark.parametrize("bn", [False, True])
+@pytest.mark.parametrize("fused", [True, False])
+def test_queries_over_no_keys_are_finite_with_or_without_a_mask(kernel, bn, fused):
+    """Cross-attention to an empty memory: Attention-BN's key statistics over no key are mean 0 and
+    variance 0 whether or not a mask says so (the unmasked mean over 0 keys was NaN, and so were
+    the fused outputs and every query's gradient)."""
+    q = torch.randn(2, 2, 3, 4, requires_grad=True)
+    k = v = torch.zeros(2, 2, 0, 4)
+    switches = dict(kernel=kernel, bn=bn, fused=fused)
+    out = attention(q, k, v, **switches)
+    (grad,) = torch.autograd.grad(out.sum(), q)
+    assert torch.isfinite(out).all() and torch.isfinite(grad).all()
+    masked = attention(q, k, v, key_padding_mask=torch.zeros(2, 0, dtype=torch.bool), **switches)
+    torch.testing.assert_close(out, masked, rtol=0, atol=0)

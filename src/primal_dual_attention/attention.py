@@ -300,11 +300,15 @@ class MultiHeadAttention(nn.Module):
         return (out, weights) if need_weights else out
 
     def extra_repr(self) -> str:
+        """The options that differ from their defaults (SH scales: the default ones for this many
+        heads; a sparse layer's window is always shown, it has no default)."""
         parts = [f"dim={self.dim}", f"num_heads={self.num_heads}", f"variant={self.variant!r}"]
-        defaults = AttentionConfig(variant=self.variant).for_heads(self.num_heads)
-        parts += [f"{f.name}={getattr(self.config, f.name)!r}" for f in fields(AttentionConfig)
-                  if f.init and f.name != "variant"
-                  and getattr(self.config, f.name) != getattr(defaults, f.name)]
+        config = self.config
+        defaults = {f.name: f.default for f in fields(AttentionConfig)}
+        if config.spec.multi_scale:
+            defaults["head_scales"] = default_head_scales(self.num_heads, config.grid_size)
+        parts += [f"{f.name}={getattr(config, f.name)!r}" for f in fields(AttentionConfig)
+                  if f.init and f.name != "variant" and getattr(config, f.name) != defaults[f.name]]
         return ", ".join(parts)
 
 
@@ -315,14 +319,16 @@ def attention_layers(model: nn.Module) -> list[MultiHeadAttention]:
 
 @contextlib.contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """``model`` in evaluation mode (no dropout) for a while, then back in the mode it was in, also
-    after an error (attention maps, head captures, generation)."""
-    was_training = model.training
+    """``model`` in evaluation mode (no dropout) for a while, then every module back in the mode it
+    was in (a submodule kept in eval mode, e.g. a frozen BatchNorm, stays so), also after an error
+    (attention maps, head captures, generation)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 @contextlib.contextmanager

@@ -166,6 +166,10 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"q and k must share the head dimension D, got {q.shape[-1]} and {k.shape[-1]}")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k and v must have the same number of tokens, got {k.shape[2]} and {v.shape[2]}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.device == k.device == v.device:
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +296,9 @@ def _masked_moments(x: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor,
     """``(mean, x - mean, var)`` over the valid tokens of ``x``, in at least float32; see
     :func:`masked_mean_var`."""
     xs = x.to(torch.promote_types(x.dtype, torch.float32))
+    if key_padding_mask is None and x.shape[-2] == 0:  # no token: mean 0 and variance 0, as under a mask
+        zeros = xs.new_zeros(*xs.shape[:-2], 1, xs.shape[-1])
+        return zeros, xs, zeros
     if key_padding_mask is None:
         # two passes: torch.var_mean over a non-last dim is ~10-30x slower on CPU
         mean = xs.mean(dim=-2, keepdim=True)
@@ -310,10 +317,10 @@ def masked_mean_var(
     """Mean and biased variance over the valid tokens of ``x`` (SPEC.md §2, Attention-BN).
 
     ``x`` is ``(B, ..., N, D)``; returns ``(mean, var)`` of shape ``(B, ..., 1, D)``. A sequence
-    with no valid token (under a mask) gets mean 0 and variance 0, never NaN. Statistics are computed in at
-    least float32 so that half-precision inputs keep accurate moments.
+    with no valid token (no token at all, or all padding) gets mean 0 and variance 0, never NaN.
+    Statistics are computed in at least float32 so that half-precision inputs keep accurate moments.
     """
-    if key_padding_mask is None and x.is_cuda:  # one kernel for both moments
+    if key_padding_mask is None and x.is_cuda and x.shape[-2] > 0:  # one kernel for both moments
         var, mean = torch.var_mean(x.to(torch.promote_types(x.dtype, torch.float32)), dim=-2,
                                    correction=0, keepdim=True)
         return mean, var
