@@ -45,6 +45,10 @@
 # BN+SH finished; B's ListOps 5k BN at 1e-4 (round 1 begun) gave way to the lr-5e-4 table, and
 # both queues now put listops5k_lr's variants before the remaining 1e-4 ones. (That session ran
 # lane B alone from this script, `LANE_A= `, beside lane A's process of the old queue.)
+# On 2026-11-28 (eighth session), when the lr-5e-4 table had seed 0 of all five variants, the
+# queues were reordered so that seed 1 of all five comes before any seed 2 and before the
+# remaining lr-1e-4 runs (softmax stayed at one class there): A runs softmax, SH and BN, B the
+# Image seeds and BN+SH and linear.
 # Resumable: `pda sweep` skips runs already in runs.csv and continues an interrupted run from its
 # last.pt (since 2026-11-28, seventh session, written every CHECKPOINT_EVERY steps inside a round
 # too: at most that many steps are lost; before, up to one evaluation round), so the same command continues the queue in a
@@ -70,8 +74,8 @@ EVAL_SAMPLES=${EVAL_SAMPLES:-1000}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-50}
 LISTOPS_PRECISION=${LISTOPS_PRECISION:-fp32}
 IMAGE_PRECISION=${IMAGE_PRECISION:-bf16}
-LANE_A=${LANE_A-listops5k:softmax:0 listops5k_lr:sh:0 listops5k_lr:bn:0 listops5k:sh:0 listops5k:bn_sh:0 listops5k_lr:softmax,sh,bn:1,2 listops5k:softmax,sh:1,2}
-LANE_B=${LANE_B-listops5k_lr:softmax:0 listops5k_lr:bn_sh:0 listops5k_lr:linear:0 image:softmax,sh,linear,bn,bn_sh:1,2 listops5k:bn:0 listops5k:linear:0 listops5k_lr:bn_sh,linear:1,2 listops5k:bn_sh,bn,linear:1,2}
+LANE_A=${LANE_A-listops5k:softmax:0 listops5k_lr:sh:0 listops5k_lr:bn:0 listops5k_lr:softmax,sh,bn:1 listops5k_lr:softmax,sh,bn:2 listops5k:sh:0 listops5k:bn_sh:0 listops5k:softmax,sh:1,2}
+LANE_B=${LANE_B-listops5k_lr:softmax:0 listops5k_lr:bn_sh:0 listops5k_lr:linear:0 image:softmax,sh,linear,bn,bn_sh:1 listops5k_lr:bn_sh,linear:1 image:softmax,sh,linear,bn,bn_sh:2 listops5k_lr:bn_sh,linear:2 listops5k:bn:0 listops5k:linear:0 listops5k:bn_sh,bn,linear:1,2}
 export OMP_NUM_THREADS=1 MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
 mkdir -p "$RESULTS" "$RUNS" "$RESULTS_5K" "$RUNS_5K" "$RESULTS_5K_LR" "$RUNS_5K_LR"
 
