@@ -121,11 +121,14 @@ def test_smallest_feasible_c_is_the_largest_attention_coefficient():
         (lambda k, v: training_set(k, v, bn=True, eps=-1e-5), "eps must be a finite number > 0"),
         (lambda k, v: sparse_primal_weights(k, v, EluFeatureMap(), window=-1), "window must be"),
         (lambda k, v: TaylorFeatures(2, order=3), "order must be an even integer >= 0"),
+        (lambda k, v: PositiveRandomFeatures(2, 0), "num_features must be a positive integer, got 0"),
+        (lambda k, v: PositiveRandomFeatures(2, 2.5), "num_features must be an integer, got float"),
+        (lambda k, v: training_set(k[None], v[None], key_padding_mask=torch.zeros(1, 4)), "dtype torch.bool"),
     ],
 )
 def test_bad_input(call, match):
     keys, values = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         call(keys, values)
 
 
@@ -138,6 +141,74 @@ def test_primal_layer_of_one_key_returns_its_value():
     layer = dual_to_primal(keys, values, EluFeatureMap())
     queries = torch.full((2, 3), -200.0)
     torch.testing.assert_close(layer(queries), values.expand(2, -1))
+
+
+def test_linear_expansion_of_a_query_whose_features_all_underflow():
+    """Linear-BN over one valid key (variance 0): the normalised query is far below the key in
+    every feature, each feature underflows, and the expansion's kernel was log(0) = -inf: it gave
+    0 where attention gives the key's value."""
+    from primal_dual_attention.analysis.verify import expansion_output
+
+    for dtype in (torch.float32, torch.float64):
+        q = torch.full((1, 1, 1, 4), -0.5, dtype=dtype)
+        k = torch.zeros(1, 1, 3, 4, dtype=dtype)
+        v = torch.tensor([7.0, 1.0, 1.0], dtype=dtype).view(1, 1, 3, 1)
+        mask = torch.tensor([[False, True, True]])
+        expected = attention(q, k, v, kernel="linear", bn=True, key_padding_mask=mask)
+        expanded = expansion_output(q, k, v, kernel="linear", bn=True, head_scales=None, window=None,
+                                    mask=mask)
+        torch.testing.assert_close(expanded, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("mask", [torch.zeros(2, 6, dtype=torch.int64), torch.zeros(6, dtype=torch.bool),
+                                  torch.zeros(1, 6, dtype=torch.bool)], ids=["int", "1-d", "one-row"])
+def test_primal_training_set_refuses_a_mask_attention_refuses(mask):
+    """An int mask gave pooled keys of negated sums (``~`` of 0/1 is -1/-2) and inf or NaN after BN;
+    a (N,) or (1, N) mask failed deep inside or broadcast over the batch."""
+    keys, values = torch.randn(2, 6, 4, dtype=torch.float64), torch.randn(2, 6, 3, dtype=torch.float64)
+    with pytest.raises((TypeError, ValueError), match="key_padding_mask must"):
+        dual_to_primal(keys, values, EluFeatureMap(), key_padding_mask=mask, bn=True, head_scale=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bn_primal_in_half_precision_follows_its_float64_layer(dtype):
+    """BN's statistics are float32 (SPEC.md §2); the normalised keys came back float32 beside
+    half-precision values and the layer's product failed."""
+    generator = torch.Generator().manual_seed(0)
+    keys, values, queries = (torch.randn(1, 9, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    exact = dual_to_primal(keys, values, EluFeatureMap(), bn=True)(queries)
+    low = dual_to_primal(keys.to(dtype), values.to(dtype), EluFeatureMap(), bn=True)(queries.to(dtype))
+    assert low.dtype == dtype
+    torch.testing.assert_close(low.double(), exact, rtol=0, atol=0.05)
+
+
+def test_primal_of_a_vit_sh_head_pools_on_its_grid():
+    """``dual_to_primal`` takes a ViT layer's grid and class token, as ``training_set`` does: the
+    primal of a 2-D SH head equals its attention (without them it pooled 1-D, class token included)."""
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 17, 4, generator=generator, dtype=torch.float64) for _ in range(3))
+    grid = dict(grid_size=(4, 4), num_prefix_tokens=1)
+    expected = attention(q, k, v, kernel="linear", head_scales=(2,), **grid)
+    primal = dual_to_primal(k, v, EluFeatureMap(), head_scale=2, **grid)(q)
+    torch.testing.assert_close(primal, expected, rtol=0, atol=1e-12)
+
+
+def test_verify_checks_bn_statistics_instead_of_sharing_them(monkeypatch):
+    """The expansions of ``pda verify`` take BN's key statistics from their own code: wrong
+    statistics in attention (here the variance x4) fail its BN rows, which passed before because
+    both sides called one helper."""
+    import primal_dual_attention.functional as functional
+
+    moments = functional._masked_moments
+
+    def wrong(x, mask):
+        mean, centred, var = moments(x, mask)
+        return mean, centred, 4 * var
+
+    monkeypatch.setattr(functional, "_masked_moments", wrong)
+    failing = [s.name for s in exact_statements() if not s.passed]
+    assert failing and all("BN" in name for name in failing)
+    assert any("SVR expansion" in name for name in failing)
 
 
 class _Layer(torch.nn.Module):

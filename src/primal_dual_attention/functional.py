@@ -653,8 +653,18 @@ def _nonzero(normaliser: Tensor) -> Tensor:
     return normaliser + (normaliser == 0)
 
 
+def _log_elu_feature_map(x: Tensor) -> Tensor:
+    """``log Phi(x)`` of ``Phi = elu + 1``: ``x`` where ``x <= 0`` (``Phi = exp(x)`` there), else
+    ``log1p(x)``; finite for every finite ``x``, where ``Phi`` itself underflows to 0 below -104
+    (float32)."""
+    return torch.where(x > 0, torch.log1p(x.clamp_min(0.0)), x)
+
+
 def _linear_log_kernel(x: Tensor, y: Tensor) -> Tensor:
-    return torch.log(elu_feature_map(x) @ elu_feature_map(y).transpose(-2, -1))
+    """``log Phi(x).Phi(y)`` as a log-sum-exp over the features: a BN-normalised query far below
+    a key of no variance has every feature underflow, and ``log(0)`` made its kernel row -inf."""
+    log_x, log_y = _log_elu_feature_map(x), _log_elu_feature_map(y)
+    return torch.logsumexp(log_x.unsqueeze(-2) + log_y.unsqueeze(-3), dim=-1)
 
 
 def _linear_weights(q: Tensor, k: Tensor, visible: Tensor | None) -> Tensor:

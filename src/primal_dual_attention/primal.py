@@ -18,10 +18,10 @@ from torch import Tensor, nn
 
 from primal_dual_attention.functional import (
     check_eps,
+    check_key_padding_mask,
     check_positive_int,
     elu_feature_map,
     get_kernel,
-    masked_mean_var,
     pool_tokens,
     query_feature_map,
 )
@@ -102,8 +102,7 @@ class PositiveRandomFeatures(FeatureMap):
 
     def __init__(self, dim: int, num_features: int, *, seed: int = 0, dtype: torch.dtype = torch.float64):
         super().__init__()
-        if num_features < 1:
-            raise ValueError(f"num_features must be >= 1, got {num_features}")
+        dim, num_features = check_positive_int("dim", dim), check_positive_int("num_features", num_features)
         generator = torch.Generator().manual_seed(seed)
         self.register_buffer("projection", torch.randn(num_features, dim, generator=generator,
                                                        dtype=dtype))
@@ -183,6 +182,21 @@ class TrainingSet:
     scale: Tensor | None = None
 
 
+def key_statistics(keys: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of the valid keys ``(B, ..., N, D)`` (``mask`` ``(B, N)``, True =
+    padding; none valid: 0 and 0), in at least float32 (SPEC.md §2, Attention-BN). Written out here
+    rather than taken from the attention code, so that ``pda verify``'s expansions check the
+    statistics attention uses instead of sharing them."""
+    stat = keys.to(torch.promote_types(keys.dtype, torch.float32))
+    if mask is None:
+        valid = torch.ones_like(stat[..., :1])
+    else:
+        valid = (~mask).to(stat.dtype).view(mask.shape[0], *([1] * (keys.ndim - 3)), mask.shape[1], 1)
+    count = valid.sum(-2, keepdim=True).clamp_min(1.0)
+    mean = (stat * valid).sum(-2, keepdim=True) / count
+    return mean, ((stat - mean).square() * valid).sum(-2, keepdim=True) / count
+
+
 def training_set(keys: Tensor, values: Tensor, *, key_padding_mask: Tensor | None = None,
                  bn: bool = False, head_scale: int = 1, eps: float = 1e-5,
                  grid_size: tuple[int, int] | None = None, num_prefix_tokens: int = 0) -> TrainingSet:
@@ -190,34 +204,39 @@ def training_set(keys: Tensor, values: Tensor, *, key_padding_mask: Tensor | Non
 
     ``keys``/``values`` are ``(B, ..., N, D)`` with a ``(B, N)`` mask. SH pools on the 2-D
     ``grid_size`` when given, never pooling the ``num_prefix_tokens`` leading tokens. BN
-    statistics are the masked moments of the (pooled) keys; the returned keys are normalised,
-    and ``shift`` / ``scale`` normalise the queries the same way.
+    statistics are the masked moments of the (pooled) keys (:func:`key_statistics`); the returned
+    keys are normalised, and ``shift`` / ``scale`` normalise the queries the same way, all in the
+    keys' dtype.
     """
     check_eps(eps)
+    check_key_padding_mask(key_padding_mask, keys.shape[0], keys.shape[-2])
     pool = dict(grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
     keys, mask = pool_tokens(keys, head_scale, key_padding_mask, **pool)
     values, _ = pool_tokens(values, head_scale, key_padding_mask, **pool)
     if not bn:
         return TrainingSet(keys, values, mask)
-    shift, var = masked_mean_var(keys, mask)
+    shift, var = key_statistics(keys, mask)
     scale = torch.sqrt(var + eps)
-    return TrainingSet((keys - shift) / scale, values, mask, shift, scale)
+    normalised = (keys.to(shift.dtype) - shift) / scale
+    return TrainingSet(normalised.to(keys.dtype), values, mask, shift.to(keys.dtype), scale.to(keys.dtype))
 
 
 def dual_to_primal(keys: Tensor, values: Tensor, feature_map: FeatureMap, *,
                    key_padding_mask: Tensor | None = None, bn: bool = False, head_scale: int = 1,
-                   eps: float = 1e-5, kernel: str | None = None) -> PrimalLayer:
+                   eps: float = 1e-5, kernel: str | None = None, grid_size: tuple[int, int] | None = None,
+                   num_prefix_tokens: int = 0) -> PrimalLayer:
     """The primal layer whose evaluation at the queries reproduces attention.
 
     With the attention choice ``alpha_j - alpha~_j = h(k_j) v_j`` (SPEC.md §1) the weights are
     ``W = sum_j v_j Phi(k_j)^T`` and the normaliser ``z = sum_j Phi(k_j)``, over the head's own
-    training set (SH: pooled; BN: normalised; padding excluded).
+    training set (SH: pooled, on the 2-D ``grid_size`` after ``num_prefix_tokens`` when given, as
+    a ViT layer pools; BN: normalised; padding excluded).
     """
     _check_pairs(keys, values)
     if kernel is not None:
         check_feature_map(feature_map, kernel)
-    data = training_set(keys, values, key_padding_mask=key_padding_mask, bn=bn,
-                        head_scale=head_scale, eps=eps)
+    data = training_set(keys, values, key_padding_mask=key_padding_mask, bn=bn, head_scale=head_scale,
+                        eps=eps, grid_size=grid_size, num_prefix_tokens=num_prefix_tokens)
     features = feature_map(data.keys)
     if data.mask is not None:
         shape = (data.mask.shape[0],) + (1,) * (features.ndim - 3) + (data.mask.shape[1], 1)
@@ -257,6 +276,9 @@ def svr_expansion(queries: Tensor, keys: Tensor, values: Tensor, kernel: str,
     _check_pairs(keys, values, queries)
     if visible is None:
         visible = torch.ones(queries.shape[-2], keys.shape[-2], dtype=torch.bool, device=queries.device)
+    if visible.dtype != torch.bool:
+        raise TypeError(f"visible must be a bool tensor (True = a pair of the query's training set), "
+                        f"got {visible.dtype}")
     outside = torch.zeros(visible.shape, dtype=queries.dtype, device=queries.device)
     outside = outside.masked_fill(~visible, float("-inf"))
     log_gram_q = log_kernel_matrix(queries, keys, kernel) + outside  # (.., Nq, Nk)
@@ -266,7 +288,8 @@ def svr_expansion(queries: Tensor, keys: Tensor, values: Tensor, kernel: str,
     log_h_key = torch.logsumexp(log_gram_k.unsqueeze(-3) + outside.unsqueeze(-2), dim=-1)
     log_coefficient = log_h_key  # c_j = exp(log_h_key) * v_j
     log_terms = log_coefficient + log_gram_q - log_h_query - log_h_key
-    terms = torch.exp(log_terms).nan_to_num(0.0)  # queries without any training pair give 0
+    # a query without any training pair gives 0 (its terms are -inf - -inf = NaN); all others are finite
+    terms = torch.exp(log_terms).where(visible.any(dim=-1, keepdim=True), 0.0)
     return terms @ values if values.ndim == terms.ndim else (terms.unsqueeze(-1) * values).sum(-2)
 
 

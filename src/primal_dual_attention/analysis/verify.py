@@ -294,6 +294,10 @@ def run_verify(checkpoint: str | None = None, data_dir: str | None = None,
              f"random data: B=2, H=4, N=32, D=8 with one sequence padded by 9 tokens; real data: "
              f"{source}, 8 test series.", "",
              f"## Exact statements (tolerance {TOLERANCE:.0e}, max abs error)", "",
+             "In the SVR-expansion rows the coefficient h(k_j) of c_j = h(k_j)v_j cancels against the "
+             "expansion's 1/h(k_j) (SPEC's attention choice), so they check the normalised kernel sum "
+             "on each head's own training set (pooling, BN statistics computed apart from attention's, "
+             "padding, window); h(k_j) itself enters only the box constraints below.", "",
              "| statement | max error | holds |", "|---|---|---|"]
     lines += [f"| {s.name} | {s.error:.2e} | {'yes' if s.passed else '**NO**'} |" for s in statements]
     lines += ["", "## Softmax through positive random features (primal with m features vs dual)", "",
