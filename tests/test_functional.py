@@ -516,3 +516,20 @@ def test_a_sparse_window_needs_queries_at_the_keys_positions():
     with pytest.raises(ValueError, match="window=1 .* got 3 queries for 7 keys"):
         attention(q, k, v, window=1)
     assert attention(q, k, v).shape == (1, 2, 3, 4)
+
+
+@pytest.mark.parametrize("pack_heads", [None, True, False])
+@pytest.mark.parametrize("kernel", ["softmax", "linear"])
+def test_values_of_another_head_size_under_sh(pack_heads, kernel):
+    """``v`` may have another head size than ``q``/``k``: SH with padding (packed by default) or
+    ``pack_heads=True`` stacked keys and values to pool them together and failed; it runs per
+    scale and matches the loop oracle."""
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 4, 13, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(2, 4, 13, 5, generator=generator, dtype=torch.float64)
+    mask = torch.arange(13)[None] >= torch.tensor([13, 6])[:, None]
+    switches = dict(kernel=kernel, bn=True, head_scales=(1, 2, 3, 4), key_padding_mask=mask)
+    out = attention(q, k, v, pack_heads=pack_heads, **switches)
+    assert out.shape == (2, 4, 13, 5)
+    valid = ~mask[:, None, :, None].expand_as(out)
+    torch.testing.assert_close(out[valid], reference_attention(q, k, v, **switches)[valid])

@@ -121,6 +121,24 @@ def test_every_variant_compiles_whole_and_matches_eager(variant, monkeypatch):
     _compiled_matches_eager(variant, "aot_eager", monkeypatch)
 
 
+@pytest.mark.parametrize("variant", ["bn_sh", "linear_bn_sh"])
+def test_bn_sh_compiles_with_dynamic_shapes(variant):
+    """``torch.compile(dynamic=True)``: BN+SH with two head groups failed in Dynamo (the config's
+    eps, made a symbol, passed to a second BN autograd.Function). Dynamo's own backend (``eager``)
+    is enough to trace it and keeps the test short; the variants with one BN call per layer or
+    none compiled already."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(16, 4, AttentionConfig(variant=variant))
+    compiled = torch.compile(layer, backend="eager", fullgraph=True, dynamic=True)
+    x = torch.randn(2, 12, 16, requires_grad=True)
+    mask = torch.arange(12)[None] >= torch.tensor([12, 7])[:, None]
+    out, eager = compiled(x, key_padding_mask=mask), layer(x, key_padding_mask=mask)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    (grad,), (grad_eager,) = (torch.autograd.grad(y.sum(), x) for y in (out, eager))
+    torch.testing.assert_close(grad, grad_eager, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("grid", [True, False], ids=["grid", "1d-padded"])
 def test_packed_sh_compiles_whole_and_matches_eager(grid):
     """``pack_heads=True`` (every SH head in one call, the option GPU runs measure) traces as one

@@ -190,7 +190,8 @@ class AttentionOptions:
     ``pack_heads``: SH with several scales in one attention call for every head (True: keys
     pooled by one matrix product, one masked SDPA call; ``"flex"``: one FlexAttention call that
     skips the key blocks past each head's pooled keys, softmax kernel, trains on CUDA only), one
-    call per scale (False), or as :func:`packs_heads` measured best (None). Same outputs any way.
+    call per scale (False), or as :func:`packs_heads` measured best (None). Same outputs any way;
+    values of another head size than the keys (``attention()`` takes them) always run per scale.
 
     Values are checked on construction (one message per mistake); what depends on the input
     (heads, tokens) by :meth:`check_input`. A new switch is one field here and its use below.
@@ -437,7 +438,9 @@ def bn_fold_queries(
     """
     if computes_in_float16(q):
         return bn_normalize(q, k, key_padding_mask, eps)
-    return _BNFoldQueries.apply(q, k, key_padding_mask, eps)
+    # float(eps): a plain constant for the Function even under torch.compile(dynamic=True), which
+    # makes the config's float a symbol that a second head group's Function failed to lift
+    return _BNFoldQueries.apply(q, k, key_padding_mask, float(eps))
 
 
 def bn_normalize(
@@ -451,7 +454,7 @@ def bn_normalize(
     (its feature map is not shift-invariant); the softmax kernel folds BN into the queries
     (:func:`bn_fold_queries`).
     """
-    return _BNNormalize.apply(q, k, key_padding_mask, eps)
+    return _BNNormalize.apply(q, k, key_padding_mask, float(eps))  # float: see bn_fold_queries
 
 
 def pool_tokens(
@@ -1233,7 +1236,8 @@ def attention(
                          f"at the keys' positions, got {q.shape[-2]} queries for {num_keys} keys "
                          "(cross-attention has no shared positions)")
 
-    if packs_heads(options, num_keys, key_padding_mask):
+    # packing pools keys and values side by side, (B, 2, H, N, D): one head size for both
+    if k.shape[-1] == v.shape[-1] and packs_heads(options, num_keys, key_padding_mask):
         out, weights = packed_attention(q, torch.stack((k, v), 1), options, key_padding_mask=key_padding_mask,
                                         dropout_p=dropout_p, need_weights=need_weights)
         return (out, weights) if need_weights else out
