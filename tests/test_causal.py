@@ -334,3 +334,36 @@ def test_a_used_cache_pickles_and_copies():
         expected = layer(step, cache=cache)
         torch.testing.assert_close(forked_layer(step, cache=forked_cache), expected)
         torch.testing.assert_close(layer(step, cache=restored), expected)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_causal_layer_compiles_as_one_graph(variant):
+    """``torch.compile(fullgraph=True)`` of a causal layer (a decoder's training step): head groups
+    were merged after a data-dependent ``torch.equal`` and causal linear BN sized its query blocks
+    from the mask's values, so every variant broke the graph. Dynamo's own backend (``eager``)
+    traces it quickly; outputs and gradients equal the eager layer's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    window = 2 if VARIANTS[variant].sparse else None
+    layer = MultiHeadAttention(24, 3, variant=variant, causal=True, window=window)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    x = torch.randn(2, 9, 24, requires_grad=True)
+    mask = torch.arange(9)[None] < torch.tensor([0, 3])[:, None]  # left padding
+    out, eager = compiled(x, key_padding_mask=mask), layer(x, key_padding_mask=mask)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    (grad,), (grad_eager,) = (torch.autograd.grad(y.sum(), x) for y in (out, eager))
+    torch.testing.assert_close(grad, grad_eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["softmax", "bn_sh", "linear"])
+def test_a_step_in_another_dtype_than_the_prompt_is_named(variant):
+    """A prompt run under bfloat16 autocast and a step outside it (or the reverse) failed inside
+    torch (``expected scalar type Float but found BFloat16``) or, for linear, ran on silently."""
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(16, 4, variant=variant, causal=True).eval()
+    x, cache = torch.randn(2, 6, 16), DecodingCache()
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x[:, :5], cache=cache)
+        with pytest.raises(ValueError, match=r"cache holds torch.bfloat16 tokens on cpu, got torch.float32"):
+            layer(x[:, 5:], cache=cache)

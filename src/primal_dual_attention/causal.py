@@ -29,12 +29,12 @@ from torch import Tensor
 
 from primal_dual_attention.functional import (
     AttentionOptions,
-    HeadGroup,
     check_key_padding_mask,
     check_probability,
     computes_in_float16,
     elu_feature_map,
     head_groups,
+    merge_heads,
     query_feature_map,
     split_heads,
     zero_padding,
@@ -221,7 +221,13 @@ LINEAR_BN_QUERY_BLOCK = 8
 
 
 def _query_blocks(visible: Tensor) -> list[tuple[int, int, int]]:
-    """``(start, stop, width)``: blocks of queries and the number of leading windows they see."""
+    """``(start, stop, width)``: blocks of queries and the number of leading windows they see.
+    Compiled, every block takes every window (hidden ones give 0): widths read from the mask's
+    values would break the graph at each block."""
+    num_queries, num_windows = visible.shape[-2:]
+    if torch.compiler.is_compiling():
+        return [(start, min(start + LINEAR_BN_QUERY_BLOCK, num_queries), num_windows)
+                for start in range(0, num_queries, LINEAR_BN_QUERY_BLOCK)]
     seen = visible.any(dim=0).any(dim=0)  # (T, M)
     blocks = []
     for start in range(0, seen.shape[0], LINEAR_BN_QUERY_BLOCK):
@@ -445,17 +451,8 @@ def causal_attention(
                                      need_weights)
         outputs.append(out)
         maps.append(weights)
-    out = merge_heads(outputs, groups)
-    return (out, merge_heads(maps, groups)) if need_weights else out
-
-
-def merge_heads(parts: list[Tensor], groups: list[HeadGroup]) -> Tensor:
-    """Per-group ``(B, h_g, ...)`` tensors back in head order ``(B, H, ...)``."""
-    order = torch.cat([torch.arange(sum(p.shape[1] for p in parts))[g.heads] for g in groups])
-    merged = torch.cat(parts, dim=1)
-    if torch.equal(order, torch.arange(len(order))):
-        return merged
-    return merged.index_select(1, torch.argsort(order).to(merged.device))
+    out = merge_heads(outputs, groups, num_heads)
+    return (out, merge_heads(maps, groups, num_heads)) if need_weights else out
 
 
 # --------------------------------------------------------------------------------------------
@@ -508,6 +505,7 @@ class DecodingCache:
         self.length = 0  # tokens fed, padding included
         self.valid_tokens: Tensor | None = None  # (B,) tokens fed that are not padding
         self.groups: list[GroupState] = []
+        self.dtype: torch.dtype | None = None  # of the prompt's keys (float16 runs in float32)
         self._layer: weakref.ref | None = None  # the layer whose state this is (:meth:`claim`)
 
     def claim(self, layer: object) -> None:
@@ -656,13 +654,17 @@ def decode(
         out = causal_attention(q, k, v, options, key_padding_mask=key_padding_mask)
         cache.groups = [_prefill(k_g, v_g, key_padding_mask, group.scale, options) for group, k_g, v_g in
                         zip(groups, split_heads(k, groups), split_heads(v, groups), strict=True)]
-        cache.length = length
+        cache.length, cache.dtype = length, k.dtype
         cache.valid_tokens = (torch.full((batch,), length, device=k.device) if key_padding_mask is None
                               else (~key_padding_mask).sum(1))
         return out
     if cache.groups[0].shift.shape[0] != batch:
         raise ValueError(f"the cache holds {cache.groups[0].shift.shape[0]} sequences, "
                          f"got a batch of {batch}")
+    held = (getattr(cache, "dtype", None) or k.dtype, cache.valid_tokens.device)
+    if held != (k.dtype, k.device):
+        raise ValueError(f"the cache holds {held[0]} tokens on {held[1]}, got {k.dtype} on {k.device}: "
+                         "decode every step in the prompt's dtype and device (under the same autocast)")
     if length == 0:  # no new token: nothing to attend, the cache unchanged
         return q.new_zeros(*q.shape[:3], v.shape[-1])
     valid = torch.ones(batch, length, dtype=torch.bool, device=k.device) if key_padding_mask is None \
@@ -677,7 +679,7 @@ def decode(
             out, cache.groups[index] = _step(q_g, k_g, v_g, valid[:, t], cache.groups[index], group.scale,
                                              position, options)
             token.append(out)
-        outputs.append(merge_heads(token, groups))
+        outputs.append(merge_heads(token, groups, num_heads))
     cache.length += length
     cache.valid_tokens = cache.valid_tokens + valid.sum(1)
     return torch.cat(outputs, dim=2)

@@ -959,11 +959,13 @@ def grouped_attention(
                                     device=weights.device)
             weights = weights @ spread[:, None]
         maps.append(weights)
-    out = _merge_heads(outputs, groups, num_heads)
-    return out, (_merge_heads(maps, groups, num_heads) if need_weights else None)
+    out = merge_heads(outputs, groups, num_heads)
+    return out, (merge_heads(maps, groups, num_heads) if need_weights else None)
 
 
-def _merge_heads(parts: list[Tensor], groups: Sequence[HeadGroup], num_heads: int) -> Tensor:
+def merge_heads(parts: list[Tensor], groups: Sequence[HeadGroup], num_heads: int) -> Tensor:
+    """Per-group ``(B, h_g, ...)`` tensors back in head order ``(B, H, ...)``, decided from the
+    groups' Python head indices (no data-dependent test: one graph under ``torch.compile``)."""
     if len(parts) == 1:
         return parts[0]
     if _tiles_in_order(groups):
@@ -1176,8 +1178,8 @@ def flex_packed_attention(
         hidden_g = (torch.arange(length, device=kv.device) >= kv_g.shape[-2])[None] if mask_g is None else (
             F.pad(mask_g, (0, extra), value=True))
         hidden_parts.append(hidden_g[:, None].expand(-1, heads_g, -1))  # (B or 1, Hg, L)
-    k, v = _merge_heads(kv_parts, groups, num_heads).unbind(2)
-    hidden = _merge_heads(hidden_parts, groups, num_heads)
+    k, v = merge_heads(kv_parts, groups, num_heads).unbind(2)
+    hidden = merge_heads(hidden_parts, groups, num_heads)
     if options.bn:
         q, k = get_kernel("softmax").bn(q, k, hidden, options.eps)
     block_mask = _key_block_mask(hidden, batch, q.shape[-2])
