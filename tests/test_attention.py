@@ -217,11 +217,16 @@ def test_bad_qkv_shapes():
 @pytest.mark.parametrize("fused", [True, False])
 def test_mixed_qkv_dtypes_are_refused_by_every_kernel(kernel, fused):
     """One dtype for q, k and v, named in the error: float16 queries over float32 keys ran on the
-    linear kernel (cast to float32) and failed inside torch on the softmax kernel."""
+    linear kernel (cast to float32) and failed inside torch on the softmax kernel. Under autocast
+    mixed dtypes are cast to its dtype, as autocast casts SDPA's inputs."""
     half, full = torch.randn(1, 2, 5, 4, dtype=torch.float16), torch.randn(1, 2, 5, 4)
-    with pytest.raises(ValueError, match=r"q, k, v must share one dtype, got torch.float16, torch.float32, "
-                                         r"torch.float32"):
+    with pytest.raises(ValueError, match=r"q, k, v must share one dtype \(or run under autocast\), got "
+                                         r"torch.float16, torch.float32, torch.float32"):
         attention(half, full, full, kernel=kernel, fused=fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a RoPE model's float32 q, k beside bf16 v
+        out = attention(full, full, full.bfloat16(), kernel=kernel, fused=fused)
+    expected = attention(full.bfloat16(), full.bfloat16(), full.bfloat16(), kernel=kernel, fused=fused)
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=2e-2)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -62,6 +62,21 @@ def test_pda_softmax_equals_sdpa(arch):
     torch.testing.assert_close(out[keep], expected[keep], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("variant", ["softmax", "linear", "bn"])
+def test_llama_under_bf16_autocast(variant):
+    """Llama's rotary embedding gives float32 queries and keys beside bf16 values under autocast:
+    pda attention takes them as SDPA does (it refused mixed dtypes), softmax close to sdpa's."""
+    model, batch = llama(), text_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(**batch).logits
+        model.set_attn_implementation(f"pda_{variant}")
+        out = model(**batch).logits
+    assert torch.isfinite(out).all()
+    if variant == "softmax":
+        keep = batch["attention_mask"].bool()
+        torch.testing.assert_close(out[keep].float(), expected[keep].float(), rtol=0, atol=0.05)
+
+
 @pytest.mark.parametrize("arch", list(CASES))
 def test_every_variant_runs_forward_and_backward(arch):
     build, inputs, result = CASES[arch]

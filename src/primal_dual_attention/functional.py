@@ -151,6 +151,21 @@ def zero_padding(key_padding_mask: Tensor | None, *tensors: Tensor) -> tuple[Ten
     return tuple(t.masked_fill(padded, 0.0) for t in tensors)
 
 
+def _autocast_inputs(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Under autocast, ``q, k, v`` of mixed dtypes (a rotary-embedding model's float32 queries and
+    keys beside its low-precision values) in autocast's dtype, as autocast casts SDPA's inputs;
+    outside autocast :func:`_check_qkv` refuses them."""
+    tensors = (q, k, v)
+    floating = all(isinstance(t, Tensor) and t.is_floating_point() for t in tensors)
+    if not floating or q.dtype == k.dtype == v.dtype:
+        return tensors
+    device = q.device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -166,8 +181,9 @@ def _check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"q and k must share the head dimension D, got {q.shape[-1]} and {k.shape[-1]}")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k and v must have the same number of tokens, got {k.shape[2]} and {v.shape[2]}")
-    if not q.dtype == k.dtype == v.dtype:
-        raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not q.dtype == k.dtype == v.dtype:  # under autocast they were cast to its dtype
+        raise ValueError(f"q, k, v must share one dtype (or run under autocast), got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
     if not q.device == k.device == v.device:
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
 
@@ -1220,6 +1236,7 @@ def attention(
         ``(B, H, N, Dv)``, or ``(out, weights)`` when ``need_weights``.
     """
     options = with_switches(options, switches)
+    q, k, v = _autocast_inputs(q, k, v)
     _check_qkv(q, k, v)
     batch, num_heads, num_keys = k.shape[0], k.shape[1], k.shape[2]
     if options.head_scales is None:  # an SH config without scales takes its defaults, as layers do
