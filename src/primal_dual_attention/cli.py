@@ -51,6 +51,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _device(text: str) -> str:
+    """An argparse type: ``auto`` or a torch device string (whether it exists is checked later)."""
+    from primal_dual_attention.training.config import check_device_name
+
+    try:
+        return check_device_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _names_from(allowed: Sequence[str], what: str):
     """An argparse type: comma-separated names, each one of ``allowed``."""
 
@@ -91,9 +101,12 @@ _precisions = _names_from(PRECISIONS, "precision")
 def _bench_attention(args: argparse.Namespace) -> int:
     from primal_dual_attention.analysis.bench import run_attention_benchmark, write_results
 
-    results = run_attention_benchmark(sizes=args.sizes, variants=args.variants,
-                                      repeats=args.repeats, memory=not args.no_memory)
-    csv_path, md_path = write_results(results, Path(args.out), args.command)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before measuring: a bad --out must not cost the run
+    results = run_attention_benchmark(sizes=args.sizes, variants=args.variants, repeats=args.repeats,
+                                      memory=not args.no_memory,
+                                      on_size=lambda done: write_results(done, out, args.command))
+    csv_path, md_path = write_results(results, out, args.command)
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}")
     return 0
@@ -376,17 +389,22 @@ def _heads(args: argparse.Namespace) -> int:
 def _bench_precision(args: argparse.Namespace) -> int:
     from primal_dual_attention.analysis.precision import precision_check
 
-    rows = precision_check(args.device, args.precisions, num_tokens=args.tokens,
-                           compile_model=args.compile)
+    rows = precision_check(args.device, args.precisions, batch=args.batch, num_tokens=args.tokens,
+                           dim=args.dim, heads=args.heads, repeats=args.repeats, compile_model=args.compile)
     return 0 if all(r["finite"] for r in rows) else 1
 
 
 def _bench_scaling(args: argparse.Namespace) -> int:
     from primal_dual_attention.analysis.scaling import run_scaling, write_scaling
 
-    points = run_scaling(args.sizes, args.variants, batch=args.batch, repeats=args.repeats,
-                         time_limit_s=args.time_limit, memory=not args.no_memory)
-    path = write_scaling(points, Path(args.out), args.command, args.batch, 8, 32)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)  # before measuring: a bad --out must not cost the run
+    heads, head_dim = 8, 32
+    points = run_scaling(args.sizes, args.variants, batch=args.batch, heads=heads, head_dim=head_dim,
+                         repeats=args.repeats, time_limit_s=args.time_limit, memory=not args.no_memory,
+                         on_size=lambda done: write_scaling(done, out, args.command, args.batch, heads,
+                                                            head_dim))
+    path = write_scaling(points, out, args.command, args.batch, heads, head_dim)
     print(path.read_text())
     return 0
 
@@ -395,16 +413,23 @@ def _bench_model(args: argparse.Namespace) -> int:
     import torch
 
     from primal_dual_attention.analysis.model_cost import (
+        check_cost_folder,
         cpu_load,
         measure_model_costs,
+        variant_configs,
         write_costs,
         write_speed_table,
     )
     from primal_dual_attention.training.config import TrainConfig, bundled_config, config_from_mapping
 
+    if ignored := sorted(set(dict(args.set)) & {"compile", "device"}):
+        raise ValueError(f"bench model --set {ignored[0]}: not a model option here; use "
+                         f"{'--modes' if ignored[0] == 'compile' else '--device'}")
     base = bundled_config(args.task, args.dataset, TrainConfig(task=args.task, dataset=args.dataset))
     base = config_from_mapping(dict(args.set), "bench --set", base)
-    cfgs = [config_from_mapping({"variant": variant}, "bench", base).validate() for variant in args.variants]
+    cfgs = variant_configs(base, args.variants)
+    out = Path(args.out)
+    check_cost_folder(out)  # before measuring: a folder it cannot write must not cost the run
     if base.threads:  # `--set threads=N`, as `pda train` takes it
         torch.set_num_threads(base.threads)
     if (load := cpu_load()) is not None and load >= 1.0:
@@ -419,7 +444,6 @@ def _bench_model(args: argparse.Namespace) -> int:
               f"{cost.train_samples_per_s:10.1f} train/s {cost.infer_samples_per_s:10.1f} infer/s "
               f"{cost.gflops_fwd_per_sample:8.3f} GFLOPs fwd/sample{flops}  peak "
               f"{cost.peak_train_mb if cost.peak_train_mb is None else round(cost.peak_train_mb)} MiB")
-    out = Path(args.out)
     with exclusive(args.timing_lock):  # processes sharing the lock may share the folder
         print(f"wrote {write_costs(costs, out, args.command, load)} and {write_speed_table(out)}")
     return 0
@@ -463,10 +487,14 @@ def _add_bench_scaling(kinds: Commands) -> None:
 
 def _add_bench_precision(kinds: Commands) -> None:
     precision = kinds.add_parser("precision", help="bf16/fp16 autocast vs fp32 per variant")
-    precision.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    precision.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda[:i]")
     precision.add_argument("--precisions", type=_precisions, default=("fp32", "bf16"),
                            help="comma separated: fp32,bf16,fp16 (default fp32,bf16)")
     precision.add_argument("--tokens", type=_positive_int, default=1024, help="sequence length")
+    precision.add_argument("--batch", type=_positive_int, default=8)
+    precision.add_argument("--dim", type=_positive_int, default=256, help="width, divisible by --heads")
+    precision.add_argument("--heads", type=_positive_int, default=8)
+    precision.add_argument("--repeats", type=_positive_int, default=5, help="timed rounds (median)")
     precision.add_argument("--compile", action="store_true", help="run the layer through torch.compile")
     precision.set_defaults(func=_bench_precision)
 
@@ -486,9 +514,11 @@ def _add_bench_model(kinds: Commands) -> None:
     model.add_argument("--timing-lock", metavar="FILE",
                        help="time (and write) while holding an exclusive lock on FILE: processes "
                             "started together then compile at once and use the device one at a time")
-    model.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
+    model.add_argument("--device", type=_device, default="auto", help="auto, cpu or cuda[:i]")
     model.add_argument("--set", type=parse_override, action="append", default=[], metavar="OPTION=VALUE",
-                       help="any pda train option, e.g. --set precision=bf16 (repeatable)")
+                       help="a pda train option of the model, e.g. --set precision=bf16 (repeatable; "
+                            "compile_backend is the backend of --modes compile; window is the sparse "
+                            "variants' own, the others run without one)")
     model.add_argument("--out", default="runs/bench_model",
                        help="folder of cost.csv and speed.md (default runs/bench_model)")
     model.set_defaults(func=_bench_model)

@@ -12,15 +12,15 @@ call is reported; glibc's mmap threshold is pinned so freed tensors return to th
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import csv
 import multiprocessing
 import os
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from primal_dual_attention.functional import attention, default_head_scales, get
 from primal_dual_attention.utils import machine_description
 
 SPARSE_WINDOW = 64
+T = TypeVar("T")
 BASELINES = ("sdpa", "naive", "bn_query_fold")
 
 
@@ -200,25 +201,25 @@ def peak_rss_rise_mib(step: Callable[[], object]) -> float:
     return (_status_kib("VmHWM") - before) / 1024
 
 
-def _peak_memory_worker(case: Case) -> float:
+def _peak_memory_worker(case: Case, threads: int) -> float:
     """Runs in a fresh process: peak RSS increase (MiB) of one forward+backward call."""
-    torch.set_num_threads(int(os.environ.get("PDA_BENCH_THREADS", torch.get_num_threads())))
+    torch.set_num_threads(threads)
     workload = _workload(case, fused=True)
     _run(workload)
     return peak_rss_rise_mib(lambda: _run(workload))
 
 
-@contextlib.contextmanager
-def peak_memory_pool() -> Iterator[concurrent.futures.ProcessPoolExecutor]:
-    """A spawned one-worker pool (one task per process) whose allocations go back to the OS:
-    glibc's mmap threshold is pinned in the child, so ``VmHWM`` after a reset means the peak."""
+def in_fresh_process(function: Callable[..., T], *args: object) -> T:
+    """``function(*args)`` in a freshly spawned process whose allocations go back to the OS:
+    glibc's mmap threshold is pinned in the child, so ``VmHWM`` after a reset means the peak.
+    One pool per call (not ``max_tasks_per_child``, which Python 3.10 lacks)."""
     saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
     os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     try:
         with concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+            max_workers=1, mp_context=multiprocessing.get_context("spawn")
         ) as pool:
-            yield pool
+            return pool.submit(function, *args).result()
     finally:
         if saved is None:
             os.environ.pop("MALLOC_MMAP_THRESHOLD_")
@@ -230,9 +231,7 @@ def measure_peak_memory(cases: list[Case]) -> dict[Case, float | None]:
     """Peak memory per case, each in its own spawned process (None where /proc is missing)."""
     if not Path("/proc/self/clear_refs").exists():
         return dict.fromkeys(cases)
-    os.environ["PDA_BENCH_THREADS"] = str(torch.get_num_threads())
-    with peak_memory_pool() as pool:
-        return dict(zip(cases, pool.map(_peak_memory_worker, cases), strict=True))
+    return {case: in_fresh_process(_peak_memory_worker, case, torch.get_num_threads()) for case in cases}
 
 
 def run_attention_benchmark(
@@ -242,26 +241,29 @@ def run_attention_benchmark(
     memory: bool = True,
     naive_max_tokens: int = 4096,
     progress: Callable[[str], None] = print,
+    on_size: Callable[[list[Result]], None] | None = None,
 ) -> list[Result]:
-    """Time, FLOPs and peak memory of every variant (unpadded and padded) and the baselines."""
+    """Time, FLOPs and peak memory of every variant (unpadded and padded) and the baselines;
+    ``on_size`` gets the results so far after each N (a crash at a large N keeps the others)."""
     results: list[Result] = []
     for n in sizes:
         cases = [Case(name, n) for name in BASELINES]
         cases += [Case(name, n, padded=padded) for name in variants for padded in (False, True)]
         cases.append(Case("sdpa", n, padded=True))
         timed = [c for c in cases if not (c.name == "naive" and n > naive_max_tokens)]
+        measured = []
         for case, milliseconds in time_cases(timed, repeats).items():
             result = Result(case, milliseconds, count_gflops(case))
             progress(f"N={n:5d} {case.label:<16} {result.time_ms:9.1f} ms")
-            results.append(result)
-        cases = timed
-        if memory:
-            for case, peak in measure_peak_memory(cases).items():
-                next(r for r in results if r.case == case).peak_mem_mb = peak
-    for result in results:
-        twin = Case("sdpa", result.case.num_tokens, padded=result.case.padded)
-        reference = next(r for r in results if r.case == twin)
-        result.ratio_to_sdpa = result.time_ms / reference.time_ms
+            measured.append(result)
+        peaks = measure_peak_memory(timed) if memory else {}
+        for result in measured:
+            result.peak_mem_mb = peaks.get(result.case)
+            twin = Case("sdpa", n, padded=result.case.padded)
+            result.ratio_to_sdpa = result.time_ms / next(r for r in measured if r.case == twin).time_ms
+        results += measured
+        if on_size is not None:
+            on_size(results)
     return results
 
 
@@ -297,7 +299,9 @@ def write_results(results: list[Result], out_dir: Path, command: str) -> tuple[P
         f"{default_head_scales(results[0].case.heads)}; sparse window: {SPARSE_WINDOW}. "
         "`+pad` rows use ragged lengths N, 7N/8, 3N/4, N/2 and are compared with the padded "
         "SDPA call. `sdpa` is one `scaled_dot_product_attention` call, `naive` the explicit "
-        "matmul + softmax, `bn_query_fold` BN with only the queries transformed. GFLOPs of "
+        "matmul + softmax, `bn_query_fold` BN with only the queries transformed. GFLOPs count "
+        "matrix products only (FlopCounterMode: BN's statistics and transform and SH's pooling "
+        "are elementwise work it does not see); those of "
         "softmax-kernel rows are counted on the explicit math path (FlopCounterMode does not see "
         "the CPU SDPA kernel); for `sparse` that is the dense band-masked product, while the "
         "fused blocked path computes only about (block + 2·window)/N of it.",
@@ -336,8 +340,8 @@ def target_lines(by_key: dict[tuple[str, int], Result], n: int = 2048) -> list[s
     for name in VARIANTS:
         checks.append((f"{name}+pad / {name} <= 1.15", ratio(f"{name}+pad", name),
                        lambda x: x <= 1.15))
-    lines = [f"Targets at N={n}:", "", "| target | measured | status |", "|---|---|---|"]
-    for label, value, ok in checks:
-        if value is not None:
-            lines.append(f"| {label} | {value:.3f} | {'met' if ok(value) else 'missed'} |")
-    return lines
+    rows = [f"| {label} | {value:.3f} | {'met' if ok(value) else 'missed'} |"
+            for label, value, ok in checks if value is not None]
+    if not rows:
+        return [f"Targets at N={n}: not measured (no N={n} among the sizes)."]
+    return [f"Targets at N={n}:", "", "| target | measured | status |", "|---|---|---|", *rows]

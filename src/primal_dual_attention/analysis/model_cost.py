@@ -17,6 +17,7 @@ CPU the rise of the process's peak resident set (``VmHWM``, reset after warm-up 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from primal_dual_attention.analysis.bench import peak_memory_pool, peak_rss_rise_mib
+from primal_dual_attention.analysis.bench import in_fresh_process, peak_rss_rise_mib
 from primal_dual_attention.attention import fused_paths
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.distributed import resolve_device
@@ -107,7 +108,8 @@ class PreparedModel:
         """``(train_step, infer_step)`` of the model, eager or through ``torch.compile``."""
         x, mask, y = self.batch
         compile_mode = COMPILE_MODES[mode]
-        model = self.model if compile_mode is None else torch.compile(self.model, mode=compile_mode)
+        model = self.model if compile_mode is None else torch.compile(
+            self.model, mode=compile_mode, backend=self.cfg.compile_backend)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         precision = self.cfg.precision
 
@@ -127,15 +129,31 @@ class PreparedModel:
         return train_step, infer_step
 
 
-def prepare_model(cfg: TrainConfig, batch: int, device: str) -> PreparedModel:
+def prepare_model(cfg: TrainConfig, batch: int, device: str | torch.device) -> PreparedModel:
     """``cfg``'s model on ``device`` with its first real training batch of ``batch`` samples."""
     from primal_dual_attention.training.tasks import build_task
 
+    target = resolve_device(str(device))
     task = build_task(replace(cfg, batch_size=batch))
     x, mask, y = next(task.train.batches(batch, torch.Generator().manual_seed(0)))
-    target = resolve_device(device)
     placed = tuple(None if t is None else t.to(target) for t in (x, mask, y))
     return PreparedModel(cfg, task.model.to(target), placed, target)
+
+
+def variant_configs(base: TrainConfig, variants: Sequence[str]) -> list[TrainConfig]:
+    """``base`` for each variant, checked: ``base.window`` is the sparse variants' window (a
+    sparse one needs it); the other variants run without one, so the softmax baseline stays
+    dense and SH, which takes no window, can be measured beside sparse."""
+    from primal_dual_attention.attention import get_variant
+
+    cfgs = []
+    for variant in variants:
+        sparse = get_variant(variant).sparse
+        if sparse and base.window is None:
+            raise ValueError(f"variant {variant!r} needs its window: --set window=w (query i sees "
+                             "|i - j| <= w; the other variants run without one)")
+        cfgs.append(replace(base, variant=variant, window=base.window if sparse else None).validate())
+    return cfgs
 
 
 def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int = 3, repeats: int = 10,
@@ -148,7 +166,11 @@ def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int 
     unknown = [m for m in modes if m not in COMPILE_MODES]
     if unknown:
         raise ValueError(f"modes must be among {list(COMPILE_MODES)}, got {unknown}")
-    prepared = {cfg.variant: prepare_model(cfg, batch, device) for cfg in cfgs}
+    target = resolve_device(device)
+    if "cudagraphs" in modes and target.type != "cuda":
+        raise ValueError(f"modes: cudagraphs needs a CUDA device, got device {str(target)!r} "
+                         "(elsewhere it would time plain compile under the cudagraphs label)")
+    prepared = {cfg.variant: prepare_model(cfg, batch, target) for cfg in cfgs}
     flops = {variant: (_flops(item.model, *item.batch, backward=False),
                        _flops(item.model, *item.batch, backward=True)) for variant, item in prepared.items()}
     peaks = {variant: _peak_memory(item) if memory else None for variant, item in prepared.items()}
@@ -156,16 +178,15 @@ def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int 
     for mode in modes:
         if mode != "eager":
             torch._dynamo.reset()
-        closures = {variant: item.steps(mode) for variant, item in prepared.items()}
-        for train_step, infer_step in closures.values():  # compilation happens here, unlocked
-            for _ in range(warmup):
-                train_step()
-                infer_step()
-        with exclusive(timing_lock):  # one warm-up round again: caches after waiting
-            train_s = _round_robin_seconds({v: c[0] for v, c in closures.items()},
-                                           _device_of(prepared), 1, repeats)
-            infer_s = _round_robin_seconds({v: c[1] for v, c in closures.items()},
-                                           _device_of(prepared), 1, repeats)
+        with _every_variant_compiled(len(prepared)):
+            closures = {variant: item.steps(mode) for variant, item in prepared.items()}
+            for train_step, infer_step in closures.values():  # compilation happens here, unlocked
+                for _ in range(warmup):
+                    train_step()
+                    infer_step()
+            with exclusive(timing_lock):  # one warm-up round again: caches after waiting
+                train_s = _round_robin_seconds({v: c[0] for v, c in closures.items()}, target, 1, repeats)
+                infer_s = _round_robin_seconds({v: c[1] for v, c in closures.items()}, target, 1, repeats)
         for variant, item in prepared.items():
             x, _, y = item.batch
             fwd, train = flops[variant]
@@ -180,8 +201,20 @@ def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int 
     return costs
 
 
-def _device_of(prepared: dict[str, PreparedModel]) -> torch.device:
-    return next(iter(prepared.values())).device
+def _every_variant_compiled(variants: int) -> contextlib.AbstractContextManager:
+    """Dynamo settings under which every variant's model stays compiled: the models share one
+    ``forward`` code object and each needs a graph per mode (training, inference), more than
+    Dynamo's default of 8 versions per function from the fifth variant on; past its limit Dynamo
+    falls back to eager with a log line, which would be timed under the compile label, so hitting
+    the limit is made an error (on torch versions that can)."""
+    names = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(names, "recompile_limit") else "cache_size_limit"
+    settings: dict[str, object] = {limit: max(getattr(names, limit), 2 * variants + 2)}
+    for fail in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit"):
+        if hasattr(names, fail):
+            settings[fail] = True
+            break
+    return torch._dynamo.config.patch(**settings)
 
 
 def _peak_memory(item: PreparedModel) -> float | None:
@@ -207,11 +240,10 @@ def _cpu_peak_worker(cfg: TrainConfig, batch: int, threads: int) -> float:
 
 
 def _cpu_peak_in_subprocess(cfg: TrainConfig, batch: int) -> float | None:
-    """The training step's peak in a fresh process (see :func:`bench.peak_memory_pool`)."""
+    """The training step's peak in a fresh process (see :func:`bench.in_fresh_process`)."""
     if not Path("/proc/self/clear_refs").exists():
         return None
-    with peak_memory_pool() as pool:
-        return pool.submit(_cpu_peak_worker, cfg, batch, torch.get_num_threads()).result()
+    return in_fresh_process(_cpu_peak_worker, cfg, batch, torch.get_num_threads())
 
 
 COST_COLUMNS = [f for f in ModelCost.__dataclass_fields__]
@@ -219,31 +251,41 @@ COMMAND_NOTE = "    # "  # between a command and the machine it ran on, in cost_
 
 
 def _cost_key(row: dict) -> tuple:
-    """A new row replaces an older one of the same dataset, variant, device, precision, mode and
-    batch (files written before modes existed count as eager)."""
-    return (row["dataset"], row["variant"], row["device"], row["precision"], row.get("mode") or "eager",
-            str(row["batch"]))
+    """A new row replaces an older one of the same table of ``speed.md`` (task, dataset, input
+    shape, batch, device, precision), variant and mode (files written before modes existed count
+    as eager). Other model options (``dim``, ``attention_options``, ...) replace the row too:
+    measure them into another folder to keep both."""
+    return (row["task"], row["dataset"], row["input_shape"], str(row["batch"]), row["device"],
+            row["precision"], row["variant"], row.get("mode") or "eager")
+
+
+def check_cost_folder(out_dir: Path) -> Path:
+    """``out_dir/cost.csv`` after checking that ``out_dir`` can be made and that an existing
+    ``cost.csv`` has no column this version does not write (called before measuring)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "cost.csv"
+    if path.is_file():
+        with open(path, newline="") as handle:
+            if unknown := sorted(set(csv.DictReader(handle).fieldnames or ()) - set(COST_COLUMNS)):
+                raise ValueError(f"{path} has columns this version does not write ({unknown}): "
+                                 "move it aside or use another --out")
+    return path
 
 
 def write_costs(costs: Sequence[ModelCost], out_dir: Path, command: str, load: float | None = None) -> Path:
     """Add ``costs`` to ``out_dir/cost.csv`` and the command to ``cost_commands.txt`` with the
     machine and, when given, the ``load`` average before the measurement (other work on the CPU
-    slows every timing). A row of the same dataset, variant, device, precision, mode and batch as
-    an older one replaces it where it stood (one row per such key), and a command run again
+    slows every timing). A row of the same key as an older one (:func:`_cost_key`) replaces it
+    where it stood (one row per key), and a command run again
     replaces its older line, so tables keep their order. Both files are written whole once they
     are complete."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "cost.csv"
+    path = check_cost_folder(out_dir)
     fresh = {_cost_key(row): row for row in (
         {k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in asdict(c).items()} for c in costs)}
     rows = []
     if path.is_file():
         with open(path, newline="") as handle:
-            reader = csv.DictReader(handle)
-            if unknown := sorted(set(reader.fieldnames or ()) - set(COST_COLUMNS)):
-                raise ValueError(f"{path} has columns this version does not write ({unknown}): "
-                                 "move it aside or use another --out")
-            rows = [fresh.pop(_cost_key(r), r) for r in reader]
+            rows = [fresh.pop(_cost_key(r), r) for r in csv.DictReader(handle)]
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=COST_COLUMNS)
     writer.writeheader()
@@ -273,8 +315,10 @@ def cpu_load() -> float | None:
 
 def write_speed_table(out_dir: Path) -> Path:
     """``out_dir/speed.md``: per model, batch, device and precision, each variant's training step
-    in every measured mode as milliseconds and as a ratio to softmax's step in the same mode,
-    beside its training-FLOP ratio; made from ``cost.csv`` and ``cost_commands.txt`` alone."""
+    in every measured mode as milliseconds and as the ratio to softmax's step measured in the same
+    process (``train_ratio``; none where softmax was not measured beside it: rows of other
+    commands are never compared), beside its training-FLOP ratio; made from ``cost.csv`` and
+    ``cost_commands.txt`` alone."""
     with open(out_dir / "cost.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     groups: dict[tuple, list[dict]] = {}
@@ -285,12 +329,15 @@ def write_speed_table(out_dir: Path) -> Path:
     lines = ["# Training-step cost per variant", "",
              "Made by the `pda bench model` commands below (all variants of a table in one process, "
              "timed round-robin; median step). Each cell: milliseconds per training step (forward, "
-             "backward, AdamW) and, in brackets, the ratio to softmax in the same model and mode. "
-             "`FLOPs` is the training-FLOP ratio to softmax.", ""]
+             "backward, AdamW) and, in brackets, the ratio to softmax in the same model and mode, "
+             "timed in the same process. `FLOPs` is the ratio of training matrix-product FLOPs to "
+             "softmax's (FlopCounterMode; BN's statistics and SH's pooling are elementwise work it "
+             "does not count).", ""]
     for (task, dataset, shape, batch, device, precision), group in groups.items():
         modes = list(dict.fromkeys(r.get("mode") or "eager" for r in group))
         step = {((r.get("mode") or "eager"), r["variant"]):
                 1e3 * int(r["batch"]) / float(r["train_samples_per_s"]) for r in group}
+        same_process = {((r.get("mode") or "eager"), r["variant"]): r.get("train_ratio") for r in group}
         flops = {r["variant"]: float(r["gflops_train_per_sample"]) for r in group}
         lines += [f"## {task} {dataset} ({shape}), batch {batch}, {device} {precision}", "",
                   "| variant | " + " | ".join(modes) + " | FLOPs |",
@@ -298,8 +345,8 @@ def write_speed_table(out_dir: Path) -> Path:
         for variant in dict.fromkeys(r["variant"] for r in group):
             cells = []
             for mode in modes:
-                ms, base = step.get((mode, variant)), step.get((mode, "softmax"))
-                ratio = "" if base is None or ms is None else f" ({ms / base:.2f})"
+                ms, ratio = step.get((mode, variant)), same_process.get((mode, variant))
+                ratio = f" ({float(ratio):.2f})" if ratio else ""
                 cells.append("–" if ms is None else f"{ms:.2f}{ratio}")
             flop = "" if "softmax" not in flops else f"{flops[variant] / flops['softmax']:.2f}"
             lines.append(f"| {variant} | " + " | ".join(cells) + f" | {flop} |")

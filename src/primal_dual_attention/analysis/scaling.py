@@ -26,6 +26,7 @@ from primal_dual_attention.analysis.bench import (
     time_cases,
 )
 from primal_dual_attention.attention import STUDIED_VARIANTS
+from primal_dual_attention.functional import default_head_scales
 from primal_dual_attention.utils import machine_description
 
 
@@ -41,7 +42,10 @@ class Point:
 
 def run_scaling(sizes=(256, 512, 1024, 2048, 4096, 8192), variants=STUDIED_VARIANTS, *, batch: int = 2,
                 heads: int = 8, head_dim: int = 32, repeats: int = 3, time_limit_s: float = 4.0,
-                memory: bool = True, progress: Callable[[str], None] = print) -> list[Point]:
+                memory: bool = True, progress: Callable[[str], None] = print,
+                on_size: Callable[[list[Point]], None] | None = None) -> list[Point]:
+    """The points measured; ``on_size`` gets the points so far after each N (so that a crash at
+    a large N, e.g. out of memory, keeps the smaller ones written)."""
     points: list[Point] = []
     active = list(variants)
     for n in sizes:
@@ -57,6 +61,8 @@ def run_scaling(sizes=(256, 512, 1024, 2048, 4096, 8192), variants=STUDIED_VARIA
             progress(f"N={n:5d} {case.name:10} fwd+bwd {point.fwd_bwd_ms:9.1f} ms, "
                      f"fwd {point.fwd_ms:8.1f} ms")
         active = [c.name for c in cases if backward[c] / 1e3 <= time_limit_s]
+        if on_size is not None:
+            on_size(points)
     return points
 
 
@@ -111,11 +117,12 @@ def write_scaling(points: list[Point], out_dir: Path, command: str, batch: int, 
              f"Machine: {machine_description()}  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
              f"One `MultiHeadAttention` layer (projections included), B={batch}, H={heads}, D={head_dim}, "
-             f"fp32; sparse window {SPARSE_WINDOW}; SH scales (1,1,2,2,4,4,8,8). Time: median over "
-             "round-robin repeats; memory: peak RSS increase of one forward+backward call in a fresh "
-             "subprocess (VmHWM reset through /proc/self/clear_refs); FLOPs: FlopCounterMode (softmax "
-             "kernels on the math path, so `sparse` counts the dense band-masked product). A variant "
-             "stops once one call exceeds the time limit.", "",
+             f"fp32; sparse window {SPARSE_WINDOW}; SH scales {default_head_scales(heads)}. Time: "
+             "median over round-robin repeats; memory: peak RSS increase of one forward+backward "
+             "call in a fresh subprocess (VmHWM reset through /proc/self/clear_refs); FLOPs: "
+             "FlopCounterMode, matrix products only (BN's statistics and SH's pooling are not "
+             "counted; softmax kernels on the math path, so `sparse` counts the dense band-masked "
+             "product). A variant stops once one call exceeds the time limit.", "",
              "![scaling](scaling.png)", "",
              "| variant | growth exponent (time, N >= 1024) | " + " | ".join(f"N={n}" for n in sizes) + " |",
              "|---|---|" + "---|" * len(sizes)]

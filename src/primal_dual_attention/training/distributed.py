@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from primal_dual_attention.training.config import check_device_name
+
 
 @dataclass(frozen=True)
 class Context:
@@ -75,7 +77,7 @@ def resolve_device(name: str, local_rank: int = 0, world_size: int = 1) -> torch
     would put every rank on one GPU."""
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    device = torch.device(check_device_name(name))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} asked for, but no CUDA device is available")
     if device.type == "cuda" and device.index is None:
