@@ -102,6 +102,10 @@ def test_a_text_file_run_is_named_after_the_file(tmp_path):
 
     args = build_parser().parse_args(["train", "--task", "lm", "--data-file", str(tmp_path / "story.txt")])
     assert resolve_config(args).dataset == "story"
+    recipe = Path(__file__).parents[1] / "configs" / "lm" / "imdb.yaml"  # its dataset is imdb
+    args = build_parser().parse_args(["train", "--config", str(recipe),
+                                      "--data-file", str(tmp_path / "story.txt")])
+    assert resolve_config(args).dataset == "story"
 
 
 def test_a_bad_data_file_is_named_with_what_is_wrong(tmp_path):

@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_uea import toy_dataset, write_ts
 
@@ -204,9 +205,35 @@ def test_yaml_syntax_error_is_one_line_with_its_place(tmp_path, capsys):
                           "budget=0.1, warmup_steps=None, steps=None"),
     (["--task", "lra-listops", "--steps", "2"], "steps x budget = 2 x 1.0 = 2 optimizer steps, fewer than "
                                                 "epochs = 10 evaluation rounds"),
+    (["--task", "image", "--length-buckets", "8"], "task 'image' does not use length_buckets=8"),
 ])
 def test_bad_option_values_are_one_line(capsys, argv, message):
     assert message in one_line_error(capsys, ["train", *argv])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--compile", "on", "--compile-backend", "foo"], "compile_backend must be one of ["),
+    (["train", "--compile", "cudagraphs"], "compile='cudagraphs' needs a CUDA device, got device cpu"),
+    (["sweep", "--set", "compile=cudagraphs", "--datasets", "JapaneseVowels"], "needs a CUDA device"),
+])
+def test_machine_checks_come_before_the_data(tmp_path, monkeypatch, capsys, argv, message):
+    """What depends on this machine (the device, compile mode and backend) is checked before any
+    data loads or run folder is made (an unknown backend was a traceback after both)."""
+    if torch.cuda.is_available() and "cudagraphs" in " ".join(argv):
+        pytest.skip("CUDA graphs run where there is CUDA")
+
+    def no_data(cfg):
+        raise AssertionError("data loaded before the machine checks")
+
+    monkeypatch.setattr("primal_dual_attention.training.tasks.build_task", no_data)
+    where = ["--out-dir", str(tmp_path)] if argv[0] == "train" else ["--out", str(tmp_path)]
+    assert message in one_line_error(capsys, [*argv, *where])
+    assert not any(tmp_path.rglob("seed0"))
+
+
+def test_a_compile_backend_left_unused_is_said():
+    with pytest.warns(UserWarning, match="compile_backend='aot_eager' is unused: compile='off' runs eagerly"):
+        TrainConfig(compile="off", compile_backend="aot_eager", device="cpu").check_here()
 
 
 def test_reliability_doc_names_only_tests_that_exist():

@@ -221,6 +221,41 @@ def _count_graphs(gm, example_inputs):
     return gm.forward
 
 
+def test_sparse_lengths_up_to_its_block_do_not_recompile_each(tmp_path):
+    """A sparse layer over trimmed lengths of 15 to 32 tokens (its blocked path, one block): its
+    block size once depended on the length below 32, a graph per length."""
+    torch._dynamo.reset()
+    GRAPHS.clear()
+    layer = MultiHeadAttention(16, 2, variant="sparse", window=3)
+    compiled = torch.compile(layer, backend="pda_count_graphs")
+    for length in range(15, 33):
+        x = torch.randn(2, length, 16)
+        compiled(x, key_padding_mask=torch.arange(length) >= torch.tensor([[length], [length - 2]]))
+    assert len(GRAPHS) <= 3, len(GRAPHS)
+
+
+def test_every_run_of_a_process_is_compiled(tmp_path, monkeypatch):
+    """The runs of one process (``pda demo``, a sweep worker) each get their own graphs: their
+    models share one ``forward``, of which Dynamo keeps 8 versions, and the later runs trained
+    eagerly once the earlier ones had used them up."""
+    monkeypatch.setenv("PDA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr("primal_dual_attention.training.tasks.LRA_GENERATED_SIZES",
+                        {"listops": (16, 4, 4), "pathfinder": (16, 4, 4)})
+    torch._dynamo.reset()
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    new_graphs = []
+    for variant in ("softmax", "bn", "sh", "linear"):
+        GRAPHS.clear()
+        cfg = replace(TrainConfig(), task="lra", dataset="listops", variant=variant, max_len=48, dim=16,
+                      depth=1, heads=2, mlp_dim=16, epochs=1, batch_size=4, steps=2, max_eval_samples=4,
+                      out_dir=str(tmp_path), progress=False, threads=1, compile="on",
+                      compile_backend="pda_count_graphs").validate()
+        with torch._dynamo.config.patch(**{limit: 2}):  # one graph per run here: 2 runs fill it
+            fit(cfg, build_task(cfg))
+        new_graphs.append(len(GRAPHS))
+    assert min(new_graphs) >= 1, new_graphs
+
+
 @pytest.mark.parametrize("variant", ["bn_sh", "linear"])
 def test_trimmed_batch_lengths_do_not_recompile_every_batch(tmp_path, variant):
     """JapaneseVowels' batches are cut to their longest series (7 to 29 steps): an epoch of them

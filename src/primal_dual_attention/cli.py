@@ -181,6 +181,9 @@ def resolve_config(args: argparse.Namespace):
     cfg = bundled_config(task, dataset, TrainConfig())
     if args.config:
         cfg = load_yaml_config(args.config, cfg)
+    if "data_file" in cli and "dataset" not in cli and canonical_task(task, dataset)[0] == "lm":
+        # the run folder names the text, not the recipe's dataset
+        cli["dataset"] = Path(cli["data_file"]).stem
     return config_from_mapping(cli, "command line", cfg).validate()
 
 
@@ -189,7 +192,7 @@ def _train(args: argparse.Namespace) -> int:
     from primal_dual_attention.training.engine import fit, seed_everything
     from primal_dual_attention.training.tasks import build_task
 
-    cfg = resolve_config(args)
+    cfg = resolve_config(args).check_here()
     seed_everything(cfg.seed)
     task = build_task(cfg)
     say = print if is_main_process() else (lambda *_: None)
@@ -347,6 +350,7 @@ def _sweep(args: argparse.Namespace) -> int:
     if not runs:
         raise ValueError("this sweep plans no run (the extended table runs the clean protocol only; "
                          "check --table, --protocols and --datasets)")
+    runs[0][1].check_here()  # device and compile: one --set for every run
     named = {cfg.dataset for _, cfg in runs} | set(args.datasets or SWEEP_DEFAULT_DATASETS.get(args.task, ()))
     named |= {args.task} if args.task != "uea" else set()  # lra-listops names its dataset
     unplanned = sorted(set(common["epochs_per_dataset"]) - named)

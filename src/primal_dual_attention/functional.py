@@ -796,7 +796,8 @@ def _attend_banded_softmax(
     ``block + 2 * window`` keys around it, with the blocks stacked on the batch axis so one
     fused call (with a mask broadcast over heads) covers them all."""
     batch, heads, length, dim = q.shape
-    block = min(length, max(32, window))
+    # not min(length, ...): under torch.compile that made each length up to 32 its own graph
+    block = max(32, window)
     blocks = math.ceil(length / block)
     tail = blocks * block - length
     span = block + 2 * window

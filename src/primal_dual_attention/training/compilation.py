@@ -11,6 +11,8 @@ lengths of a padded dataset cost a bounded number of recompilations, not one per
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -30,11 +32,31 @@ def compile_mode(choice: str, device: torch.device) -> str | None:
     return None
 
 
+def check_compile(choice: str, backend: str, device: torch.device) -> str | None:
+    """:func:`compile_mode`, with ``backend`` checked against the backends torch knows when it
+    compiles, and a warning when a backend is named but the run stays eager (it would be
+    silently unused)."""
+    mode = compile_mode(choice, device)
+    if mode is None:
+        if backend != "inductor":
+            warnings.warn(f"compile_backend={backend!r} is unused: compile={choice!r} runs eagerly on "
+                          f"{device.type} (compile 'on' compiles here)", stacklevel=2)
+        return None
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"compile_backend must be one of {known}, got {backend!r}")
+    return mode
+
+
 def maybe_compile(model: nn.Module, choice: str, device: torch.device,
                   backend: str = "inductor") -> nn.Module:
     """``model`` compiled as ``choice`` asks on ``device`` (the same module when eager). The
-    compiled wrapper shares the parameters, so checkpoints keep the plain module's names."""
-    mode = compile_mode(choice, device)
+    compiled wrapper shares the parameters, so checkpoints keep the plain module's names.
+    Dynamo's caches are reset first: the models of a task share one ``forward``, of which Dynamo
+    keeps 8 versions, so a process's later runs (``pda demo``, a sweep worker) would otherwise
+    train eagerly once earlier runs used them up."""
+    mode = check_compile(choice, backend, device)
     if mode is None:
         return model
+    torch.compiler.reset()
     return torch.compile(model, mode=None if backend != "inductor" else mode, backend=backend)

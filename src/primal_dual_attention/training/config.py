@@ -155,6 +155,18 @@ class TrainConfig:
     threads: int | None = None
     progress: bool | None = None  # progress bars: None = only on a terminal, True = always
 
+    def check_here(self) -> TrainConfig:
+        """The checks that depend on this machine, made before data loads by ``pda train`` and
+        ``pda sweep`` (not by :meth:`validate`: ``pda eval`` reads configs of other machines): the
+        device exists, ``compile`` fits it, ``compile_backend`` is one torch knows."""
+        from primal_dual_attention.training.compilation import check_compile
+        from primal_dual_attention.training.distributed import resolve_device
+
+        device = resolve_device(self.device, int(os.environ.get("LOCAL_RANK", 0)),
+                                int(os.environ.get("WORLD_SIZE", 1)))
+        check_compile(self.compile, self.compile_backend, device)
+        return self
+
     def validate(self) -> TrainConfig:
         """Check values with a clear error naming the option, the value and what is allowed."""
         for name, allowed in CHOICES.items():

@@ -43,7 +43,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from primal_dual_attention.training import distributed
-from primal_dual_attention.training.compilation import maybe_compile
+from primal_dual_attention.training.compilation import check_compile, maybe_compile
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.distributed import Context
 
@@ -659,6 +659,7 @@ def _prepare(cfg: TrainConfig, task: Task, ctx: Context) -> _Run:
     if len(task.train) == 0:
         raise ValueError("the training split is empty")
     cfg.check_step_budget()  # also for a config handed to fit() without validate()
+    check_compile(cfg.compile, cfg.compile_backend, ctx.device)  # before the run folder is made
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cfg, clear = claim_run_dir(cfg, print if ctx.is_main else lambda _: None)

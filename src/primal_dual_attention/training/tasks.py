@@ -105,7 +105,16 @@ def build_uea_task(cfg: TrainConfig) -> Task:
     return Task(model=model, train=train, test=data.test, val=val, description=data.summary())
 
 
-@register_task("image", heads=lambda cfg: CIFAR["num_heads"], reads=("val_fraction",))
+def check_no_length_buckets(cfg: TrainConfig) -> None:
+    """Images have no sequence axis to pad, so length buckets would change nothing (0, what a
+    run records for them, is accepted)."""
+    if cfg.length_buckets:
+        raise ValueError(f"task {cfg.task!r} does not use length_buckets={cfg.length_buckets} (its images "
+                         "have no sequence length to bucket); leave it at the default")
+
+
+@register_task("image", heads=lambda cfg: CIFAR["num_heads"], reads=("val_fraction",),
+               check=check_no_length_buckets)
 def build_image_task(cfg: TrainConfig) -> Task:
     """CIFAR-10 with a registered ``vit_cifar_<variant>`` timm model (``--dataset CIFAR10``)."""
     import timm
@@ -206,6 +215,7 @@ def check_imagenet_model(cfg: TrainConfig) -> None:
     skipping a round's first batches on resume would not repeat them."""
     import timm
 
+    check_no_length_buckets(cfg)
     if cfg.checkpoint_every:
         raise ValueError(f"checkpoint_every={cfg.checkpoint_every}: task 'imagenet' resumes at round "
                          "boundaries only (its loader's augmentation could not be replayed exactly)")
