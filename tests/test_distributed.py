@@ -37,7 +37,11 @@ def last_state(out: Path) -> dict:
 
 
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    two = torchrun("-m", "primal_dual_attention.cli", "train", *COMMON, "--out-dir", str(tmp_path / "two"))
+    """Two ranks, compiled around DDP (backend ``eager``: Dynamo's graph capture and DDP's graph
+    splitting without code generation, which keeps the test fast), train as one eager process
+    does with the same global batch (compile and resume: tests/test_uea.py)."""
+    two = torchrun("-m", "primal_dual_attention.cli", "train", *COMMON, "--compile", "on",
+                   "--compile-backend", "eager", "--out-dir", str(tmp_path / "two"))
     assert two.returncode == 0, failure(two)
     assert two.stdout.count("test accuracy") == 1  # only rank 0 reports
     one = subprocess.run([sys.executable, "-m", "primal_dual_attention.cli", "train", *COMMON,
@@ -75,16 +79,6 @@ def test_bf16_training_run_is_finite(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     state = last_state(tmp_path)
     assert all(torch.isfinite(t).all() for t in state["model"].values())
-
-
-def test_compiled_training_runs_under_ddp(tmp_path):
-    """torch.compile (backend ``eager``: dynamo's graph capture without code generation, which
-    keeps the test fast) wraps the DDP model on two ranks (resume: tests/test_uea.py)."""
-    ddp = torchrun("-m", "primal_dual_attention.cli", "train", *COMMON, "--compile", "on",
-                   "--compile-backend", "eager", "--out-dir", str(tmp_path))
-    assert ddp.returncode == 0, failure(ddp)
-    state = last_state(tmp_path)
-    assert state["epoch"] == 1 and all(torch.isfinite(t).all() for t in state["model"].values())
 
 
 DRIVER = '''
