@@ -113,11 +113,13 @@ def test_pda_heads_compares_checkpoints(tmp_path):
         fit(cfg, build_task(cfg))
         checkpoints.append(str(cfg.run_dir() / "best.pt"))
     out = tmp_path / "heads"
-    assert main(["heads", *checkpoints, "--samples", "16", "--out", str(out)]) == 0
+    assert main(["heads", *checkpoints, "--samples", "100000", "--out", str(out)]) == 0
     rows = (out / "redundancy.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2  # header + 2 checkpoints x 2 layers
     assert all((out / name).is_file() for name in ("redundancy.png", "maps.png", "README.md"))
-    assert "one row per variant" in (out / "README.md").read_text()
+    readme = (out / "README.md").read_text()
+    assert "one row per variant" in readme
+    assert "over the first 370 test series" in readme  # the split's size, not the --samples asked
 
 
 @pytest.mark.parametrize("change, message", [
@@ -154,3 +156,39 @@ def test_pda_heads_refuses_checkpoints_that_are_not_seeds_of_one_set_up(tmp_path
     assert [cfg.seed for cfg, _ in _checkpoint_configs([first, str(second)], None)] == [0, 1]
     with pytest.raises(ValueError, match="both softmax seed 0"):
         _checkpoint_configs([first, str(second), first], None)  # one checkpoint given twice
+
+
+def test_a_layer_run_on_both_documents_is_one_layer_counting_each_non_empty_document():
+    """LRA Retrieval encodes each document of a pair with the same layers: each layer is one
+    row whose mean is over the documents that have a token (an empty one added a 0 before)."""
+    from primal_dual_attention.models.lra import LRAClassifier
+
+    model = LRAClassifier(20, 2, 8, dim=8, depth=2, num_heads=2, dropout=0.0, dual=True)
+    tokens = torch.randint(1, 20, (3, 16))
+    lengths = torch.tensor([[8, 8], [0, 6], [5, 0]])  # per pair: first and second document
+    mask = torch.cat([torch.arange(8)[None] >= lengths[:, :1], torch.arange(8)[None] >= lengths[:, 1:]], 1)
+    layers = model_redundancy(model, [(tokens, mask, None)])
+    assert len(layers) == 2
+    captures = capture_heads(model, tokens, mask)
+    for number, metrics in enumerate(layers):
+        per_document = []
+        for capture in (c for c in captures if c.layer == number):
+            values = redundancy(capture.maps, capture.outputs, capture.key_padding_mask)["js"]
+            per_document += values[~capture.key_padding_mask.all(1)].tolist()
+        assert len(per_document) == 4 and metrics["js"] == pytest.approx(sum(per_document) / 4)
+
+
+def test_float16_maps_give_finite_metrics():
+    """A weight of 2^-24 beside 0: in float16 the pair's mean and logs underflowed to a JS of inf."""
+    maps = torch.tensor([[1 - 2**-24, 2**-24], [1.0, 0.0]])[None, :, None].expand(1, 2, 2, 2)
+    outputs = torch.randn(1, 2, 2, 3)
+    half = redundancy(maps.half(), outputs.half())
+    exact = redundancy(maps.double(), outputs.double())
+    assert torch.isfinite(half["js"]).all()
+    torch.testing.assert_close(half["js"].double(), exact["js"], atol=1e-6, rtol=0)
+
+
+def test_model_redundancy_gives_the_mode_back():
+    layer = MultiHeadAttention(8, 2, attn_drop=0.1).train()
+    model_redundancy(layer, [(torch.randn(1, 4, 8), None, None)])
+    assert layer.training

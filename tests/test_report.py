@@ -58,7 +58,7 @@ def test_reports_build_from_a_fake_results_tree(tmp_path):
     report = write_report(tmp_path).read_text()
     for heading in ("Claim 1", "Claim 2", "Claim 3", "Not run here"):
         assert heading in report
-    assert "| bn | 1 | 0.400 | 0.200 | 0.000 |" in report
+    assert "| bn | 1 | 0.400 | 0.200 | 0.000 | less |" in report  # js higher, cos_maps lower than softmax
     assert "all hold: yes" in report
     assert "Not measured yet" in report  # no benchmark results in the fake tree
 

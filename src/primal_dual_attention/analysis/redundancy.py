@@ -50,6 +50,8 @@ def redundancy(maps: Tensor, outputs: Tensor, key_padding_mask: Tensor | None = 
     batch, heads, n, _ = maps.shape
     if heads < 2:
         raise ValueError(f"redundancy needs at least two heads, got {heads}")
+    if maps.dtype in (torch.float16, torch.bfloat16):  # tiny probabilities: their logs and means
+        maps, outputs = maps.float(), outputs.float()   # underflow (a JS of inf in float16)
     valid = (torch.ones(batch, n, dtype=torch.bool, device=maps.device) if key_padding_mask is None
              else ~key_padding_mask)
     query_weight = valid.to(maps.dtype)
@@ -71,16 +73,21 @@ class LayerCapture:
     maps: Tensor
     outputs: Tensor
     key_padding_mask: Tensor | None
+    layer: int  # index among the model's attention layers (a layer run twice, e.g. on both
+    # documents of LRA Retrieval, is captured twice under one index)
 
 
 def capture_heads(model: nn.Module, *inputs, **kwargs) -> list[LayerCapture]:
-    """Run ``model`` once and return every attention layer's head maps and head outputs.
+    """Run ``model`` once and return every attention layer's head maps and head outputs, one
+    capture per call of a layer, in call order.
 
     The maps come from the layer's math path (``need_weights``); head outputs are ``A^h v^h``
     with the layer's own value projection (for SH heads the spread map applied to the
     unpooled values equals the pooled computation, SPEC.md §3).
     """
     captured: list[LayerCapture] = []
+    layers = attention_layers(model)
+    index = {id(layer): number for number, layer in enumerate(layers)}
 
     def hook(module: MultiHeadAttention, args, kwargs_):
         x = args[0]
@@ -90,9 +97,9 @@ def capture_heads(model: nn.Module, *inputs, **kwargs) -> list[LayerCapture]:
             x = x.masked_fill(mask[..., None], 0.0)
         b, n, _ = x.shape
         v = module.qkv(x).view(b, n, 3, module.num_heads, module.head_dim)[:, :, 2].transpose(1, 2)
-        captured.append(LayerCapture(maps, maps @ v, mask))
+        captured.append(LayerCapture(maps, maps @ v, mask, index[id(module)]))
 
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in attention_layers(model)]
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers]
     try:  # no dropout: maps whose rows sum to 1 (SPEC.md §3)
         with evaluation_mode(model), torch.inference_mode():
             model(*inputs, **kwargs)
@@ -103,23 +110,25 @@ def capture_heads(model: nn.Module, *inputs, **kwargs) -> list[LayerCapture]:
 
 
 def model_redundancy(model: nn.Module, batches) -> list[dict[str, float]]:
-    """Per-layer metrics averaged over every sample of ``batches`` (x, mask, y) that has a
-    valid token (an all-padding sample has no query to compare, SPEC.md §3)."""
-    model.eval()
-    totals: list[dict[str, float]] = []
-    count = 0
+    """Per-layer metrics (one entry per attention layer, in order) averaged over every sample
+    that reaches the layer with a valid token (an all-padding sample has no query to compare,
+    SPEC.md §3), counted from the mask the layer itself sees: a layer run on each document of a
+    pair (LRA Retrieval) counts each non-empty document as a sample of that layer."""
+    depth = len(attention_layers(model))
+    totals = [dict.fromkeys(METRICS, 0.0) for _ in range(depth)]
+    counts = [0] * depth
     for x, mask, _ in batches:
-        counted = slice(None) if mask is None else ~mask.all(1)
-        for index, layer in enumerate(capture_heads(model, x, mask)):
-            metrics = redundancy(layer.maps, layer.outputs, layer.key_padding_mask)
-            if index == len(totals):
-                totals.append(dict.fromkeys(METRICS, 0.0))
+        for capture in capture_heads(model, x, mask):
+            metrics = redundancy(capture.maps, capture.outputs, capture.key_padding_mask)
+            counted = (torch.ones(len(capture.maps), dtype=torch.bool) if capture.key_padding_mask is None
+                       else ~capture.key_padding_mask.all(1)).to(capture.maps.device)
             for name in METRICS:
-                totals[index][name] += float(metrics[name][counted].sum())
-        count += len(x) if mask is None else int(counted.sum())
-    if count == 0:
+                totals[capture.layer][name] += float(metrics[name][counted].sum())
+            counts[capture.layer] += int(counted.sum())
+    if not all(counts):
         raise ValueError("redundancy needs at least one sample with a valid token; every sample was padding")
-    return [{name: value / count for name, value in layer.items()} for layer in totals]
+    return [{name: value / count for name, value in layer.items()}
+            for layer, count in zip(totals, counts, strict=True)]
 
 
 def _checkpoint_configs(checkpoints: list[str], data_dir: str | None) -> list[tuple[TrainConfig, dict]]:
@@ -189,7 +198,8 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
             log(f"{label:24} layer {number}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if all(cfg.variant != other.split(" (")[0] for other, _, _ in drawn):  # one row per variant
             x, mask, _ = next(evaluation.batches(1))
-            drawn.append((label, capture_heads(task.model, x, mask)[layer - 1].maps[0], cfg.dataset))
+            first = next(c for c in capture_heads(task.model, x, mask) if c.layer == layer - 1)
+            drawn.append((label, first.maps[0], cfg.dataset))
     _draw_maps(drawn, layer, out_dir / "maps.png")
     with open(out_dir / "redundancy.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -199,7 +209,7 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
     datasets = sorted({r["dataset"] for r in rows})
     (out_dir / "README.md").write_text("\n".join([
         f"# Head redundancy: {', '.join(datasets)}", "",
-        f"Produced by `{command}` over the first {samples} test series of each checkpoint:", "",
+        f"Produced by `{command}` over the first {len(evaluation)} test series of each checkpoint:", "",
         *[f"- `{path}`" for path in checkpoints], "",
         "Per-layer metrics of SPEC §3 in `redundancy.csv` (`js` in nats: 0 = identical heads, "
         "ln 2 = 0.693 = disjoint; cosines: 1 = identical), plotted in `redundancy.png`; `maps.png` "
@@ -237,26 +247,31 @@ def plot_redundancy(rows: list[dict], path) -> None:
 
 
 def _draw_maps(drawn: list[tuple[str, Tensor, str]], layer: int, path) -> None:
+    """Every head's map per drawn variant on one colour scale (weights 0 to the largest drawn),
+    with its colour bar, so that heads and variants compare by brightness."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     heads = max(m.shape[0] for _, m, _ in drawn)
-    fig, axes = plt.subplots(len(drawn), heads, figsize=(1.6 * heads, 1.7 * len(drawn) + 0.4),
+    largest = max(float(m.max()) for _, m, _ in drawn)
+    fig, axes = plt.subplots(len(drawn), heads, figsize=(max(1.6 * heads, 6.0) + 0.8, 1.7 * len(drawn) + 0.5),
                              squeeze=False)
+    image = None
     for row, (label, maps, _) in enumerate(drawn):
         for head in range(heads):
             axis = axes[row][head]
             axis.set_xticks([])
             axis.set_yticks([])
             if head < maps.shape[0]:
-                axis.imshow(maps[head].numpy(), cmap="viridis")
+                image = axis.imshow(maps[head].float().numpy(), cmap="viridis", vmin=0.0, vmax=largest)
             if row == 0:
                 axis.set_title(f"head {head + 1}", fontsize=8)
         axes[row][0].set_ylabel(label, fontsize=7)
-    fig.suptitle(f"{drawn[0][2]}, layer {layer}, first test series: attention maps (query x key)",
+    fig.suptitle(f"{drawn[0][2]}, layer {layer}, first test series:\nattention maps (query x key)",
                  fontsize=9)
     fig.tight_layout()
+    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="attention weight")
     fig.savefig(path, dpi=110)
     plt.close(fig)
