@@ -153,6 +153,10 @@ def _sweep_links(root: Path) -> list[str]:
     """Links to the CIFAR-10 and LRA reports, with the mean test accuracy per variant."""
     lines = []
     for folder, title in (("cifar10", "CIFAR-10 (timm ViTs)"), ("lra", "Long Range Arena (CPU budget)"),
+                          ("lra/listops_5000_steps_lr5e-4",
+                           "Long Range Arena ListOps (the published 5,000 steps, lr 5e-4)"),
+                          ("lra/listops_5000_steps", "Long Range Arena ListOps (the published 5,000 steps "
+                                                     "and lr 1e-4)"),
                           ("lra_gpu", "Long Range Arena (GPU, short budget)"),
                           ("lra_gpu/history_budget_0.0135", "Long Range Arena (GPU, 1.35 % budget, history)"),
                           ("lra/history_issue8", "Long Range Arena (issue-8 CPU budget, history)")):
@@ -170,6 +174,9 @@ def _sweep_links(root: Path) -> list[str]:
             lines.append(f"- {dataset}: " + ", ".join(
                 f"{v} {sum(a) / len(a):.2f} (n={len(a)})" for v, a in means.items()))
         lines.append("")
+    if (root / "lm" / "README.md").is_file():
+        lines += ["## Byte-level language model", "", "[lm/README.md](lm/README.md): test bits per byte per "
+                  "variant over seeds, training and generation cost, commands and notes.", ""]
     return lines
 
 
@@ -200,7 +207,7 @@ def write_report(results_dir: str | Path = "results") -> Path:
               f"- UEA datasets of the paper's table without runs in `uea/runs.csv`: {', '.join(missing)} "
               "(`pda sweep --data-dir` runs them where they exist; aeon downloads them by name with "
               "internet).",
-              "- ImageNet (DeiT): recipe and configs only (`configs/imagenet/`); Long Range Arena at the "
-              "published budgets.", ""]
+              "- ImageNet (DeiT): recipe and configs only (`configs/imagenet/`); Long Range Arena Text, "
+              "Image, Pathfinder and Retrieval at the published budgets (ListOps: its sections above).", ""]
     path.write_text("\n".join(lines) + "\n")
     return path
