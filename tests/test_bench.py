@@ -37,13 +37,14 @@ def test_every_variant_timed_under_compile_is_compiled(monkeypatch, tmp_path):
     counters.clear()
     costs = model_cost.measure_model_costs(cfgs, batch=2, warmup=1, repeats=1, device="cpu",
                                            modes=("compile",), memory=False)
-    assert [c.mode for c in costs] == ["compile"] * 5
+    assert [c.mode for c in costs] == ["compile[eager]"] * 5  # never taken for inductor's rows
     assert counters["stats"]["unique_graphs"] >= 2 * len(FIVE_VARIANTS)
 
 
 def test_a_window_belongs_to_the_sparse_variants_only(monkeypatch, tmp_path):
     base = replace(tiny_listops(monkeypatch, tmp_path), window=4)
-    cfgs = model_cost.variant_configs(base, ("softmax", "sparse", "sh"))
+    with pytest.warns(UserWarning, match=r"window=4 is the sparse variants' own: \['softmax'\] run without"):
+        cfgs = model_cost.variant_configs(base, ("softmax", "sparse", "sh"))
     assert [c.window for c in cfgs] == [None, 4, None]  # softmax stays dense, SH takes none
     with pytest.raises(ValueError, match="variant 'sparse' needs its window: --set window=w"):
         model_cost.variant_configs(replace(base, window=None), ("softmax", "sparse"))
@@ -92,11 +93,14 @@ def test_bench_model_checks_its_folder_and_options_before_measuring(tmp_path, mo
     assert "device must be auto, cpu, cuda" in capsys.readouterr().err
 
 
-def test_bench_model_refuses_cudagraphs_without_cuda(monkeypatch, tmp_path):
+def test_bench_model_refuses_cudagraphs_without_cuda_and_unknown_backends(monkeypatch, tmp_path):
     monkeypatch.setattr(model_cost, "prepare_model", fail_if_called)
     cfgs = model_cost.variant_configs(tiny_listops(monkeypatch, tmp_path), ("softmax",))
     with pytest.raises(ValueError, match="cudagraphs needs a CUDA device, got device 'cpu'"):
         model_cost.measure_model_costs(cfgs, batch=2, device="cpu", modes=("cudagraphs",))
+    unknown = [replace(cfgs[0], compile_backend="foo")]  # failed in Dynamo after the eager rows
+    with pytest.raises(ValueError, match="compile_backend must be one of .*got 'foo'"):
+        model_cost.measure_model_costs(unknown, batch=2, device="cpu", modes=("eager", "compile"))
 
 
 @pytest.mark.parametrize("kind", ["attention", "scaling"])
@@ -125,6 +129,7 @@ def test_a_crash_at_a_large_size_keeps_the_smaller_sizes_written(tmp_path, monke
               "--no-memory", "--out", str(tmp_path)])
     with open(tmp_path / "attention.csv", newline="") as handle:
         assert {r["num_tokens"] for r in csv.DictReader(handle)} == {"16"}
+    assert "**Partial:**" in (tmp_path / "attention.md").read_text()  # not taken for a whole table
 
 
 def test_precision_check_sees_non_finite_gradients(monkeypatch):

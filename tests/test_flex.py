@@ -15,6 +15,9 @@ from primal_dual_attention import functional as PF
 from primal_dual_attention.attention import AttentionConfig, MultiHeadAttention
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: flex layers need block masks of any length (torch >= 2.6); older torch refuses them, tested below
+needs_flex = pytest.mark.skipif(not PF._flex_block_tables_available(),
+                                reason=f"torch {torch.__version__} has no block masks of any length")
 
 
 def ragged_mask(num_tokens: int, lengths: list[int], device: str = "cpu") -> torch.Tensor:
@@ -40,6 +43,7 @@ def layers(variant: str, shape: str, device: str = "cpu") -> tuple[MultiHeadAtte
     return pair[0], pair[1]
 
 
+@needs_flex
 @pytest.mark.parametrize("variant", ["sh", "bn_sh"])
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("padded", [False, True])
@@ -59,6 +63,7 @@ def test_flex_matches_grouped(variant, shape, padded, monkeypatch):
     assert len(calls) == 1
 
 
+@needs_flex
 def test_flex_block_mask_skips_the_blocks_past_each_heads_keys():
     """Heads with 300, 150, 38 and no keys: 2 full + 1 partial, 1 + 1, 0 + 1, 0 + 0 blocks."""
     hidden = torch.arange(300)[None] >= torch.tensor([300, 150, 38, 0])[:, None]
@@ -70,6 +75,7 @@ def test_flex_block_mask_skips_the_blocks_past_each_heads_keys():
     assert mask.kv_indices[1, 0, 1, 0].item() == 2
 
 
+@needs_flex
 @pytest.mark.parametrize("device", DEVICES)
 def test_flex_compiles_as_one_graph(device):
     """On CUDA the compiled layer (one graph) gives the grouped outputs and gradients; on the CPU,
@@ -90,6 +96,7 @@ def test_flex_compiles_as_one_graph(device):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
 
 
+@needs_flex
 def test_flex_maps_and_math_path_take_the_matrix_path():
     """Maps and ``fused=False`` are not what FlexAttention gives: the packed matrix path serves
     them, with gradients, on any device."""
@@ -107,6 +114,14 @@ def test_flex_maps_and_math_path_take_the_matrix_path():
     assert x.grad.isfinite().all()
 
 
+def test_flex_config_errors_name_the_option():
+    with pytest.raises(ValueError, match="pack_heads='flex' runs the softmax kernel .*got kernel='linear'"):
+        AttentionConfig(variant="linear_sh", pack_heads="flex")
+    with pytest.raises(TypeError, match="pack_heads must be True, False, 'flex' or None .*got 'Flex'"):
+        AttentionConfig(variant="sh", pack_heads="Flex")
+
+
+@needs_flex
 def test_flex_errors_name_the_option():
     flex, _ = layers("sh", "grid")
     x = torch.randn(2, 17, 4 * HEAD_DIM)
@@ -115,10 +130,6 @@ def test_flex_errors_name_the_option():
     narrow = MultiHeadAttention(32, 4, replace(flex.config))
     with torch.no_grad(), pytest.raises(ValueError, match="head dimension of at least 16 .*got 8"):
         narrow(torch.randn(2, 17, 32))
-    with pytest.raises(ValueError, match="pack_heads='flex' runs the softmax kernel .*got kernel='linear'"):
-        AttentionConfig(variant="linear_sh", pack_heads="flex")
-    with pytest.raises(TypeError, match="pack_heads must be True, False, 'flex' or None .*got 'Flex'"):
-        AttentionConfig(variant="sh", pack_heads="Flex")
 
 
 def test_flex_on_a_torch_without_block_tables_of_any_length_is_an_error(monkeypatch):
@@ -127,6 +138,7 @@ def test_flex_on_a_torch_without_block_tables_of_any_length_is_an_error(monkeypa
         AttentionConfig(variant="bn_sh", pack_heads="flex")
 
 
+@needs_flex
 @pytest.mark.skipif("cuda" not in DEVICES, reason="FlexAttention trains on CUDA only")
 @pytest.mark.parametrize("variant", ["sh", "bn_sh"])
 @pytest.mark.parametrize("shape", list(SHAPES))

@@ -102,6 +102,11 @@ def test_a_text_file_run_is_named_after_the_file(tmp_path):
 
     args = build_parser().parse_args(["train", "--task", "lm", "--data-file", str(tmp_path / "story.txt")])
     assert resolve_config(args).dataset == "story"
+    own = tmp_path / "mine.yaml"  # a dataset the user named is kept
+    own.write_text("task: lm\ndataset: mytext\n")
+    args = build_parser().parse_args(["train", "--config", str(own), "--data-file",
+                                      str(tmp_path / "story.txt")])
+    assert resolve_config(args).dataset == "mytext"
     recipe = Path(__file__).parents[1] / "configs" / "lm" / "imdb.yaml"  # its dataset is imdb
     args = build_parser().parse_args(["train", "--config", str(recipe),
                                       "--data-file", str(tmp_path / "story.txt")])

@@ -233,3 +233,13 @@ def test_curves_draw_only_the_logs_of_reported_runs(tmp_path):
         (folder / f"seed{seed}.csv").write_text(f"epoch,test_acc\n1,0.{seed + 1}\n")
     (curve,) = _curves(tmp_path, "A", "clean", [{"variant": "softmax", "seed": "0"}])
     assert curve == [{"epoch": "1", "test_acc": "0.1"}]
+
+
+def test_redundancy_verdicts_say_when_the_seeds_do_not_separate_the_variants():
+    from primal_dual_attention.analysis.report import _versus_softmax
+
+    softmax = {"js": [0.10, 0.12, 0.14], "cos_maps": [0.70, 0.72, 0.74]}
+    assert _versus_softmax({"js": [0.40, 0.41, 0.42], "cos_maps": [0.20, 0.21, 0.22]}, softmax) == "less"
+    assert _versus_softmax({"js": [0.12, 0.13, 0.14], "cos_maps": [0.71, 0.72, 0.73]}, softmax) == (
+        "within spread")  # both differences below a seed std (0.02)
+    assert _versus_softmax({"js": [0.40], "cos_maps": [0.90]}, softmax) == "mixed"

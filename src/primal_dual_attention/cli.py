@@ -105,7 +105,7 @@ def _bench_attention(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)  # before measuring: a bad --out must not cost the run
     results = run_attention_benchmark(sizes=args.sizes, variants=args.variants, repeats=args.repeats,
                                       memory=not args.no_memory,
-                                      on_size=lambda done: write_results(done, out, args.command))
+                                      on_size=lambda done: write_results(done, out, args.command, True))
     csv_path, md_path = write_results(results, out, args.command)
     print(md_path.read_text())
     print(f"wrote {csv_path} and {md_path}")
@@ -181,9 +181,6 @@ def resolve_config(args: argparse.Namespace):
     cfg = bundled_config(task, dataset, TrainConfig())
     if args.config:
         cfg = load_yaml_config(args.config, cfg)
-    if "data_file" in cli and "dataset" not in cli and canonical_task(task, dataset)[0] == "lm":
-        # the run folder names the text, not the recipe's dataset
-        cli["dataset"] = Path(cli["data_file"]).stem
     return config_from_mapping(cli, "command line", cfg).validate()
 
 
@@ -407,7 +404,7 @@ def _bench_scaling(args: argparse.Namespace) -> int:
     points = run_scaling(args.sizes, args.variants, batch=args.batch, heads=heads, head_dim=head_dim,
                          repeats=args.repeats, time_limit_s=args.time_limit, memory=not args.no_memory,
                          on_size=lambda done: write_scaling(done, out, args.command, args.batch, heads,
-                                                            head_dim))
+                                                            head_dim, partial=True))
     path = write_scaling(points, out, args.command, args.batch, heads, head_dim)
     print(path.read_text())
     return 0

@@ -927,8 +927,9 @@ KeyValueFn = Callable[[int, HeadGroup], tuple[Tensor, Tensor, Tensor | None]]
 
 def _tiles_in_order(groups: Sequence[HeadGroup]) -> bool:
     """True when the groups are contiguous head ranges that follow each other."""
+    # equal lengths, strict: torch 2.5's Dynamo took strict=False for strict and broke the graph
     return all(isinstance(g.heads, slice) for g in groups) and all(
-        a.heads.stop == b.heads.start for a, b in zip(groups, groups[1:], strict=False))
+        a.heads.stop == b.heads.start for a, b in zip(groups[:-1], groups[1:], strict=True))
 
 
 def split_heads(x: Tensor, groups: Sequence[HeadGroup], dim: int = 1) -> list[Tensor]:

@@ -267,8 +267,15 @@ def run_attention_benchmark(
     return results
 
 
-def write_results(results: list[Result], out_dir: Path, command: str) -> tuple[Path, Path]:
-    """Write ``attention.csv`` and ``attention.md`` (table, targets, machine, command)."""
+#: the line a table written before its last size begins with (``on_size`` writes)
+PARTIAL_NOTE = ("**Partial:** the sizes measured so far (the run stopped before its last size, or is "
+                "still running).")
+
+
+def write_results(results: list[Result], out_dir: Path, command: str, partial: bool = False
+                  ) -> tuple[Path, Path]:
+    """Write ``attention.csv`` and ``attention.md`` (table, targets, machine, command); a
+    ``partial`` table says so first."""
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, md_path = out_dir / "attention.csv", out_dir / "attention.md"
     columns = ["variant", "padded", "num_tokens", "batch", "heads", "head_dim", "time_ms",
@@ -291,6 +298,7 @@ def write_results(results: list[Result], out_dir: Path, command: str) -> tuple[P
     lines = [
         "# Attention micro-benchmark",
         "",
+        *([PARTIAL_NOTE, ""] if partial else []),
         f"Command: `{command}`  ",
         f"Machine: {machine_description()}  ",
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",

@@ -23,6 +23,7 @@ import io
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from primal_dual_attention.analysis.bench import in_fresh_process, peak_rss_rise_mib
 from primal_dual_attention.attention import fused_paths
+from primal_dual_attention.training.compilation import check_compile
 from primal_dual_attention.training.config import TrainConfig
 from primal_dual_attention.training.distributed import resolve_device
 from primal_dual_attention.training.engine import autocast
@@ -107,9 +109,9 @@ class PreparedModel:
     def steps(self, mode: str) -> tuple[Callable[[], None], Callable[[], None]]:
         """``(train_step, infer_step)`` of the model, eager or through ``torch.compile``."""
         x, mask, y = self.batch
-        compile_mode = COMPILE_MODES[mode]
+        compile_mode, backend = COMPILE_MODES[mode], self.cfg.compile_backend
         model = self.model if compile_mode is None else torch.compile(
-            self.model, mode=compile_mode, backend=self.cfg.compile_backend)
+            self.model, mode=compile_mode if backend == "inductor" else None, backend=backend)
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
         precision = self.cfg.precision
 
@@ -142,10 +144,14 @@ def prepare_model(cfg: TrainConfig, batch: int, device: str | torch.device) -> P
 
 def variant_configs(base: TrainConfig, variants: Sequence[str]) -> list[TrainConfig]:
     """``base`` for each variant, checked: ``base.window`` is the sparse variants' window (a
-    sparse one needs it); the other variants run without one, so the softmax baseline stays
-    dense and SH, which takes no window, can be measured beside sparse."""
+    sparse one needs it); the other variants run without one (said in a warning), so the softmax
+    baseline stays dense and SH, which takes no window, can be measured beside sparse."""
     from primal_dual_attention.attention import get_variant
 
+    dense = [v for v in variants if not get_variant(v).sparse and not get_variant(v).multi_scale]
+    if base.window is not None and dense:
+        warnings.warn(f"window={base.window} is the sparse variants' own: {dense} run without one",
+                      stacklevel=2)
     cfgs = []
     for variant in variants:
         sparse = get_variant(variant).sparse
@@ -170,6 +176,15 @@ def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int 
     if "cudagraphs" in modes and target.type != "cuda":
         raise ValueError(f"modes: cudagraphs needs a CUDA device, got device {str(target)!r} "
                          "(elsewhere it would time plain compile under the cudagraphs label)")
+    backends = {cfg.compile_backend for cfg in cfgs}
+    if len(backends) > 1:
+        raise ValueError(f"compile_backend must be one for every variant, got {sorted(backends)}")
+    (backend,) = backends
+    if any(mode != "eager" for mode in modes):
+        check_compile("on", backend, target)  # a known backend, before any data loads
+    if "cudagraphs" in modes and backend != "inductor":
+        raise ValueError(f"modes: cudagraphs is a mode of the inductor backend, got compile_backend="
+                         f"{backend!r} (it would time code without CUDA graphs under the cudagraphs label)")
     prepared = {cfg.variant: prepare_model(cfg, batch, target) for cfg in cfgs}
     flops = {variant: (_flops(item.model, *item.batch, backward=False),
                        _flops(item.model, *item.batch, backward=True)) for variant, item in prepared.items()}
@@ -195,10 +210,16 @@ def measure_model_costs(cfgs: Sequence[TrainConfig], *, batch: int, warmup: int 
                 item.cfg.task, item.cfg.dataset, variant, len(y), "x".join(map(str, x.shape[1:])),
                 sum(p.numel() for p in item.model.parameters()), fwd / len(y) / 1e9, train / len(y) / 1e9,
                 len(y) / train_s[variant], len(y) / infer_s[variant], peaks[variant],
-                str(item.device), item.cfg.precision, mode, 1e3 * train_s[variant],
+                str(item.device), item.cfg.precision, _mode_label(mode, backend), 1e3 * train_s[variant],
                 None if ratio_base is None else train_s[variant] / train_s[ratio_base],
                 None if ratio_base is None else train / flops[ratio_base][1]))
     return costs
+
+
+def _mode_label(mode: str, backend: str) -> str:
+    """The mode as rows and tables name it: ``compile[aot_eager]`` for another backend than
+    inductor, so such rows neither replace nor pass for inductor's."""
+    return mode if mode == "eager" or backend == "inductor" else f"{mode}[{backend}]"
 
 
 def _every_variant_compiled(variants: int) -> contextlib.AbstractContextManager:
@@ -336,6 +357,7 @@ def write_speed_table(out_dir: Path) -> Path:
     for (task, dataset, shape, batch, device, precision), group in groups.items():
         modes = list(dict.fromkeys(r.get("mode") or "eager" for r in group))
         step = {((r.get("mode") or "eager"), r["variant"]):
+                float(r["train_ms"]) if r.get("train_ms") else
                 1e3 * int(r["batch"]) / float(r["train_samples_per_s"]) for r in group}
         same_process = {((r.get("mode") or "eager"), r["variant"]): r.get("train_ratio") for r in group}
         flops = {r["variant"]: float(r["gflops_train_per_sample"]) for r in group}

@@ -109,14 +109,15 @@ def capture_heads(model: nn.Module, *inputs, **kwargs) -> list[LayerCapture]:
     return captured
 
 
-def model_redundancy(model: nn.Module, batches) -> list[dict[str, float]]:
-    """Per-layer metrics (one entry per attention layer, in order) averaged over every sample
-    that reaches the layer with a valid token (an all-padding sample has no query to compare,
-    SPEC.md §3), counted from the mask the layer itself sees: a layer run on each document of a
-    pair (LRA Retrieval) counts each non-empty document as a sample of that layer."""
+def model_redundancy(model: nn.Module, batches) -> dict[int, dict[str, float]]:
+    """Per-layer metrics, keyed by the layer's number (1 = the model's first attention layer;
+    layers the model never ran are left out), averaged over every sample that reaches the layer
+    with a valid token (an all-padding sample has no query to compare, SPEC.md §3), counted from
+    the mask the layer itself sees: a layer run on each document of a pair (LRA Retrieval)
+    counts each non-empty document as a sample of that layer."""
     depth = len(attention_layers(model))
     totals = [dict.fromkeys(METRICS, 0.0) for _ in range(depth)]
-    counts = [0] * depth
+    counts, ran = [0] * depth, [False] * depth
     for x, mask, _ in batches:
         for capture in capture_heads(model, x, mask):
             metrics = redundancy(capture.maps, capture.outputs, capture.key_padding_mask)
@@ -125,10 +126,13 @@ def model_redundancy(model: nn.Module, batches) -> list[dict[str, float]]:
             for name in METRICS:
                 totals[capture.layer][name] += float(metrics[name][counted].sum())
             counts[capture.layer] += int(counted.sum())
-    if not all(counts):
+            ran[capture.layer] = True
+    if not any(ran):
+        raise ValueError("no attention layer ran in the model's forward: nothing to measure")
+    if not all(count for count, was_run in zip(counts, ran, strict=True) if was_run):
         raise ValueError("redundancy needs at least one sample with a valid token; every sample was padding")
-    return [{name: value / count for name, value in layer.items()}
-            for layer, count in zip(totals, counts, strict=True)]
+    return {number + 1: {name: value / counts[number] for name, value in totals[number].items()}
+            for number in range(depth) if ran[number]}
 
 
 def _checkpoint_configs(checkpoints: list[str], data_dir: str | None) -> list[tuple[TrainConfig, dict]]:
@@ -191,7 +195,7 @@ def heads_report(checkpoints: list[str], out_dir, *, samples: int = 256, layer: 
             raise ValueError(f"layer must be in 1..{depth} (the attention layers of {path}), got {layer}")
         evaluation = task.test.subset(torch.arange(min(samples, len(task.test))))
         label = f"{cfg.variant} (seed {cfg.seed})"
-        for number, metrics in enumerate(model_redundancy(task.model, evaluation.batches(64)), start=1):
+        for number, metrics in model_redundancy(task.model, evaluation.batches(64)).items():
             rows.append({"checkpoint": path, "label": label, "variant": cfg.variant, "dataset": cfg.dataset,
                      "layer": number}
                         | {k: round(v, 6) for k, v in metrics.items()})

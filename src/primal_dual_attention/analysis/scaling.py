@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from primal_dual_attention.analysis.bench import (
+    PARTIAL_NOTE,
     SPARSE_WINDOW,
     Case,
     count_gflops,
@@ -75,7 +76,8 @@ def growth_exponent(points: list[Point], variant: str, key: str = "fwd_bwd_ms") 
 
 
 def write_scaling(points: list[Point], out_dir: Path, command: str, batch: int, heads: int,
-                  head_dim: int) -> Path:
+                  head_dim: int, partial: bool = False) -> Path:
+    """``scaling.csv``, ``scaling.png`` and ``scaling.md``; a ``partial`` table says so first."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +115,8 @@ def write_scaling(points: list[Point], out_dir: Path, command: str, batch: int, 
 
     sizes = sorted({p.num_tokens for p in points})
     by_key = {(p.variant, p.num_tokens): p for p in points}
-    lines = ["# Attention layer scaling", "", f"Command: `{command}`  ",
+    lines = ["# Attention layer scaling", "", *([PARTIAL_NOTE, ""] if partial else []),
+             f"Command: `{command}`  ",
              f"Machine: {machine_description()}  ",
              f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  ",
              f"One `MultiHeadAttention` layer (projections included), B={batch}, H={heads}, D={head_dim}, "

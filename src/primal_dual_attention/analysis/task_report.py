@@ -118,9 +118,11 @@ def _cost_cells(costs: list[dict], dataset: str, variant: str) -> str:
     if not rows:
         return " – | – | – | – |"
     several_modes = len({r.get("mode", "eager") for r in rows}) > 1  # then say which is which
+    several_shapes = len({r.get("input_shape") for r in rows}) > 1
 
     def label(row: dict) -> str:
-        return _device_label(row) + (f", {row.get('mode', 'eager')}" if several_modes else "")
+        return (_device_label(row) + (f", {row.get('mode', 'eager')}" if several_modes else "")
+                + (f", input {row['input_shape']}" if several_shapes else ""))
 
     cells = []
     for key in ("train_samples_per_s", "infer_samples_per_s"):

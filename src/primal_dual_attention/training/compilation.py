@@ -15,6 +15,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 COMPILE_CHOICES = ("auto", "on", "off", "cudagraphs")
 
@@ -39,8 +40,10 @@ def check_compile(choice: str, backend: str, device: torch.device) -> str | None
     mode = compile_mode(choice, device)
     if mode is None:
         if backend != "inductor":
+            # stacklevel 1: one location, so the checks before data loads and at the run's start
+            # print it once
             warnings.warn(f"compile_backend={backend!r} is unused: compile={choice!r} runs eagerly on "
-                          f"{device.type} (compile 'on' compiles here)", stacklevel=2)
+                          f"{device.type} (compile 'on' compiles here)", stacklevel=1)
         return None
     known = torch._dynamo.list_backends(exclude_tags=())
     if backend not in known:
@@ -54,9 +57,14 @@ def maybe_compile(model: nn.Module, choice: str, device: torch.device,
     compiled wrapper shares the parameters, so checkpoints keep the plain module's names.
     Dynamo's caches are reset first: the models of a task share one ``forward``, of which Dynamo
     keeps 8 versions, so a process's later runs (``pda demo``, a sweep worker) would otherwise
-    train eagerly once earlier runs used them up."""
+    train eagerly once earlier runs used them up. Other code compiled in the same process
+    compiles again on its next call (its graphs are dropped too)."""
     mode = check_compile(choice, backend, device)
     if mode is None:
         return model
+    if isinstance(model, DistributedDataParallel) and torch.__version__ < "2.6":
+        # torch 2.5's DDP graph splitter refuses graphs with higher-order ops, which BN's and the
+        # linear kernel's autograd Functions become (pytorch#138787 lifted it): one bucket instead
+        torch._dynamo.config.optimize_ddp = False
     torch.compiler.reset()
     return torch.compile(model, mode=None if backend != "inductor" else mode, backend=backend)

@@ -200,8 +200,9 @@ class TrainConfig:
                              f"got {buckets}")
         check_device_name(self.device)
         self.task, self.dataset = canonical_task(self.task, self.dataset)
-        if self.task == "lm" and self.data_file is not None and self.dataset == TrainConfig.dataset:
-            self.dataset = Path(self.data_file).stem  # the run folder names the text, not the UEA default
+        if self.task == "lm" and self.data_file is not None and self.dataset in (TrainConfig.dataset, "imdb"):
+            # the run folder names the text, not the UEA default nor the built-in IMDb a recipe names
+            self.dataset = Path(self.data_file).stem
         from primal_dual_attention.training.tasks import check_task
 
         try:
