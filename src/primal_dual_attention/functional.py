@@ -424,20 +424,24 @@ class _BNFoldQueries(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_q_folded: Tensor, grad_centred: Tensor):
         q_folded, centred, denom, key_padding_mask = ctx.saved_tensors
+        q_dtype, k_dtype = ctx.dtypes
         grad_q = grad_q_folded.to(denom.dtype) / denom
         grad_centred = grad_centred.to(denom.dtype)
-        if key_padding_mask is None:
-            weights, count = None, -float(max(centred.shape[-2], 1))
-        else:
-            weights = _token_weights(key_padding_mask, denom)
-            count = -weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
         # every returned key (padded ones too, k - mu) depends on mu
+        if key_padding_mask is None:  # n a Python number: the same sums in 3 kernels fewer
+            if grad_q.shape == grad_centred.shape:
+                sums = (grad_q + grad_centred).sum(dim=-2, keepdim=True)
+            else:
+                sums = grad_q.sum(dim=-2, keepdim=True) + grad_centred.sum(dim=-2, keepdim=True)
+            sum_grad_q = (grad_q * q_folded).sum(dim=-2, keepdim=True)
+            stats_term = torch.addcmul(sums, centred, sum_grad_q, value=2.0)
+            grad_k = torch.add(grad_centred, stats_term, alpha=-1.0 / max(centred.shape[-2], 1))
+            return grad_q.to(q_dtype), grad_k.to(k_dtype), None, None
+        weights = _token_weights(key_padding_mask, denom)
+        count = -weights.sum(dim=-2, keepdim=True).clamp_min(1.0)
         sum_grad = (grad_q.sum(dim=-2, keepdim=True) + grad_centred.sum(dim=-2, keepdim=True)) / count
         sum_grad_q = (grad_q * q_folded).sum(dim=-2, keepdim=True) * (2.0 / count)
-        stats_term = torch.addcmul(sum_grad, centred, sum_grad_q)
-        if weights is not None:
-            stats_term = stats_term * weights
-        q_dtype, k_dtype = ctx.dtypes
+        stats_term = torch.addcmul(sum_grad, centred, sum_grad_q) * weights
         return grad_q.to(q_dtype), (grad_centred + stats_term).to(k_dtype), None, None
 
 
